@@ -1,0 +1,3 @@
+from fastpull.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""One error hierarchy for fastpull: every message names the reference, digest, URL or path involved."""
+
+from __future__ import annotations
+
+
+class FastpullError(Exception):
+    """Base of every error fastpull raises on purpose."""
+
+
+class InvalidReference(FastpullError):
+    """An image reference that cannot be parsed."""
+
+    def __init__(self, reference: str, why: str):
+        super().__init__(f"invalid image reference {reference!r}: {why}")
+        self.reference = reference
+
+
+class ManifestError(FastpullError):
+    """A manifest or index that is malformed, too large or lacks what the pull needs."""
+
+    def __init__(self, where: str, why: str):
+        super().__init__(f"bad manifest {where}: {why}")
+        self.where = where
+
+
+class PlatformNotFound(ManifestError):
+    """An index that has no manifest for the wanted platform."""
+
+    def __init__(self, where: str, platform: str, available: list[str]):
+        FastpullError.__init__(
+            self,
+            f"no manifest for platform {platform} in {where}; available: {', '.join(available) or 'none'}",
+        )
+        self.where = where
+        self.platform = platform
+        self.available = available
+
+
+class RegistryError(FastpullError):
+    """An HTTP request to a registry that failed with a status the pull cannot use."""
+
+    def __init__(self, status: int, method: str, url: str, body: bytes | str = b""):
+        excerpt = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        excerpt = " ".join(excerpt.split())[:300]
+        msg = f"{method} {url} -> HTTP {status}"
+        if excerpt:
+            msg += f": {excerpt}"
+        super().__init__(msg)
+        self.status = status
+        self.method = method
+        self.url = url
+        self.body = excerpt
+
+
+class AuthError(RegistryError):
+    """Credentials missing or refused (401/403 after the auth flow ran)."""
+
+
+class TransferError(FastpullError):
+    """A transfer that failed at the transport level after its retries ran out."""
+
+    def __init__(self, url: str, why: str, curl_code: int | None = None):
+        code = f" (curl error {curl_code})" if curl_code is not None else ""
+        super().__init__(f"transfer of {url} failed{code}: {why}")
+        self.url = url
+        self.curl_code = curl_code
+
+
+class DigestMismatch(FastpullError):
+    """Content whose size or sha256 differs from its descriptor; it was not committed."""
+
+    def __init__(self, what: str, expected: str, actual: str):
+        super().__init__(f"digest mismatch for {what}: expected {expected}, got {actual}")
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+
+
+class StoreError(FastpullError):
+    """The content store cannot write, lock or read a path (full disk, permissions, corrupt state)."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"content store error at {path}: {why}")
+        self.path = path
+
+
+class UnsafeArchive(FastpullError):
+    """A layer tar entry that would write outside the target root or is otherwise refused."""
+
+    def __init__(self, layer: str, entry: str, why: str):
+        super().__init__(f"unsafe entry {entry!r} in layer {layer}: {why}")
+        self.layer = layer
+        self.entry = entry

@@ -1,0 +1,686 @@
+"""The fetch engine: one pycurl ``CurlMulti`` loop drives every ranged transfer of every pull.
+
+Each blob larger than a chunk is fetched as bounded ``Range: bytes=a-b`` requests on
+kept-alive (or HTTP/2-multiplexed) connections. Bytes go straight from libcurl's buffer
+to their offset in the preallocated ingest file (``RangeSink``); nothing chunk-sized is
+held in memory. A pool of hasher threads follows each blob's contiguous-finished
+watermark with sha256 while later chunks still arrive, then commits.
+
+The engine knows HTTP and the content store, not OCI: a :class:`BlobSource` tells it
+where a blob lives and which Authorization header to send.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import queue
+import random
+import selectors
+import statistics
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urljoin, urlsplit
+
+import pycurl
+
+from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
+from fastpull.store import BlobWriter, ContentStore
+
+log = logging.getLogger("fastpull.fetch")
+
+MiB = 1 << 20
+_RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_MAX_REDIRECTS = 5
+_HOUSEKEEPING_S = 0.5
+
+
+class BlobSource(Protocol):
+    """Where the blobs of one repository live, and how to authenticate to it."""
+
+    def blob_url(self, digest: str) -> str:
+        """The registry URL of a blob (it may redirect elsewhere)."""
+
+    def authorization(self) -> str | None:
+        """Authorization header value for the registry, or None for anonymous."""
+
+    def reauthorize(self, challenge: str, failed: str | None) -> str | None:
+        """A fresh Authorization value after the registry refused ``failed`` with 401 ``challenge``."""
+
+    @property
+    def ca_file(self) -> str | None:
+        """CA bundle to verify HTTPS servers with (None: libcurl's default)."""
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Limits and timing of the fetch engine; validated when built.
+
+    Defaults come from bench/ sweeps (see bench/README.md).
+    """
+
+    chunk_size: int = 16 * MiB
+    chunks_per_blob: int = 8
+    blobs_in_flight: int = 8
+    max_transfers: int = 64
+    max_host_connections: int = 64
+    http2: bool = True
+    retries: int = 6
+    backoff_base: float = 0.25
+    backoff_max: float = 15.0
+    connect_timeout: float = 10.0
+    stall_timeout: float = 20.0
+    straggler_ratio: float = 8.0
+    straggler_min_age: float = 3.0
+    buffer_size: int = 256 * 1024
+    hasher_threads: int = 2
+    transfer_rate_limit: int = 0  # bytes/s per transfer; 0 = unlimited
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "chunks_per_blob", "blobs_in_flight", "max_transfers",
+                     "max_host_connections", "buffer_size", "hasher_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be greater than zero")
+        if self.retries < 0 or self.transfer_rate_limit < 0:
+            raise ValueError("retries and transfer_rate_limit must not be negative")
+        if self.chunk_size < 64 * 1024:
+            raise ValueError("chunk_size must be at least 64 KiB")
+
+
+@dataclass
+class FetchStats:
+    """Counters over the engine's life (read them from any thread; they only grow)."""
+
+    bytes_received: int = 0
+    requests: int = 0
+    retries: int = 0
+    stragglers_reissued: int = 0
+    blobs_fetched: int = 0
+    blobs_skipped: int = 0
+    bytes_resumed: int = 0
+
+
+@dataclass(eq=False)
+class _Blob:
+    store: ContentStore
+    source: BlobSource
+    digest: str
+    size: int
+    futures: list[Future] = field(default_factory=list)
+    writer: BlobWriter | None = None
+    url: str = ""
+    registry_netloc: str = ""
+    auth: str | None = None
+    mode: str = "probe"  # probe: first transfer tells Range support; then "ranged" or "single"
+    pending: deque = field(default_factory=deque)  # chunk indices to fetch
+    resume_at: dict = field(default_factory=dict)  # chunk index -> first byte not yet written
+    attempts: dict = field(default_factory=dict)  # chunk index -> failed tries
+    transfers: set = field(default_factory=set)
+    redirects: int = 0
+    hashed_watermark: int = 0
+    committing: bool = False
+
+    def headers(self, extra: list[str]) -> list[str]:
+        # The registry's credentials never go to a redirect target on another host.
+        if self.auth and urlsplit(self.url).netloc == self.registry_netloc:
+            return extra + [f"Authorization: {self.auth}"]
+        return extra
+
+
+@dataclass(eq=False)
+class _Transfer:
+    blob: _Blob
+    chunk: int | None  # None: the whole blob in one stream
+    start: int
+    end: int
+    curl: pycurl.Curl
+    sink: object
+    started: float
+    status: int = 0
+    headers: dict = field(default_factory=dict)
+    window_bytes: int = 0
+    rate: float = 0.0
+
+    def on_header(self, line: bytes) -> None:
+        text = line.decode("latin-1").strip()
+        if text.startswith("HTTP/"):
+            parts = text.split()
+            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.headers = {}
+        elif ":" in text:
+            name, _, value = text.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        elif not text:
+            self._arm_if_body_is_ours()
+
+    def _arm_if_body_is_ours(self) -> None:
+        """At the end of the headers: decide whether the body is blob bytes for our range."""
+        blob = self.blob
+        if self.status == 206 and self.chunk is not None:
+            if _content_range_start(self.headers.get("content-range")) == self.start:
+                self.sink.arm()
+        elif self.status == 200 and (self.chunk is None or blob.mode == "probe"):
+            # Whole body from offset 0: asked so, or the server ignored our Range.
+            if self.chunk is not None:
+                log.info("%s ignores Range requests: fetching %s in one stream", blob.url, blob.digest)
+                blob.mode = "single"
+                self.chunk = None
+            self.start, self.end = 0, blob.size
+            self.sink.rebase(0, blob.size, 0)
+            self.sink.arm()
+
+
+def _content_range_start(value: str | None) -> int | None:
+    # "bytes 100-199/1000"
+    if not value or not value.startswith("bytes "):
+        return None
+    first = value[6:].split("-", 1)[0].strip()
+    return int(first) if first.isdigit() else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
+
+
+class FetchEngine:
+    """Fetch blobs into content stores over one CurlMulti loop running in its own thread.
+
+    ``fetch()`` may be called from any thread and returns a Future resolving to the
+    committed blob's path. Requests for a digest already being fetched by this engine
+    share one download; other processes are excluded by the store's per-digest lock.
+    """
+
+    def __init__(self, options: FetchOptions | None = None):
+        self.options = options or FetchOptions()
+        self.stats = FetchStats()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._hash_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._hashers: list[threading.Thread] = []
+
+    # ---- public API -------------------------------------------------------------------
+
+    def fetch(self, store: ContentStore, source: BlobSource, digest: str, size: int) -> Future:
+        """Fetch one blob into ``store`` unless it is there; the Future gives its path."""
+        future: Future = Future()
+        if self._closed:
+            future.set_exception(FastpullError("fetch engine is closed"))
+            return future
+        self._ensure_started()
+        self._post(("fetch", store, source, digest, size, future))
+        return future
+
+    def close(self) -> None:
+        """Stop the loop; unfinished fetches fail, partial data stays for a resume."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._post(("stop",))
+            self._thread.join()
+            for _ in self._hashers:
+                self._hash_queue.put(None)
+            for t in self._hashers:
+                t.join()
+        os.close(self._wake_fd)
+
+    def __enter__(self) -> FetchEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- cross-thread plumbing -----------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fastpull-fetch", daemon=True)
+                self._thread.start()
+                for i in range(self.options.hasher_threads):
+                    t = threading.Thread(target=self._hasher, name=f"fastpull-hash-{i}", daemon=True)
+                    t.start()
+                    self._hashers.append(t)
+
+    def _post(self, command: tuple) -> None:
+        self._commands.put(command)
+        os.eventfd_write(self._wake_fd, 1)
+
+    # ---- the loop (runs in the fetch thread only) ------------------------------------------
+
+    def _run(self) -> None:
+        opts = self.options
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
+        self._fds: dict[int, int] = {}
+        self._deadline: float | None = None
+        self._blobs: dict[tuple[str, str], _Blob] = {}
+        self._active: list[_Blob] = []
+        self._queued: deque[_Blob] = deque()
+        self._transfers: dict[pycurl.Curl, _Transfer] = {}
+        self._free_curls: list[pycurl.Curl] = []
+        self._retry_heap: list = []
+        self._seq = itertools.count()
+        self._running = True
+        self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
+
+        self._multi = pycurl.CurlMulti()
+        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, opts.max_host_connections)
+        self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, opts.max_transfers)
+        self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX if opts.http2 else 0)
+        try:
+            while self._running:
+                self._run_once()
+        except BaseException as exc:  # a broken loop must not leave callers waiting forever
+            log.exception("fetch loop failed")
+            self._fail_everything(FastpullError(f"fetch loop failed: {exc}"))
+        finally:
+            self._fail_everything(FastpullError("fetch engine closed"))
+            self._await_commits()
+            for c in list(self._transfers) + self._free_curls:
+                c.close()
+            self._multi.close()
+            self._sel.close()
+
+    def _run_once(self) -> None:
+        now = time.monotonic()
+        wait = self._next_housekeeping - now
+        if self._deadline is not None:
+            wait = min(wait, self._deadline - now)
+        if self._retry_heap:
+            wait = min(wait, self._retry_heap[0][0] - now)
+        for key, mask in self._sel.select(max(wait, 0)):
+            if key.fd == self._wake_fd:
+                self._drain_commands()
+                continue
+            action = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
+                pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
+            )
+            self._multi.socket_action(key.fd, action)
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self._deadline = None
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        self._reap()
+        now = time.monotonic()
+        while self._retry_heap and self._retry_heap[0][0] <= now:
+            _, _, blob, chunk = heapq.heappop(self._retry_heap)
+            if blob.writer is not None:
+                blob.pending.appendleft(chunk)
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + _HOUSEKEEPING_S
+            self._reissue_stragglers(now)
+        self._schedule()
+
+    def _on_socket(self, what: int, fd: int, multi, socketp) -> None:
+        if what == pycurl.POLL_REMOVE:
+            if self._fds.pop(fd, None) is not None:
+                try:
+                    self._sel.unregister(fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+            return
+        events = (selectors.EVENT_READ if what & pycurl.POLL_IN else 0) | (
+            selectors.EVENT_WRITE if what & pycurl.POLL_OUT else 0
+        )
+        if fd in self._fds:
+            self._sel.modify(fd, events)
+        else:
+            self._sel.register(fd, events)
+        self._fds[fd] = events
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        self._deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+
+    def _drain_commands(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            kind = command[0]
+            if kind == "fetch":
+                self._on_fetch(*command[1:])
+            elif kind == "locked":
+                self._on_locked(*command[1:])
+            elif kind == "hashed":
+                self._on_hashed(*command[1:])
+            elif kind == "stop":
+                self._running = False
+
+    # ---- blob life cycle --------------------------------------------------------------
+
+    def _on_fetch(self, store: ContentStore, source: BlobSource, digest: str, size: int, future: Future) -> None:
+        key = (str(store.root), digest)
+        blob = self._blobs.get(key)
+        if blob is not None:
+            blob.futures.append(future)
+            return
+        if store.has(digest, size):
+            self.stats.blobs_skipped += 1
+            future.set_result(store.blob_path(digest))
+            return
+        url = source.blob_url(digest)
+        blob = _Blob(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc)
+        self._blobs[key] = blob
+        self._queued.append(blob)
+
+    def _activate(self) -> None:
+        while self._queued and len(self._active) < self.options.blobs_in_flight:
+            blob = self._queued.popleft()
+            try:
+                writer = blob.store.open_writer(blob.digest, blob.size, self.options.chunk_size, block=False)
+            except FastpullError as exc:
+                self._finish(blob, exc)
+                continue
+            if writer is None and blob.store.has(blob.digest, blob.size):
+                self.stats.blobs_skipped += 1
+                self._finish(blob, blob.store.blob_path(blob.digest))
+            elif writer is None:
+                # Another process or engine is fetching it: block in flock on a side
+                # thread (woken by the kernel when it commits or dies), never poll.
+                threading.Thread(target=self._wait_for_lock, args=(blob,), daemon=True).start()
+            else:
+                self._start_blob(blob, writer)
+
+    def _wait_for_lock(self, blob: _Blob) -> None:
+        try:
+            writer = blob.store.open_writer(blob.digest, blob.size, self.options.chunk_size, block=True)
+        except BaseException as exc:
+            self._post(("locked", blob, None, exc))
+        else:
+            self._post(("locked", blob, writer, None))
+
+    def _on_locked(self, blob: _Blob, writer: BlobWriter | None, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._finish(blob, exc)
+        elif writer is None:
+            self.stats.blobs_skipped += 1
+            self._finish(blob, blob.store.blob_path(blob.digest))
+        elif not self._running:
+            writer.close()
+        else:
+            # The other writer died: resume its partial download (front of the queue).
+            self._start_blob(blob, writer)
+
+    def _start_blob(self, blob: _Blob, writer: BlobWriter) -> None:
+        blob.writer = writer
+        blob.auth = blob.source.authorization()
+        blob.pending = deque(writer.missing_chunks())
+        self.stats.bytes_resumed += writer.resumed_bytes
+        self._active.append(blob)
+        if not blob.pending:
+            self._maybe_commit(blob)
+
+    def _finish(self, blob: _Blob, result: Path | BaseException) -> None:
+        """Settle every future of a blob and forget it; releases the writer unless committed."""
+        for t in list(blob.transfers):
+            self._cancel(t)
+        if blob.writer is not None and not blob.committing:
+            blob.writer.close()
+        blob.writer = None
+        self._blobs.pop((str(blob.store.root), blob.digest), None)
+        if blob in self._active:
+            self._active.remove(blob)
+        for future in blob.futures:
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _fail_everything(self, exc: FastpullError) -> None:
+        self._running = False
+        for blob in list(getattr(self, "_blobs", {}).values()):
+            if not blob.committing:
+                self._finish(blob, exc)
+
+    def _await_commits(self) -> None:
+        """On shutdown, let commits already handed to the hashers settle their futures."""
+        while any(blob.committing for blob in self._blobs.values()):
+            command = self._commands.get()
+            if command[0] == "hashed":
+                self._on_hashed(*command[1:])
+            elif command[0] == "fetch":
+                command[-1].set_exception(FastpullError("fetch engine closed"))
+            elif command[0] == "locked" and command[2] is not None:
+                command[2].close()
+
+    # ---- transfers ------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        self._activate()
+        opts = self.options
+        budget = opts.max_transfers - len(self._transfers)
+        progressed = True
+        while budget > 0 and progressed:  # round-robin one transfer per blob per pass
+            progressed = False
+            for blob in self._active:
+                if budget <= 0:
+                    break
+                if blob.writer is None or not blob.pending or blob.committing:
+                    continue
+                if blob.mode == "probe":
+                    if blob.transfers:
+                        continue
+                elif blob.mode == "single":
+                    if blob.transfers:
+                        continue
+                elif len(blob.transfers) >= opts.chunks_per_blob:
+                    continue
+                self._start_transfer(blob, blob.pending.popleft())
+                budget -= 1
+                progressed = True
+
+    def _start_transfer(self, blob: _Blob, chunk: int) -> None:
+        opts = self.options
+        writer = blob.writer
+        if blob.mode == "single":
+            start, end, valid_from = 0, blob.size, 0
+            blob.pending.clear()
+            ranged = False
+        else:
+            valid_from, end = writer.bitmap.chunk_span(chunk)
+            start = blob.resume_at.pop(chunk, valid_from)
+            ranged = True
+        sink = writer.sink(start, end, valid_from)
+        c = self._free_curls.pop() if self._free_curls else pycurl.Curl()
+        transfer = _Transfer(blob, chunk if ranged else None, start, end, c, sink, time.monotonic())
+        extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
+        c.setopt(pycurl.URL, blob.url)
+        c.setopt(pycurl.HTTPHEADER, blob.headers(extra))
+        c.setopt(pycurl.WRITEFUNCTION, sink)
+        c.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.FOLLOWLOCATION, 0)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(opts.connect_timeout * 1000))
+        c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+        c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(opts.stall_timeout)))
+        c.setopt(pycurl.BUFFERSIZE, opts.buffer_size)
+        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS if opts.http2 else pycurl.CURL_HTTP_VERSION_1_1)
+        c.setopt(pycurl.PIPEWAIT, 1)
+        if opts.transfer_rate_limit:
+            c.setopt(pycurl.MAX_RECV_SPEED_LARGE, opts.transfer_rate_limit)
+        if blob.source.ca_file:
+            c.setopt(pycurl.CAINFO, blob.source.ca_file)
+        self._transfers[c] = transfer
+        blob.transfers.add(transfer)
+        self.stats.requests += 1
+        self._multi.add_handle(c)
+
+    def _release(self, transfer: _Transfer) -> None:
+        c = transfer.curl
+        self._multi.remove_handle(c)
+        self._transfers.pop(c, None)
+        transfer.blob.transfers.discard(transfer)
+        self.stats.bytes_received += transfer.sink.received
+        c.reset()
+        self._free_curls.append(c)
+
+    def _cancel(self, transfer: _Transfer) -> None:
+        """Drop a transfer; its chunk resumes later from the bytes already written."""
+        self._release(transfer)
+        if transfer.chunk is not None and transfer.blob.writer is not None:
+            transfer.blob.resume_at[transfer.chunk] = transfer.sink.offset
+
+    def _reap(self) -> None:
+        while True:
+            queued, ok, failed = self._multi.info_read()
+            for c in ok:
+                self._on_done(self._transfers[c], 0, "")
+            for c, code, message in failed:
+                self._on_done(self._transfers[c], code, message)
+            if not queued:
+                return
+
+    def _on_done(self, t: _Transfer, curl_code: int, message: str) -> None:
+        blob = t.blob
+        status = t.status
+        self._release(t)
+        if blob.writer is None:
+            return
+        if t.sink.error is not None:
+            self._finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
+            return
+        if blob.mode == "probe" and status == 206:
+            blob.mode = "ranged"
+        if curl_code == 0 and status in (200, 206) and t.sink.armed and t.sink.offset == t.end:
+            self._on_chunk_done(blob)
+            return
+        if curl_code == 0 and status in (301, 302, 303, 307, 308) and "location" in t.headers:
+            blob.redirects += 1
+            if blob.redirects > _MAX_REDIRECTS:
+                self._finish(blob, TransferError(blob.url, "too many redirects"))
+                return
+            blob.url = urljoin(blob.url, t.headers["location"])  # reused for all its chunks
+            self._requeue(t, delay=0)
+            return
+        if curl_code == 0 and status in (401, 403):
+            if urlsplit(blob.url).netloc != blob.registry_netloc:
+                # A presigned redirect target expired or refused: ask the registry again.
+                blob.url = blob.source.blob_url(blob.digest)
+            elif status == 401 and t.headers.get("www-authenticate") and blob.attempts.get("auth", 0) < 2:
+                blob.attempts["auth"] = blob.attempts.get("auth", 0) + 1
+                try:
+                    blob.auth = blob.source.reauthorize(t.headers["www-authenticate"], blob.auth)
+                except FastpullError as exc:
+                    self._finish(blob, exc)
+                    return
+            else:
+                self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
+                return
+            self._requeue(t, delay=0)
+            return
+        if curl_code == 0 and status and status not in _RETRYABLE_STATUS and not (200 <= status < 300):
+            self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
+            return
+        # Transient: connection reset, stall, timeout, 408/429/5xx, short or mismatched body.
+        key = t.chunk if t.chunk is not None else "single"
+        tries = blob.attempts.get(key, 0) + 1
+        blob.attempts[key] = tries
+        if tries > self.options.retries:
+            why = message or (f"HTTP {status}" if status else "no response")
+            self._finish(blob, TransferError(blob.url, f"{why} after {tries} tries", curl_code or None))
+            return
+        self.stats.retries += 1
+        delay = min(self.options.backoff_max, self.options.backoff_base * 2 ** (tries - 1))
+        delay *= random.uniform(0.5, 1.0)
+        after = _retry_after(t.headers.get("retry-after"))
+        if after is not None:
+            delay = max(delay, min(after, self.options.backoff_max * 4))
+        log.debug("retrying %s chunk %s in %.2fs: %s", blob.digest, t.chunk, delay, message or status)
+        self._requeue(t, delay)
+
+    def _requeue(self, t: _Transfer, delay: float) -> None:
+        blob = t.blob
+        if t.chunk is None:
+            chunk = 0  # one stream restarts from 0: a server that ignores Range cannot resume
+        else:
+            chunk = t.chunk
+            if t.sink.armed:
+                blob.resume_at[chunk] = t.sink.offset
+        if delay <= 0:
+            blob.pending.appendleft(chunk)
+        else:
+            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), blob, chunk))
+
+    def _on_chunk_done(self, blob: _Blob) -> None:
+        watermark = blob.writer.bitmap.watermark()
+        if blob.writer.bitmap.complete():
+            self._maybe_commit(blob)
+        elif watermark > blob.hashed_watermark:
+            blob.hashed_watermark = watermark
+            self._hash_queue.put(("advance", blob, blob.writer))
+
+    def _maybe_commit(self, blob: _Blob) -> None:
+        if blob.committing or blob.transfers or not blob.writer.bitmap.complete():
+            return
+        blob.committing = True
+        self._hash_queue.put(("commit", blob, blob.writer))
+
+    def _on_hashed(self, blob: _Blob, result: Path | BaseException) -> None:
+        blob.committing = False
+        blob.writer = None  # commit() closed it, whatever the outcome
+        if not isinstance(result, BaseException):
+            self.stats.blobs_fetched += 1
+        self._finish(blob, result)
+
+    def _reissue_stragglers(self, now: float) -> None:
+        """Cut a ranged transfer far slower than its peers and re-issue its remaining bytes."""
+        opts = self.options
+        for t in self._transfers.values():
+            received = t.sink.received
+            t.rate = (received - t.window_bytes) / _HOUSEKEEPING_S
+            t.window_bytes = received
+        for blob in self._active:
+            if blob.mode != "ranged" or len(blob.transfers) < 3:
+                continue
+            median = statistics.median(t.rate for t in blob.transfers)
+            for t in list(blob.transfers):
+                remaining = t.end - t.sink.offset
+                if (
+                    now - t.started > opts.straggler_min_age
+                    and remaining > MiB
+                    and t.rate * opts.straggler_ratio < median
+                ):
+                    log.info("re-issuing slow range %d-%d of %s (%.0f B/s vs median %.0f B/s)",
+                             t.sink.offset, t.end, blob.digest, t.rate, median)
+                    self.stats.stragglers_reissued += 1
+                    self._cancel(t)
+                    blob.pending.appendleft(t.chunk)
+
+    # ---- hashing (hasher threads) ---------------------------------------------------------
+
+    def _hasher(self) -> None:
+        while True:
+            job = self._hash_queue.get()
+            if job is None:
+                return
+            kind, blob, writer = job
+            if kind == "advance":
+                try:
+                    writer.advance_digest()
+                except (FastpullError, OSError, ValueError):
+                    pass  # the writer was closed under us (blob failed); commit reports real errors
+                continue
+            try:
+                result: Path | BaseException = writer.commit(blob.digest)
+            except BaseException as exc:
+                result = exc
+            self._post(("hashed", blob, result))

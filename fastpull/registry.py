@@ -1,0 +1,202 @@
+"""The registry client: resolves references to verified manifests, and hands the fetch engine
+blob URLs and ``Authorization`` header values.
+
+Builds on auth and transport; the distribution API (``/v2/...``) is known here only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+from fastpull.auth import Authenticator, Challenge, Credentials, load_docker_credentials, parse_www_authenticate
+from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError
+from fastpull.manifest import (
+    ACCEPT,
+    MAX_MANIFEST_BYTES,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    Platform,
+    digest_of,
+    parse_manifest,
+    select_platform,
+)
+from fastpull.reference import DEFAULT_TAG, DOCKER_HUB, DOCKER_HUB_API_HOST, Reference
+from fastpull.transport import Response, Transport
+
+DEFAULT_TIMEOUT = 30.0
+_MAX_ERROR_BODY = 64 << 10
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference resolved to one platform's manifest, every document verified by digest."""
+
+    reference: Reference
+    descriptor: Descriptor
+    """What the reference points to: an index or a manifest."""
+    documents: tuple[tuple[Descriptor, bytes], ...]
+    """Bodies fetched, in order: the index (if any), then the manifest. Store these bytes as they are."""
+    manifest: ImageManifest
+    """The manifest for the platform: config and layers."""
+
+    @property
+    def manifest_descriptor(self) -> Descriptor:
+        """The descriptor of ``manifest`` (from the index, with its platform, if there was one)."""
+        return self.documents[-1][0]
+
+
+class RegistryClient:
+    """Talks to one registry host. Thread-safe.
+
+    ``host`` is a reference's registry (``docker.io`` is served by ``registry-1.docker.io``).
+    Plain HTTP is used for loopback hosts, or when ``insecure`` says so. ``credentials`` are read
+    from the Docker config by default; None pulls anonymously.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        insecure: bool | None = None,
+        credentials: Credentials | Literal["docker-config"] | None = "docker-config",
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: Transport | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be greater than zero")
+        self.host = host
+        api_host = DOCKER_HUB_API_HOST if host == DOCKER_HUB else host
+        plain = _is_loopback(api_host) if insecure is None else insecure
+        self.base_url = f"{'http' if plain else 'https'}://{api_host}"
+        self.timeout = timeout
+        self._transport = transport or Transport()
+        if credentials == "docker-config":
+            credentials = load_docker_credentials(host)
+        self._auth = Authenticator(self._transport, credentials, timeout=timeout)
+        self._lock = threading.Lock()
+        self._ping_lock = threading.Lock()
+        self._known = False  # whether _challenge has been learned
+        self._challenge: Challenge | None = None
+        self._scopes: dict[str, str] = {}
+
+    def blob_url(self, repository: str, digest: str) -> str:
+        """The URL of a blob (the registry may redirect it elsewhere)."""
+        return f"{self.base_url}/v2/{repository}/blobs/{digest}"
+
+    def authorization(self, repository: str) -> str | None:
+        """The ``Authorization`` header value for pulling from ``repository``, None if the registry
+        needs none. The first call learns the registry's challenge (``GET /v2/``); tokens are cached."""
+        self._ping()
+        with self._lock:
+            challenge, scope = self._challenge, self._scopes.get(repository, _pull_scope(repository))
+        return self._auth.authorization(challenge, scope)
+
+    def reauthorize(self, repository: str, www_authenticate: str, failed: str | None = None) -> str | None:
+        """Answer a 401's ``WWW-Authenticate`` for ``repository``: take its realm, service and
+        scope and return a fresh header value. ``failed`` is the header value the request was
+        refused with: if another thread has already replaced it, its replacement is returned and
+        no new token is fetched (callers should still bound their retries)."""
+        challenge = _pick_challenge(www_authenticate, f"{self.base_url}/v2/{repository}/")
+        scope = challenge.params.get("scope") or _pull_scope(repository)
+        with self._lock:
+            self._challenge, self._known = challenge, True
+            self._scopes[repository] = scope
+        return self._auth.refresh(challenge, scope, failed)
+
+    def resolve(self, ref: Reference, platform: Platform) -> Resolved:
+        """Fetch what ``ref`` names (by digest if it has one, else by tag) and, for an index, the
+        manifest for ``platform``. Raises DigestMismatch when a body is not what its digest, the
+        index or ``Docker-Content-Digest`` says; ManifestError, PlatformNotFound, RegistryError."""
+        where = str(ref)
+        body, media_type = self._manifest(ref.repository, ref.digest or ref.tag or DEFAULT_TAG, ref.digest, where)
+        top = parse_manifest(body, media_type, where)
+        descriptor = Descriptor(top.media_type, digest_of(body), len(body))
+        if isinstance(top, ImageManifest):
+            return Resolved(ref, descriptor, ((descriptor, body),), top)
+
+        chosen = select_platform(top, platform, where)
+        child_where = f"{ref.name}@{chosen.digest} ({platform})"
+        child, child_type = self._manifest(ref.repository, chosen.digest, chosen.digest, child_where)
+        if len(child) != chosen.size:
+            raise DigestMismatch(f"manifest {child_where} size", str(chosen.size), str(len(child)))
+        manifest = parse_manifest(child, child_type, child_where)
+        if isinstance(manifest, ImageIndex):
+            raise ManifestError(
+                child_where, "the platform's entry is itself an index; nested indexes are not supported"
+            )
+        return Resolved(ref, descriptor, ((descriptor, body), (chosen, child)), manifest)
+
+    def _manifest(self, repository: str, target: str, expected: str | None, where: str) -> tuple[bytes, str | None]:
+        """GET a manifest and check its digest; returns (body, Content-Type)."""
+        url = f"{self.base_url}/v2/{repository}/manifests/{target}"
+        response = self._get(repository, url, {"Accept": ACCEPT}, MAX_MANIFEST_BYTES)
+        actual = digest_of(response.body)
+        if expected is not None and actual != expected:
+            raise DigestMismatch(f"manifest {where}", expected, actual)
+        claimed = response.headers.get("docker-content-digest", "")
+        if claimed.startswith("sha256:") and claimed != actual:
+            raise DigestMismatch(f"manifest {where} (Docker-Content-Digest)", claimed, actual)
+        return response.body, response.headers.get("content-type")
+
+    def _get(self, repository: str, url: str, headers: dict[str, str], max_body: int) -> Response:
+        """GET with the repository's authorization, answering one 401 with a fresh one."""
+
+        def send(authorization: str | None) -> Response:
+            sent = dict(headers, Authorization=authorization) if authorization else headers
+            return self._transport.request("GET", url, sent, max_body=max_body, timeout=self.timeout)
+
+        authorization = self.authorization(repository)
+        response = send(authorization)
+        if response.status == 401 and (challenges := response.headers.get_all("www-authenticate")):
+            response = send(self.reauthorize(repository, ", ".join(challenges), authorization))
+        if response.status in (401, 403):
+            raise AuthError(response.status, "GET", url, response.body)
+        if response.status != 200:
+            raise RegistryError(response.status, "GET", url, response.body)
+        return response
+
+    def _ping(self) -> None:
+        """Learn the registry's challenge from ``GET /v2/``, once."""
+        with self._ping_lock:
+            with self._lock:
+                if self._known:
+                    return
+            url = f"{self.base_url}/v2/"
+            response = self._transport.request("GET", url, max_body=_MAX_ERROR_BODY, timeout=self.timeout)
+            if response.status == 401:
+                challenge = _pick_challenge(", ".join(response.headers.get_all("www-authenticate")), url)
+            elif 200 <= response.status < 300:
+                challenge = None
+            else:
+                raise RegistryError(response.status, "GET", url, response.body)
+            with self._lock:
+                if not self._known:
+                    self._challenge, self._known = challenge, True
+
+
+def _pick_challenge(www_authenticate: str, url: str) -> Challenge:
+    """The Bearer challenge if offered, else the Basic one."""
+    challenges = parse_www_authenticate(www_authenticate)
+    for scheme in ("bearer", "basic"):
+        if challenge := next((c for c in challenges if c.scheme == scheme), None):
+            return challenge
+    raise AuthError(401, "GET", url, f"no Bearer or Basic challenge in WWW-Authenticate: {www_authenticate!r}")
+
+
+def _pull_scope(repository: str) -> str:
+    return f"repository:{repository}:pull"
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host[:port]`` (IPv6 in brackets) names this machine: localhost, 127.0.0.0/8, ::1."""
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,259 @@
+"""Content store: verified blobs by digest, and resumable in-flight ingests.
+
+Layout under ``root`` (an OCI image layout directory can be the root)::
+
+    blobs/sha256/<hex>               committed, verified content
+    .fastpull/ingest/<hex>.lock      per-digest lock (flock) held by the one writer
+    .fastpull/ingest/<hex>/data      the blob, preallocated, written at offsets
+    .fastpull/ingest/<hex>/bitmap    shared chunk bitmap (see fastpull.core.ChunkBitmap)
+
+The store knows nothing of HTTP. A writer is obtained under an exclusive per-digest
+``flock`` (per open file, so it excludes threads of one process as well as other
+processes); another puller of the same digest blocks in ``flock`` and is woken by the
+kernel when the writer commits or dies: no polling.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import threading
+from pathlib import Path
+
+from fastpull.core import ChunkBitmap, RangeSink, preallocate, start_writeback
+from fastpull.errors import DigestMismatch, StoreError
+
+_DIGEST = re.compile(r"^sha256:([a-f0-9]{64})$")
+_HASH_BLOCK = 1 << 20
+
+
+def digest_hex(digest: str) -> str:
+    """The hex part of a ``sha256:<hex>`` digest; ValueError for anything else."""
+    m = _DIGEST.match(digest)
+    if not m:
+        raise ValueError(f"unsupported digest {digest!r} (want sha256:<64 hex>)")
+    return m.group(1)
+
+
+_thread_buffers = threading.local()
+
+
+def _hash_buffer() -> memoryview:
+    """A per-thread read buffer for hashing: memory stays flat however many blobs are hashed."""
+    buf = getattr(_thread_buffers, "buf", None)
+    if buf is None:
+        buf = _thread_buffers.buf = memoryview(bytearray(_HASH_BLOCK))
+    return buf
+
+
+class ContentStore:
+    """Blobs addressed by digest under ``root``; nothing unverified is ever placed in ``blobs/``."""
+
+    def __init__(self, root: str | os.PathLike[str], *, durable: bool = False):
+        """``durable``: fdatasync each blob before its commit rename (writeback starts as it is hashed),
+        as containerd does; off by default because it ties pull speed to disk writeback speed."""
+        self.root = Path(root)
+        self.durable = durable
+        self.blobs = self.root / "blobs" / "sha256"
+        self.ingest_dir = self.root / ".fastpull" / "ingest"
+        try:
+            self.blobs.mkdir(parents=True, exist_ok=True)
+            self.ingest_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(str(self.root), e.strerror or str(e)) from e
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs / digest_hex(digest)
+
+    def has(self, digest: str, size: int | None = None) -> bool:
+        """True if the blob is committed (and has ``size`` bytes, when given)."""
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def put_bytes(self, digest: str, data: bytes) -> Path:
+        """Verify and commit a small blob held in memory (manifests, indexes)."""
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise DigestMismatch(digest, digest, actual)
+        path = self.blob_path(digest)
+        if not self.has(digest, len(data)):
+            tmp = self.ingest_dir / f"{digest_hex(digest)}.put{os.getpid()}.{threading.get_ident()}"
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise StoreError(str(path), e.strerror or str(e)) from e
+        return path
+
+    def open_writer(self, digest: str, size: int, chunk_size: int, *, block: bool = True) -> BlobWriter | None:
+        """Take the per-digest lock and open (or resume) the ingest of a blob.
+
+        Returns None if the blob is already committed (possibly by the writer we waited
+        for) or, with ``block=False``, if another writer holds the lock.
+        """
+        hexd = digest_hex(digest)
+        lock_path = self.ingest_dir / f"{hexd}.lock"
+        while True:
+            if self.has(digest, size):
+                return None
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            # The previous holder may have committed and unlinked the lock file while we
+            # waited: our lock is then on a dead inode; start over.
+            try:
+                fresh = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                fresh = False
+            if fresh and not self.has(digest, size):
+                try:
+                    return BlobWriter(self, digest, size, chunk_size, fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            os.close(fd)
+            if fresh:
+                return None
+
+    def ingests(self) -> list[str]:
+        """Digests with an in-flight or interrupted ingest."""
+        return sorted("sha256:" + p.name for p in self.ingest_dir.iterdir() if p.is_dir())
+
+
+class BlobWriter:
+    """The single writer of one blob: preallocated data file, chunk bitmap, running sha256.
+
+    ``sink()`` hands out pycurl write callbacks; ``advance_digest()`` hashes forward to the
+    contiguous-finished watermark while later chunks still arrive; ``commit()`` verifies
+    size and digest and renames into ``blobs/``. ``close()`` always releases the lock and
+    keeps partial data for a later resume.
+    """
+
+    def __init__(self, store: ContentStore, digest: str, size: int, chunk_size: int, lock_fd: int):
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self._lock_fd = lock_fd
+        hexd = digest_hex(digest)
+        self.dir = store.ingest_dir / hexd
+        self.data_path = self.dir / "data"
+        self.bitmap_path = self.dir / "bitmap"
+        self._hash = hashlib.sha256()
+        self.hashed = 0
+        self._hash_lock = threading.Lock()
+        self._closed = False
+        try:
+            self.dir.mkdir(exist_ok=True)
+            self.bitmap = self._open_bitmap(chunk_size)
+            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if os.fstat(self.fd).st_size != size or self.bitmap.count() == 0:
+                preallocate(self.fd, size)
+                os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise StoreError(str(self.dir), e.strerror or str(e)) from e
+        self.resumed_bytes = self._finished_bytes()
+
+    def _open_bitmap(self, chunk_size: int) -> ChunkBitmap:
+        """Resume the existing bitmap if it describes this blob, else start a fresh one."""
+        if self.bitmap_path.exists():
+            try:
+                bitmap = ChunkBitmap(self.bitmap_path)
+                if bitmap.size == self.size and self.data_path.exists():
+                    return bitmap
+                bitmap.close()
+            except ValueError:
+                pass
+            self.data_path.unlink(missing_ok=True)
+        return ChunkBitmap(self.bitmap_path, self.size, chunk_size, create=True)
+
+    def _finished_bytes(self) -> int:
+        spans = (self.bitmap.chunk_span(i) for i in range(self.bitmap.nchunks) if self.bitmap.test(i))
+        return sum(end - start for start, end in spans)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.bitmap.chunk_size
+
+    def missing_chunks(self) -> list[int]:
+        return self.bitmap.missing()
+
+    def sink(self, start: int, end: int, valid_from: int) -> RangeSink:
+        """A pycurl WRITEFUNCTION writing bytes [start, end) (bytes from ``valid_from`` are already here)."""
+        return RangeSink(self.fd, self.bitmap, start, end, valid_from)
+
+    def advance_digest(self) -> int:
+        """Hash forward to the contiguous-finished watermark; returns bytes hashed so far."""
+        with self._hash_lock:
+            if self._closed:
+                return self.hashed
+            target = self.bitmap.watermark_bytes()
+            view = _hash_buffer()
+            begin = self.hashed
+            while self.hashed < target:
+                n = os.preadv(self.fd, [view[: min(target - self.hashed, _HASH_BLOCK)]], self.hashed)
+                if n <= 0:
+                    raise StoreError(str(self.data_path), f"short read at offset {self.hashed}")
+                self._hash.update(view[:n])
+                self.hashed += n
+            if self.store.durable and self.hashed > begin:
+                start_writeback(self.fd, begin, self.hashed - begin)
+            return self.hashed
+
+    def commit(self, expected_digest: str | None = None) -> Path:
+        """Verify size and digest, then atomically rename into the store. Always closes the writer.
+
+        On a mismatch the ingest is discarded (a retry starts clean) and DigestMismatch
+        names the blob; nothing is committed.
+        """
+        expected = expected_digest or self.digest
+        try:
+            if not self.bitmap.complete():
+                raise StoreError(str(self.data_path), f"commit of {self.digest} before all chunks arrived")
+            self.advance_digest()
+            actual = "sha256:" + self._hash.hexdigest()
+            if self.hashed != self.size or actual != expected:
+                self._discard()
+                raise DigestMismatch(f"blob {self.digest} ({self.size} bytes)", expected, actual)
+            target = self.store.blob_path(expected)
+            try:
+                if self.store.durable:
+                    os.fdatasync(self.fd)
+                os.rename(self.data_path, target)
+            except OSError as e:
+                raise StoreError(str(target), e.strerror or str(e)) from e
+            self._discard()
+            return target
+        finally:
+            self.close()
+
+    def _discard(self) -> None:
+        """Remove the ingest files and the lock path (we still hold the lock)."""
+        self.bitmap.close()
+        for path in (self.data_path, self.bitmap_path):
+            path.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
+        (self.store.ingest_dir / f"{digest_hex(self.digest)}.lock").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the lock; partial data and the bitmap stay for a resume."""
+        with self._hash_lock:  # never unmap or close under a running advance_digest()
+            if self._closed:
+                return
+            self._closed = True
+            self.bitmap.close()
+            os.close(self.fd)
+            os.close(self._lock_fd)

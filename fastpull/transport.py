@@ -1,0 +1,245 @@
+"""Small synchronous HTTP(S) over pycurl easy handles, one per thread, with bounded retries.
+
+Knows nothing of OCI or registries. HTTPS is verified. A custom ``Authorization`` header goes to
+the original host only: libcurl (>= 7.58) drops it when a redirect leads to another host or port.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import pycurl  # type: ignore[import-untyped]
+
+from fastpull.errors import RegistryError, TransferError
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "fastpull/0.1"
+MAX_REDIRECTS = 10
+
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_RETRY_CURL_CODES = frozenset(
+    {
+        pycurl.E_COULDNT_CONNECT,
+        pycurl.E_HTTP2,
+        pycurl.E_PARTIAL_FILE,
+        pycurl.E_OPERATION_TIMEDOUT,
+        pycurl.E_SSL_CONNECT_ERROR,
+        pycurl.E_GOT_NOTHING,
+        pycurl.E_SEND_ERROR,
+        pycurl.E_RECV_ERROR,
+        92,  # CURLE_HTTP2_STREAM
+    }
+)
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
+_CA_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/cert.pem",  # macOS, BSDs
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry transient failures: connection errors, 408, 429 and 5xx."""
+
+    attempts: int = 4
+    """Tries in all, the first included."""
+    base_delay: float = 0.25
+    """Backoff before the second try; it doubles each time, jittered down to half."""
+    max_delay: float = 10.0
+    """No wait is longer: a ``Retry-After`` beyond it ends the retries."""
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("delays must not be negative")
+
+    def backoff(self, attempt: int) -> float:
+        """Jittered exponential wait before try ``attempt + 1`` (``attempt`` counts from 1)."""
+        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return random.uniform(delay / 2, delay)
+
+
+class Headers(Mapping[str, str]):
+    """Response headers: case-insensitive names; ``h[name]`` is the first value, ``get_all`` all."""
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items = tuple(items)
+        self._first: dict[str, str] = {}
+        for name, value in self._items:
+            self._first.setdefault(name.lower(), value)
+
+    def __getitem__(self, name: str) -> str:
+        return self._first[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._first)
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``, in the order received."""
+        name = name.lower()
+        return [v for n, v in self._items if n.lower() == name]
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._items)!r})"
+
+
+@dataclass(frozen=True)
+class Response:
+    """A complete response; ``url`` is where the last redirect led."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    url: str
+
+
+class Transport:
+    """Blocking HTTP requests; safe to share between threads (each thread has its own handle)."""
+
+    def __init__(self, *, retry: RetryPolicy = RetryPolicy(), ca_file: str | None = None) -> None:
+        self.retry = retry
+        self.ca_file = ca_file or default_ca_file()
+        self._local = threading.local()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        max_body: int,
+        timeout: float,
+        follow_redirects: bool = True,
+    ) -> Response:
+        """Perform one request, retrying transient failures of GET and HEAD.
+
+        Returns the final response whatever its status. Raises TransferError when the transfer
+        itself fails after the retries, RegistryError when the body exceeds ``max_body`` bytes.
+        """
+        attempts = self.retry.attempts if method in _IDEMPOTENT else 1
+        attempt = 1
+        while True:
+            try:
+                response = self._perform(method, url, headers or {}, max_body, timeout, follow_redirects)
+            except _CurlFailure as e:
+                if attempt == attempts or e.code not in _RETRY_CURL_CODES:
+                    raise TransferError(url, e.message, e.code) from None
+                delay = self.retry.backoff(attempt)
+                log.debug("%s %s: %s; retry %d in %.2fs", method, url, e.message, attempt, delay)
+            else:
+                if attempt == attempts or response.status not in _RETRY_STATUSES:
+                    return response
+                delay = max(self.retry.backoff(attempt), _retry_after(response.headers.get("retry-after")))
+                if delay > self.retry.max_delay:
+                    return response
+                log.debug("%s %s: HTTP %d; retry %d in %.2fs", method, url, response.status, attempt, delay)
+            time.sleep(delay)
+            attempt += 1
+
+    def _perform(
+        self, method: str, url: str, headers: Mapping[str, str], max_body: int, timeout: float, follow: bool
+    ) -> Response:
+        curl = self._handle()
+        body = bytearray()
+        received: list[tuple[str, str]] = []
+        too_large = False
+
+        def on_header(line: bytes) -> None:
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text.startswith("HTTP/"):  # a new response (after a redirect or 100 Continue)
+                received.clear()
+            elif ":" in text:
+                name, _, value = text.partition(":")
+                received.append((name.strip(), value.strip()))
+
+        def on_body(chunk: bytes) -> int:
+            nonlocal too_large
+            if len(body) + len(chunk) > max_body:
+                too_large = True
+                return 0  # makes libcurl abort with CURLE_WRITE_ERROR
+            body.extend(chunk)
+            return len(chunk)
+
+        curl.setopt(pycurl.URL, url)
+        curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
+        curl.setopt(pycurl.HEADERFUNCTION, on_header)
+        curl.setopt(pycurl.WRITEFUNCTION, on_body)
+        curl.setopt(pycurl.FOLLOWLOCATION, follow)
+        curl.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
+        curl.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        curl.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
+        curl.setopt(pycurl.NOSIGNAL, 1)
+        curl.setopt(pycurl.USERAGENT, USER_AGENT)
+        if self.ca_file:
+            curl.setopt(pycurl.CAINFO, self.ca_file)
+        if method == "HEAD":
+            curl.setopt(pycurl.NOBODY, 1)
+        elif method != "GET":
+            curl.setopt(pycurl.CUSTOMREQUEST, method)
+        try:
+            curl.perform()
+        except pycurl.error as e:
+            code, message = e.args
+            if too_large:
+                status = curl.getinfo(pycurl.RESPONSE_CODE)
+                raise RegistryError(status, method, url, f"response body exceeds {max_body} bytes") from None
+            raise _CurlFailure(code, message) from None
+        return Response(
+            curl.getinfo(pycurl.RESPONSE_CODE),
+            Headers(received),
+            bytes(body),
+            curl.getinfo(pycurl.EFFECTIVE_URL),
+        )
+
+    def _handle(self) -> pycurl.Curl:
+        """This thread's easy handle, reset; its connection and TLS session caches stay warm."""
+        curl: pycurl.Curl | None = getattr(self._local, "curl", None)
+        if curl is None:
+            curl = self._local.curl = pycurl.Curl()
+        else:
+            curl.reset()
+        return curl
+
+
+class _CurlFailure(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds asked by a ``Retry-After`` header (delta-seconds or HTTP date); 0 if absent or bad."""
+    if not value:
+        return 0.0
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def default_ca_file() -> str | None:
+    """The system CA bundle; pycurl's bundled libcurl may look for one at another distro's path."""
+    for var in ("CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        if (path := os.environ.get(var)) and os.path.isfile(path):
+            return path
+    return next((p for p in _CA_BUNDLES if os.path.isfile(p)), None)

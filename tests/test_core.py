@@ -1,0 +1,198 @@
+"""The write-path core, compiled (cy) and pure-Python reference (py), held to the same behaviour."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+
+from fastpull import _core, _pycore
+
+BACKENDS = [pytest.param(_core, id="cy"), pytest.param(_pycore, id="py")]
+
+
+@pytest.fixture(params=BACKENDS)
+def core(request):
+    return request.param
+
+
+@pytest.fixture
+def data_fd(tmp_path):
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o644)
+    yield fd
+    os.close(fd)
+
+
+def test_core_backend_names():
+    assert (_core.BACKEND, _pycore.BACKEND) == ("cy", "py")
+
+
+def test_core_preallocate_reserves_blocks(core, data_fd):
+    core.preallocate(data_fd, 3 << 20)
+    st = os.fstat(data_fd)
+    assert st.st_size == 3 << 20
+    assert st.st_blocks * 512 >= 3 << 20  # really allocated, not a sparse file
+
+
+def test_core_pwrite_all_places_bytes_at_offsets(core, data_fd):
+    core.preallocate(data_fd, 100)
+    assert core.pwrite_all(data_fd, b"tail", 96) == 4
+    assert core.pwrite_all(data_fd, bytearray(b"head"), 0) == 4
+    assert core.pwrite_all(data_fd, memoryview(b"xxmidxx")[2:5], 50) == 3
+    content = os.pread(data_fd, 100, 0)
+    assert content[:4] == b"head" and content[50:53] == b"mid" and content[96:] == b"tail"
+    assert content[4:50] == bytes(46)
+
+
+def test_core_bitmap_set_test_watermark(core, tmp_path):
+    bm = core.ChunkBitmap(tmp_path / "bm", size=1000, chunk_size=100, create=True)
+    assert (bm.size, bm.chunk_size, bm.nchunks) == (1000, 100, 10)
+    assert bm.watermark() == 0 and bm.missing() == list(range(10))
+    assert bm.set(1) is True
+    assert bm.set(1) is False
+    assert bm.watermark() == 0 and bm.watermark_bytes() == 0
+    bm.set(0)
+    assert bm.watermark() == 2 and bm.watermark_bytes() == 200
+    for i in range(2, 10):
+        bm.set(i)
+    assert bm.complete() and bm.count() == 10 and bm.watermark_bytes() == 1000
+    assert bm.chunk_span(9) == (900, 1000)
+    with pytest.raises(IndexError):
+        bm.set(10)
+    bm.close()
+
+
+def test_core_bitmap_last_chunk_is_short(core, tmp_path):
+    bm = core.ChunkBitmap(tmp_path / "bm", size=250, chunk_size=100, create=True)
+    assert bm.nchunks == 3 and bm.chunk_span(2) == (200, 250)
+    for i in range(3):
+        bm.set(i)
+    assert bm.watermark_bytes() == 250
+    bm.close()
+
+
+def test_core_bitmap_reopen_keeps_bits_and_rejects_garbage(core, tmp_path):
+    bm = core.ChunkBitmap(tmp_path / "bm", size=1 << 30, chunk_size=1 << 20, create=True)
+    bm.set(3)
+    bm.set(1000)
+    bm.close()
+    again = core.ChunkBitmap(tmp_path / "bm")
+    assert again.nchunks == 1024 and again.count() == 2 and again.test(1000)
+    again.close()
+    (tmp_path / "junk").write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="not a chunk bitmap"):
+        core.ChunkBitmap(tmp_path / "junk")
+
+
+def _set_chunks_in_child(backend_name, path, indices, delay):
+    backend = _core if backend_name == "cy" else _pycore
+    bm = backend.ChunkBitmap(path)
+    for i in indices:
+        time.sleep(delay)
+        bm.set(i)
+    bm.close()
+
+
+@pytest.mark.parametrize("writer_backend", ["cy", "py"])
+def test_core_bitmap_seen_and_woken_across_processes(core, tmp_path, writer_backend):
+    """Another process's set() is visible here, and wakes a wait() without polling."""
+    path = tmp_path / "bm"
+    bm = core.ChunkBitmap(path, size=400, chunk_size=100, create=True)
+    seq = bm.sequence
+    child = mp.get_context("fork").Process(target=_set_chunks_in_child, args=(writer_backend, str(path), [0, 1], 0.3))
+    child.start()
+    started = time.monotonic()
+    seq2 = bm.wait(seq, 10.0)
+    woke_after = time.monotonic() - started
+    assert seq2 != seq and bm.test(0)
+    assert woke_after < 5.0  # woken by the child, not by the 10 s timeout
+    child.join(10)
+    assert child.exitcode == 0
+    assert bm.watermark() == 2 and bm.missing() == [2, 3]
+    bm.close()
+
+
+def test_core_bitmap_wait_times_out(core, tmp_path):
+    bm = core.ChunkBitmap(tmp_path / "bm", size=100, chunk_size=10, create=True)
+    started = time.monotonic()
+    assert bm.wait(bm.sequence, 0.1) == bm.sequence
+    assert 0.05 < time.monotonic() - started < 5
+    bm.close()
+
+
+def test_core_sink_writes_range_and_marks_chunks(core, tmp_path, data_fd):
+    core.preallocate(data_fd, 1000)
+    bm = core.ChunkBitmap(tmp_path / "bm", size=1000, chunk_size=100, create=True)
+    sink = core.RangeSink(data_fd, bm, 200, 500, 200)
+    sink.arm()
+    assert sink(b"a" * 150) is None
+    assert bm.missing() == [0, 1, 3, 4, 5, 6, 7, 8, 9]  # chunk 2 done, 3 half written
+    assert sink(b"b" * 150) is None
+    assert (sink.offset, sink.received, sink.finished_chunks) == (500, 300, 3)
+    assert os.pread(data_fd, 300, 200) == b"a" * 150 + b"b" * 150
+    assert sink(b"!") == 0  # beyond the range: abort the transfer
+    bm.close()
+
+
+def test_core_sink_resumed_mid_chunk_marks_that_chunk(core, tmp_path, data_fd):
+    """A chunk resumed from its already-written bytes is complete once the rest lands."""
+    core.preallocate(data_fd, 300)
+    bm = core.ChunkBitmap(tmp_path / "bm", size=300, chunk_size=100, create=True)
+    sink = core.RangeSink(data_fd, bm, 140, 200, 100)
+    sink.arm()
+    sink(b"z" * 60)
+    assert bm.test(1) and not bm.test(0)
+    # Without the earlier bytes (valid_from == start) a partial chunk is never marked.
+    sink2 = core.RangeSink(data_fd, bm, 250, 300, 250)
+    sink2.arm()
+    sink2(b"y" * 50)
+    assert not bm.test(2)
+    bm.close()
+
+
+def test_core_sink_unarmed_keeps_error_body_and_never_writes(core, tmp_path, data_fd):
+    core.preallocate(data_fd, 100)
+    bm = core.ChunkBitmap(tmp_path / "bm", size=100, chunk_size=10, create=True)
+    sink = core.RangeSink(data_fd, bm, 0, 100, 0)
+    sink(b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
+    sink(b"x" * 10000)
+    assert sink.error_body.startswith(b'{"errors"') and len(sink.error_body) == 4096
+    assert os.pread(data_fd, 100, 0) == bytes(100) and bm.count() == 0 and sink.offset == 0
+    bm.close()
+
+
+def test_core_sink_rebase_for_whole_body(core, tmp_path, data_fd):
+    core.preallocate(data_fd, 100)
+    bm = core.ChunkBitmap(tmp_path / "bm", size=100, chunk_size=30, create=True)
+    sink = core.RangeSink(data_fd, bm, 60, 90, 60)
+    sink.rebase(0, 100, 0)
+    sink.arm()
+    sink(b"q" * 100)
+    assert bm.complete() and sink.offset == 100
+    with pytest.raises(ValueError):
+        sink.rebase(50, 40, 0)
+    bm.close()
+
+
+def test_core_sink_write_error_is_kept_not_raised(core, tmp_path):
+    bm = core.ChunkBitmap(tmp_path / "bm", size=100, chunk_size=10, create=True)
+    fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        sink = core.RangeSink(fd, bm, 0, 100, 0)
+        sink.arm()
+        assert sink(b"x" * 10) == 0
+        assert isinstance(sink.error, OSError)
+        assert bm.count() == 0
+    finally:
+        os.close(fd)
+        bm.close()
+
+
+def test_core_start_writeback(core, data_fd):
+    core.preallocate(data_fd, 1 << 20)
+    core.pwrite_all(data_fd, b"x" * (1 << 20), 0)
+    core.start_writeback(data_fd, 0, 1 << 20)
+    with pytest.raises(OSError):
+        core.start_writeback(-1, 0, 10)

@@ -1,0 +1,156 @@
+"""Content store: per-digest locking, resume, verified commit, nothing unverified committed."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import threading
+import time
+
+import pytest
+
+from fastpull.errors import DigestMismatch
+from fastpull.store import ContentStore, digest_hex
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _write_all(writer, data: bytes) -> None:
+    sink = writer.sink(0, len(data), 0)
+    sink.arm()
+    for i in range(0, len(data), 1000):
+        sink(data[i : i + 1000])
+
+
+def test_store_commit_verifies_and_renames(tmp_path):
+    store = ContentStore(tmp_path)
+    data = os.urandom(300_000)
+    d = _digest(data)
+    writer = store.open_writer(d, len(data), chunk_size=64 * 1024)
+    _write_all(writer, data)
+    path = writer.commit(d)
+    assert path == store.blob_path(d) and path.read_bytes() == data
+    assert store.has(d, len(data)) and store.ingests() == []
+    assert not (store.ingest_dir / f"{digest_hex(d)}.lock").exists()
+    assert store.open_writer(d, len(data), 64 * 1024) is None  # already there
+
+
+def test_store_digest_mismatch_commits_nothing(tmp_path):
+    store = ContentStore(tmp_path)
+    data = os.urandom(200_000)
+    claimed = _digest(b"something else")
+    writer = store.open_writer(claimed, len(data), chunk_size=64 * 1024)
+    _write_all(writer, data)
+    with pytest.raises(DigestMismatch) as err:
+        writer.commit()
+    assert claimed in str(err.value) and _digest(data) in str(err.value)
+    assert not store.has(claimed) and list(store.blobs.iterdir()) == []
+    assert store.ingests() == []  # discarded: a retry starts clean
+
+
+def test_store_commit_refuses_incomplete_blob(tmp_path):
+    store = ContentStore(tmp_path)
+    data = os.urandom(200_000)
+    d = _digest(data)
+    writer = store.open_writer(d, len(data), chunk_size=64 * 1024)
+    sink = writer.sink(0, 100_000, 0)
+    sink.arm()
+    sink(data[:100_000])
+    with pytest.raises(Exception, match="before all chunks arrived"):
+        writer.commit(d)
+    assert not store.has(d)
+
+
+def test_store_resume_keeps_finished_chunks(tmp_path):
+    store = ContentStore(tmp_path)
+    data = os.urandom(1_000_000)
+    d = _digest(data)
+    writer = store.open_writer(d, len(data), chunk_size=100_000)
+    sink = writer.sink(0, 450_000, 0)
+    sink.arm()
+    sink(data[:450_000])
+    writer.close()  # killed here
+
+    again = store.open_writer(d, len(data), chunk_size=4096)  # chunk size of the ingest wins
+    assert again.chunk_size == 100_000
+    assert again.missing_chunks() == list(range(4, 10))
+    assert again.resumed_bytes == 400_000
+    sink = again.sink(400_000, 1_000_000, 400_000)
+    sink.arm()
+    sink(data[400_000:])
+    assert again.commit(d).read_bytes() == data
+
+
+def test_store_advance_digest_follows_watermark(tmp_path):
+    store = ContentStore(tmp_path)
+    data = os.urandom(500_000)
+    d = _digest(data)
+    writer = store.open_writer(d, len(data), chunk_size=100_000)
+    tail = writer.sink(300_000, 500_000, 300_000)
+    tail.arm()
+    tail(data[300_000:])
+    assert writer.advance_digest() == 0  # chunk 0 missing: nothing contiguous yet
+    head = writer.sink(0, 300_000, 0)
+    head.arm()
+    head(data[:300_000])
+    assert writer.advance_digest() == 500_000
+    assert writer.commit(d).exists()
+
+
+def test_store_put_bytes_verifies(tmp_path):
+    store = ContentStore(tmp_path)
+    with pytest.raises(DigestMismatch):
+        store.put_bytes(_digest(b"a"), b"b")
+    assert store.put_bytes(_digest(b"a"), b"a").read_bytes() == b"a"
+
+
+def test_store_lock_excludes_threads_and_wakes_waiter_on_commit(tmp_path):
+    """A second writer of the same digest blocks in flock and finds the blob committed."""
+    store = ContentStore(tmp_path)
+    data = os.urandom(100_000)
+    d = _digest(data)
+    first = store.open_writer(d, len(data), 65536)
+    assert store.open_writer(d, len(data), 65536, block=False) is None
+    result = {}
+
+    def second():
+        started = time.monotonic()
+        result["writer"] = store.open_writer(d, len(data), 65536, block=True)
+        result["waited"] = time.monotonic() - started
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()  # blocked behind the first writer
+    _write_all(first, data)
+    first.commit(d)
+    t.join(5)
+    assert result["writer"] is None and result["waited"] >= 0.25
+
+
+def _hold_lock_then_die(root, digest, size, ready):
+    store = ContentStore(root)
+    writer = store.open_writer(digest, size, 65536)
+    sink = writer.sink(0, 65536, 0)
+    sink.arm()
+    sink(b"\0" * 65536)
+    ready.set()
+    time.sleep(0.5)
+    os._exit(1)  # killed: no commit, no close
+
+
+def test_store_lock_released_when_writer_process_dies(tmp_path):
+    data = bytes(200_000)
+    d = _digest(data)
+    ready = mp.get_context("fork").Event()
+    child = mp.get_context("fork").Process(target=_hold_lock_then_die, args=(str(tmp_path), d, len(data), ready))
+    child.start()
+    assert ready.wait(10)
+    store = ContentStore(tmp_path)
+    writer = store.open_writer(d, len(data), 65536, block=True)  # woken by the child's death
+    child.join(5)
+    assert writer is not None and writer.missing_chunks() == [1, 2, 3]
+    writer.close()
