@@ -126,6 +126,7 @@ class _Blob:
     redirects: int = 0
     hashed_watermark: int = 0
     committing: bool = False
+    finished_rates: deque = field(default_factory=lambda: deque(maxlen=16))  # B/s of finished chunks
 
     def headers(self, extra: list[str]) -> list[str]:
         # The registry's credentials never go to a redirect target on another host.
@@ -561,6 +562,7 @@ class FetchEngine:
         if blob.mode == "probe" and status == 206:
             blob.mode = "ranged"
         if curl_code == 0 and status in (200, 206) and t.sink.armed and t.sink.offset == t.end:
+            blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
             self._on_chunk_done(blob)
             return
         if curl_code == 0 and status in (301, 302, 303, 307, 308) and "location" in t.headers:
@@ -642,25 +644,25 @@ class FetchEngine:
         self._finish(blob, result)
 
     def _reissue_stragglers(self, now: float) -> None:
-        """Cut a ranged transfer far slower than its peers and re-issue its remaining bytes."""
+        """Cut a ranged transfer far slower than its blob's other transfers, running or finished,
+        and re-issue its remaining bytes on a fresh request."""
         opts = self.options
         for t in self._transfers.values():
             received = t.sink.received
             t.rate = (received - t.window_bytes) / _HOUSEKEEPING_S
             t.window_bytes = received
         for blob in self._active:
-            if blob.mode != "ranged" or len(blob.transfers) < 3:
+            if blob.mode != "ranged":
                 continue
-            median = statistics.median(t.rate for t in blob.transfers)
             for t in list(blob.transfers):
+                peers = [p.rate for p in blob.transfers if p is not t] + list(blob.finished_rates)
+                if len(peers) < 2 or now - t.started < opts.straggler_min_age:
+                    continue
+                typical = statistics.median(peers)
                 remaining = t.end - t.sink.offset
-                if (
-                    now - t.started > opts.straggler_min_age
-                    and remaining > MiB
-                    and t.rate * opts.straggler_ratio < median
-                ):
-                    log.info("re-issuing slow range %d-%d of %s (%.0f B/s vs median %.0f B/s)",
-                             t.sink.offset, t.end, blob.digest, t.rate, median)
+                if t.rate * opts.straggler_ratio < typical and remaining > t.rate * opts.straggler_min_age:
+                    log.info("re-issuing slow range %d-%d of %s (%.0f B/s, typical %.0f B/s)",
+                             t.sink.offset, t.end, blob.digest, t.rate, typical)
                     self.stats.stragglers_reissued += 1
                     self._cancel(t)
                     blob.pending.appendleft(t.chunk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import wait
 import threading
 import time
 from collections.abc import Iterable
@@ -104,6 +105,8 @@ class Puller:
             if not store.has(desc.digest, desc.size):
                 fetched += desc.size
                 store.put_bytes(desc.digest, body)
+        # Let every fetch settle before reporting the first failure: no fetch outlives its pull.
+        wait(futures)
         for future in futures:
             future.result()
         image_layout.tag(str(reference), resolved.manifest_descriptor)

@@ -400,7 +400,9 @@ def _write_layer(blobs: Path, media: Media, seed: int, spec: LayerSpec, index: i
     try:
         with _LayerWriter(partial, spec.compression) as writer:
             # Write mode uses only write() and tell() of the file object.
-            tar_file = tarfile.TarFile(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_BLOCK)  # type: ignore[arg-type]
+            tar_file = tarfile.TarFile(
+                fileobj=writer, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_BLOCK  # type: ignore[arg-type]
+            )
             with tar_file as tar:
                 content = _content(spec.content, np.random.SeedSequence([seed, index]))
                 directory = f"layer-{index}"
@@ -583,9 +585,11 @@ class _Pusher:
         status, response_headers, data = self._send(method, path, body, headers or {})
         if status == 401 and self._authenticate(response_headers.get("WWW-Authenticate", "")):
             status, response_headers, data = self._send(method, path, body, headers or {})
+        if status in (401, 403) and status not in expect:
+            challenge = response_headers.get("WWW-Authenticate", "")
+            raise AuthError(status, method, self._base + path, data or f"WWW-Authenticate: {challenge}")
         if status not in expect:
-            error = AuthError if status in (401, 403) else RegistryError
-            raise error(status, method, self._base + path, data)
+            raise RegistryError(status, method, self._base + path, data)
         return status, response_headers
 
     def _send(

@@ -31,7 +31,10 @@ from fastpull.errors import FastpullError
 _INTERNAL_AGENT = "fastpull-testbed-internal"
 """User-Agent of the readiness probes, which served() leaves out."""
 
-_ACCESS_LINE = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>\S+) (?P<uri>\S+)[^"]*" (?P<status>\d{3}) (?P<size>\d+|-)')
+_ACCESS_LINE = re.compile(
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>\S+) (?P<uri>\S+)[^"]*" (?P<status>\d{3}) (?P<size>\d+|-)'
+)
+"""A combined-format line: ``HOST - USER [TIME] "METHOD URI PROTO" STATUS BYTES "REFERER" "AGENT"``."""
 
 _LOGGING_FRAME = "handlers.loggingHandler.ServeHTTP"
 """Stack frame of a goroutine whose request is not yet in the access log (gorilla/handlers)."""
@@ -53,8 +56,9 @@ class LocalRegistryError(FastpullError):
 class ServedRequest:
     """One request from the access log; ``path`` has no query string.
 
-    ``bytes_written`` is the body the server wrote to the socket: exact for complete responses, and for
-    a transfer the client aborted it may exceed what the client received.
+    ``bytes_written`` is the body the handler wrote: exact for complete responses (for a ``206``, the
+    range); for a transfer the client aborted it may exceed what the client received (socket buffers);
+    for a ``HEAD`` it counts an error body that Go then drops (a ``404`` shows 157).
     """
 
     method: str
@@ -142,9 +146,9 @@ class LocalRegistry:
         while True:
             attempt += 1
             if pick_port:
-                self._port = _free_port(self._bind_host)
+                self._port = _free_port()
             if pick_port or self._debug_port == 0:
-                self._debug_port = _free_port(self._bind_host)
+                self._debug_port = _free_port()
             self._write_config()
             self._launch()
             try:
@@ -227,10 +231,11 @@ class LocalRegistry:
         The registry's debug server dumps its goroutines (a stop-the-world snapshot); the access log line
         is written before ``loggingHandler.ServeHTTP`` returns.
         """
+        debug = f"http://{self._bind_host}:{self._debug_port}"
         deadline = time.monotonic() + timeout
         while True:
-            with _OPENER.open(f"http://{self._bind_host}:{self._debug_port}/debug/pprof/goroutine?debug=2", timeout=5) as r:
-                dump = r.read().decode("utf-8", "replace")
+            with _OPENER.open(f"{debug}/debug/pprof/goroutine?debug=2", timeout=5) as response:
+                dump = response.read().decode("utf-8", "replace")
             in_flight = sum(_LOGGING_FRAME in stack for stack in dump.split("\n\n"))
             if in_flight == 0:
                 return
@@ -278,7 +283,7 @@ class LocalRegistry:
         while True:
             code = self._proc.poll()
             if code is not None:
-                raise LocalRegistryError(self.url, f"did not start: process exited with status {code}", self.log_tail())
+                raise LocalRegistryError(self.url, f"did not start: exit status {code}", self.log_tail())
             try:
                 status = _probe(self.url + "/v2/")
                 if status in (200, 401):
@@ -287,7 +292,8 @@ class LocalRegistry:
             except OSError as e:
                 last = f"GET /v2/ failed: {e}"
             if time.monotonic() > deadline:
-                raise LocalRegistryError(self.url, f"did not start: not ready after {self._start_timeout:g} s ({last})", self.log_tail())
+                why = f"did not start: not ready after {self._start_timeout:g} s ({last})"
+                raise LocalRegistryError(self.url, why, self.log_tail())
             time.sleep(0.02)
 
 
@@ -303,9 +309,10 @@ def _probe(url: str) -> int:
         return e.code
 
 
-def _free_port(host: str) -> int:
+def _free_port() -> int:
+    """A TCP port free on every local address (also for a host that lives in another network namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+        s.bind(("", 0))
         return int(s.getsockname()[1])
 
 
