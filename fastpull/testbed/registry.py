@@ -181,7 +181,7 @@ class LocalRegistry:
         self.stop()
 
     def served(self, *, wait: bool = True) -> list[ServedRequest]:
-        """Requests served since the last ``clear_served()``, in log order.
+        """Requests served since the last ``clear_served()``, in the order the registry finished them.
 
         With ``wait`` (while the registry runs) it first waits, up to 10 s, until no request is in flight,
         so every request that has started is listed; without it, only those already logged.
