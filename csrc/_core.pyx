@@ -62,12 +62,14 @@ BACKEND = "cy"
 #   16 u64 blob size
 #   24 u64 chunk size
 #   32 u64 number of chunks
-#   40 ... reserved up to HEADER_SIZE, then one bit per chunk (LSB first)
+#   40 u32 abandoned: 1 when the writer stopped without committing (waiters are woken)
+#   44 ... reserved up to HEADER_SIZE, then one bit per chunk (LSB first)
 MAGIC = b"FPCHUNKS"
 VERSION = 1
 cdef enum:
     _HEADER_SIZE = 64
     _SEQ_OFFSET = 12
+    _ABANDONED_OFFSET = 40
 HEADER_SIZE = _HEADER_SIZE
 
 
@@ -179,11 +181,26 @@ cdef class ChunkBitmap:
         cdef uint8_t old = fp_or8(self._bits() + (index >> 3), bit)
         if old & bit:
             return False
+        self._bump_and_wake()
+        return True
+
+    cdef void _bump_and_wake(self):
         cdef uint32_t *seq = <uint32_t *> (self._map + _SEQ_OFFSET)
         fp_add32(seq, 1)
         with nogil:
             syscall(SYS_futex, seq, FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0)
-        return True
+
+    @property
+    def abandoned(self):
+        """True once the writer stopped without committing (set by :meth:`set_abandoned`)."""
+        self._bits()
+        return fp_load32(<uint32_t *> (self._map + _ABANDONED_OFFSET)) != 0
+
+    def set_abandoned(self, bint value):
+        """Mark the download stopped (True) or taken up again (False), waking every waiter."""
+        self._bits()
+        (<uint32_t *> (self._map + _ABANDONED_OFFSET))[0] = value
+        self._bump_and_wake()
 
     cpdef bint test(self, uint64_t index) except -1:
         if index >= self.nchunks:

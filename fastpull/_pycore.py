@@ -15,6 +15,7 @@ MAGIC = b"FPCHUNKS"
 VERSION = 1
 HEADER_SIZE = 64
 _SEQ_OFFSET = 12
+_ABANDONED_OFFSET = 40
 _SYS_FUTEX = 202  # x86_64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _SYNC_FILE_RANGE_WRITE = 2
@@ -106,9 +107,26 @@ class ChunkBitmap:
         if old & bit:
             return False
         self._map[pos] = old | bit  # one writer per blob (it holds the ingest lock)
+        self._bump_and_wake()
+        return True
+
+    def _bump_and_wake(self) -> None:
         self._seq.value = (self._seq.value + 1) & 0xFFFFFFFF
         _libc.syscall(_SYS_FUTEX, ctypes.byref(self._seq), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
-        return True
+
+    @property
+    def abandoned(self) -> bool:
+        """True once the writer stopped without committing (set by :meth:`set_abandoned`)."""
+        if self._map is None:
+            raise ValueError("chunk bitmap is closed")
+        return struct.unpack_from("<I", self._map, _ABANDONED_OFFSET)[0] != 0
+
+    def set_abandoned(self, value: bool) -> None:
+        """Mark the download stopped (True) or taken up again (False), waking every waiter."""
+        if self._map is None:
+            raise ValueError("chunk bitmap is closed")
+        struct.pack_into("<I", self._map, _ABANDONED_OFFSET, int(value))
+        self._bump_and_wake()
 
     def test(self, index: int) -> bool:
         self._check(index)

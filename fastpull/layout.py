@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 from fastpull.errors import StoreError
@@ -66,7 +67,7 @@ class ImageLayout:
 
     @staticmethod
     def _write_json(path: Path, doc: dict) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
             os.replace(tmp, path)

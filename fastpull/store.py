@@ -18,9 +18,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fastpull.core import ChunkBitmap, RangeSink, preallocate, start_writeback
@@ -47,6 +49,37 @@ def _hash_buffer() -> memoryview:
     if buf is None:
         buf = _thread_buffers.buf = memoryview(bytearray(_HASH_BLOCK))
     return buf
+
+
+def acquire_key_lock(lock_path: Path, *, block: bool, done: Callable[[], bool]) -> int | None:
+    """Take the exclusive ``flock`` on ``lock_path`` unless ``done()`` says the work is finished.
+
+    Returns the locked descriptor (close it to release), or None when ``done()`` holds (perhaps
+    after waiting for the holder) or, with ``block=False``, when another holder has it. The
+    holder may unlink the lock file when it finishes: a waiter that then wakes on the dead
+    inode sees ``done()`` and returns None, or retries on a fresh lock file.
+    """
+    while True:
+        if done():
+            return None
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StoreError(str(lock_path), e.strerror or str(e)) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            fresh = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            fresh = False
+        if fresh and not done():
+            return fd
+        os.close(fd)
+        if fresh:
+            return None
 
 
 class ContentStore:
@@ -98,32 +131,15 @@ class ContentStore:
         Returns None if the blob is already committed (possibly by the writer we waited
         for) or, with ``block=False``, if another writer holds the lock.
         """
-        hexd = digest_hex(digest)
-        lock_path = self.ingest_dir / f"{hexd}.lock"
-        while True:
-            if self.has(digest, size):
-                return None
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            # The previous holder may have committed and unlinked the lock file while we
-            # waited: our lock is then on a dead inode; start over.
-            try:
-                fresh = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                fresh = False
-            if fresh and not self.has(digest, size):
-                try:
-                    return BlobWriter(self, digest, size, chunk_size, fd)
-                except BaseException:
-                    os.close(fd)
-                    raise
-            os.close(fd)
-            if fresh:
-                return None
+        lock_path = self.ingest_dir / f"{digest_hex(digest)}.lock"
+        lock_fd = acquire_key_lock(lock_path, block=block, done=lambda: self.has(digest, size))
+        if lock_fd is None:
+            return None
+        try:
+            return BlobWriter(self, digest, size, chunk_size, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
 
     def ingests(self) -> list[str]:
         """Digests with an in-flight or interrupted ingest."""
@@ -162,6 +178,7 @@ class BlobWriter:
         except OSError as e:
             raise StoreError(str(self.dir), e.strerror or str(e)) from e
         self.resumed_bytes = self._finished_bytes()
+        self.bitmap.set_abandoned(False)  # followers of an earlier, dead writer carry on with us
 
     def _open_bitmap(self, chunk_size: int) -> ChunkBitmap:
         """Resume the existing bitmap if it describes this blob, else start a fresh one."""
@@ -222,6 +239,7 @@ class BlobWriter:
             self.advance_digest()
             actual = "sha256:" + self._hash.hexdigest()
             if self.hashed != self.size or actual != expected:
+                self.bitmap.set_abandoned(True)  # followers must not trust these bytes
                 self._discard()
                 raise DigestMismatch(f"blob {self.digest} ({self.size} bytes)", expected, actual)
             target = self.store.blob_path(expected)
@@ -238,7 +256,6 @@ class BlobWriter:
 
     def _discard(self) -> None:
         """Remove the ingest files and the lock path (we still hold the lock)."""
-        self.bitmap.close()
         for path in (self.data_path, self.bitmap_path):
             path.unlink(missing_ok=True)
         try:
@@ -254,6 +271,93 @@ class BlobWriter:
             if self._closed:
                 return
             self._closed = True
+            if not self.bitmap.complete():
+                self.bitmap.set_abandoned(True)
             self.bitmap.close()
             os.close(self.fd)
             os.close(self._lock_fd)
+
+
+class BlobReader(io.RawIOBase):
+    """Reads a blob from its start while it may still be downloading, in this or another process.
+
+    Follows the chunk bitmap's contiguous watermark and sleeps on its futex until more bytes
+    land: no polling. A committed blob is read plainly; an ingest renamed into the store while
+    being read goes on through the same descriptor. Raises StoreError if the download is
+    abandoned (or its writer died) before the bytes needed arrive.
+    """
+
+    def __init__(self, store: ContentStore, digest: str, size: int, *, liveness_check: float = 2.0):
+        super().__init__()
+        self.digest = digest
+        self.size = size
+        self.pos = 0
+        self._liveness_check = liveness_check
+        self._bitmap: ChunkBitmap | None = None
+        self._lock_path = store.ingest_dir / f"{digest_hex(digest)}.lock"
+        ingest = store.ingest_dir / digest_hex(digest)
+        for _ in range(2):  # the ingest may be committed between our two looks
+            try:
+                self._fd = os.open(store.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+                return
+            except FileNotFoundError:
+                pass
+            try:
+                bitmap = ChunkBitmap(ingest / "bitmap")
+            except (FileNotFoundError, ValueError):
+                continue
+            try:
+                self._fd = os.open(ingest / "data", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                bitmap.close()
+                continue
+            self._bitmap = bitmap
+            return
+        raise StoreError(str(ingest), f"blob {digest} is neither stored nor being downloaded")
+
+    def readable(self) -> bool:
+        return True
+
+    def _available(self) -> int:
+        if self._bitmap is None:
+            return self.size
+        while True:
+            seen = self._bitmap.sequence  # read before the watermark: no lost wake-up
+            available = self._bitmap.watermark_bytes()
+            if available > self.pos or available >= self.size:
+                return available
+            if self._bitmap.abandoned or not self._writer_alive():
+                raise StoreError(str(self._lock_path.parent), f"download of {self.digest} stopped at {available} bytes")
+            self._bitmap.wait(seen, self._liveness_check)
+
+    def _writer_alive(self) -> bool:
+        """True while some process holds the blob's ingest lock (checked only after a quiet spell)."""
+        try:
+            fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return self._bitmap.watermark_bytes() > self.pos  # it finished just now
+
+    def readinto(self, buffer) -> int:
+        if self.pos >= self.size:
+            return 0
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._available() - self.pos)
+        n = os.preadv(self._fd, [view[:want]], self.pos)
+        if n <= 0:
+            raise StoreError(self.digest, f"short read at offset {self.pos}")
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+            if self._bitmap is not None:
+                self._bitmap.close()
+        super().close()

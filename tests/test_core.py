@@ -196,3 +196,16 @@ def test_core_start_writeback(core, data_fd):
     core.start_writeback(data_fd, 0, 1 << 20)
     with pytest.raises(OSError):
         core.start_writeback(-1, 0, 10)
+
+
+def test_core_bitmap_abandoned_wakes_waiters(core, tmp_path):
+    bm = core.ChunkBitmap(tmp_path / "bm", size=100, chunk_size=10, create=True)
+    follower = core.ChunkBitmap(tmp_path / "bm")
+    assert not follower.abandoned
+    seq = follower.sequence
+    bm.set_abandoned(True)
+    assert follower.wait(seq, 5.0) != seq and follower.abandoned
+    bm.set_abandoned(False)
+    assert not follower.abandoned
+    bm.close()
+    follower.close()

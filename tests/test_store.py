@@ -154,3 +154,61 @@ def test_store_lock_released_when_writer_process_dies(tmp_path):
     child.join(5)
     assert writer is not None and writer.missing_chunks() == [1, 2, 3]
     writer.close()
+
+
+def test_store_reader_follows_a_download_in_progress(tmp_path):
+    from fastpull.store import BlobReader
+
+    store = ContentStore(tmp_path)
+    data = os.urandom(1_000_000)
+    d = _digest(data)
+    writer = store.open_writer(d, len(data), chunk_size=100_000)
+
+    def download():
+        for start in range(0, len(data), 100_000):  # in order, slowly, then commit
+            time.sleep(0.02)
+            sink = writer.sink(start, start + 100_000, start)
+            sink.arm()
+            sink(data[start : start + 100_000])
+        writer.commit(d)
+
+    t = threading.Thread(target=download)
+    t.start()
+    with BlobReader(store, d, len(data)) as reader:
+        got = reader.read()
+    t.join()
+    assert got == data
+
+
+def test_store_reader_stops_when_download_is_abandoned(tmp_path):
+    from fastpull.errors import StoreError
+    from fastpull.store import BlobReader
+
+    store = ContentStore(tmp_path)
+    data = os.urandom(300_000)
+    d = _digest(data)
+    writer = store.open_writer(d, len(data), chunk_size=100_000)
+    sink = writer.sink(0, 100_000, 0)
+    sink.arm()
+    sink(data[:100_000])
+    reader = BlobReader(store, d, len(data))
+    assert reader.read(100_000) == data[:100_000]
+    threading.Timer(0.2, writer.close).start()  # the download gives up
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="stopped at 100000 bytes"):
+        reader.read(1)
+    assert time.monotonic() - started < 1.5  # woken, not timed out
+    reader.close()
+
+
+def test_store_reader_of_committed_blob_and_of_nothing(tmp_path):
+    from fastpull.errors import StoreError
+    from fastpull.store import BlobReader
+
+    store = ContentStore(tmp_path)
+    d = _digest(b"hello")
+    store.put_bytes(d, b"hello")
+    with BlobReader(store, d, 5) as reader:
+        assert reader.read() == b"hello"
+    with pytest.raises(StoreError, match="neither stored nor being downloaded"):
+        BlobReader(store, _digest(b"nope"), 4)

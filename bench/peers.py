@@ -1,0 +1,273 @@
+"""Peers measured on the same bed as fastpull: skopeo and containerd (``ctr``), each run cold.
+
+Every measurement starts its processes inside the bed's namespace at once and waits for all of them
+with ``os.wait4``; a :class:`Sample` is the wall time until the last one exits, the CPU seconds summed
+over them (user + system, including children they waited for) and their peak RSS summed (an upper
+bound on the peak of the sum: processes may peak at different moments). For containerd the daemon is
+added: a fresh daemon with a fresh ``--root`` per measurement (so every pull is cold), its CPU from
+``/proc/<pid>/stat`` after minus before the pull, its peak RSS as ``VmHWM`` (its whole life, start-up
+included) from ``/proc/<pid>/status``.
+
+Wall time includes each tool's start-up (for fastpull, the Python interpreter's: ~0.2 s).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from bed import REPO, ThrottledBed
+
+MiB = 1 << 20
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class PeerError(RuntimeError):
+    """A peer's command failed; the message quotes its output."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement: ``procs`` processes started at once (``ok`` if all exited 0)."""
+
+    tool: str
+    wall: float
+    cpu: float
+    rss_mb: float
+    procs: int = 1
+
+
+def median(samples: list[Sample]) -> Sample:
+    """Median wall and CPU; the largest peak RSS."""
+    return Sample(
+        tool=samples[0].tool,
+        wall=statistics.median(s.wall for s in samples),
+        cpu=statistics.median(s.cpu for s in samples),
+        rss_mb=max(s.rss_mb for s in samples),
+        procs=samples[0].procs,
+    )
+
+
+def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen: Any) -> Sample:
+    """Start ``commands`` inside the bed together; wait for all; fail if any exits non-zero."""
+    logs = [tempfile.TemporaryFile() for _ in commands]
+    try:
+        started = time.perf_counter()
+        procs = [bed.popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen)
+                 for cmd, log in zip(commands, logs)]
+        cpu = rss = 0.0
+        failed = []
+        for proc, log in zip(procs, logs):
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            bed.forget(proc)
+            cpu += usage.ru_utime + usage.ru_stime
+            rss += usage.ru_maxrss / 1024
+            if proc.returncode != 0:
+                log.seek(0)
+                failed.append(f"{' '.join(map(str, proc.args))} -> {proc.returncode}:\n"
+                              f"{log.read()[-2000:].decode(errors='replace')}")
+        wall = time.perf_counter() - started
+    finally:
+        for log in logs:
+            log.close()
+    if failed:
+        raise PeerError(f"{tool}: {len(failed)} of {len(commands)} failed\n" + "\n".join(failed))
+    return Sample(tool, wall, cpu, rss, len(commands))
+
+
+# ---- fastpull -------------------------------------------------------------------------------------
+
+
+def fastpull_command(ref: str, layout: Path, options: dict[str, int] | None = None) -> list[str]:
+    """``python -m fastpull pull`` with FetchOptions given as a dict (bytes for chunk_size)."""
+    cmd = [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(layout)]
+    flags = {"chunk_size": "--chunk-size", "chunks_per_blob": "--chunks-per-blob",
+             "blobs_in_flight": "--blobs-in-flight", "max_transfers": "--max-transfers"}
+    for key, value in (options or {}).items():
+        if key not in flags:
+            raise ValueError(f"no CLI flag for FetchOptions.{key}")
+        cmd += [flags[key], str(value / MiB if key == "chunk_size" else value)]
+    return cmd
+
+
+def measure_fastpull(bed: ThrottledBed, ref: str, work: Path, options: dict[str, int] | None = None,
+                     concurrent: int = 1, label: str = "fastpull") -> Sample:
+    """``concurrent`` ``fastpull pull`` processes of ``ref`` into one fresh layout."""
+    layout = Path(tempfile.mkdtemp(dir=work, prefix="fastpull-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        sample = run_at_once(bed, label, [fastpull_command(ref, layout, options)] * concurrent, cwd=REPO, env=env)
+        if not (layout / "index.json").exists():
+            raise PeerError(f"fastpull left no index.json in {layout}")
+        return sample
+    finally:
+        shutil.rmtree(layout, ignore_errors=True)
+
+
+# ---- skopeo ----------------------------------------------------------------------------------------
+
+
+def measure_skopeo(bed: ThrottledBed, ref: str, work: Path) -> Sample:
+    """``skopeo copy docker://REF oci:DIR:TAG`` into a fresh directory (skopeo's defaults: 6 blobs at once)."""
+    dest = Path(tempfile.mkdtemp(dir=work, prefix="skopeo-"))
+    tag = ref.rsplit(":", 1)[1]
+    try:
+        cmd = ["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
+               f"docker://{ref}", f"oci:{dest}:{tag}"]
+        sample = run_at_once(bed, "skopeo", [cmd])
+        if not (dest / "index.json").exists():
+            raise PeerError(f"skopeo left no index.json in {dest}")
+        return sample
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+# ---- containerd ------------------------------------------------------------------------------------
+
+_CONFIG = """\
+version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+                    "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.snapshotter.v1.zfs", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = "{state}/containerd.sock"
+
+[ttrpc]
+  address = "{state}/containerd.sock.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+"""
+
+
+class Containerd:
+    """A private ``containerd`` inside the bed: its own root, state and socket under ``workdir``.
+
+    A context manager; on exit the daemon is ended (by PID) and ``workdir`` removed, so every
+    daemon starts cold. Snapshotter: overlayfs (``ctr``'s default).
+    """
+
+    def __init__(self, bed: ThrottledBed, workdir: Path):
+        self.bed = bed
+        self.workdir = Path(tempfile.mkdtemp(dir=workdir, prefix="containerd-"))
+        self.root = self.workdir / "root"
+        self.state = self.workdir / "state"
+        self.address = self.state / "containerd.sock"
+        self.config = self.workdir / "config.toml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = open(self.workdir / "containerd.log", "wb")  # noqa: SIM115 - closed in stop()
+
+    def __enter__(self) -> Containerd:
+        self.root.mkdir()
+        self.state.mkdir()
+        self.config.write_text(_CONFIG.format(root=self.root, state=self.state))
+        self.proc = self.bed.popen(
+            ["containerd", "--config", str(self.config), "--root", str(self.root), "--state", str(self.state),
+             "--address", str(self.address), "--log-level", "warn"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise PeerError(f"containerd exited {self.proc.returncode}: {self.log_tail()}")
+            if self.address.exists() and self.ctr("version", check=False).returncode == 0:
+                return self
+            if time.monotonic() > deadline:
+                raise PeerError(f"containerd did not answer in 20 s: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.bed.forget(self.proc)
+        self._log.close()
+        # Snapshot mounts live in the daemon's private mount namespace (ip netns exec): gone with it.
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self) -> str:
+        self._log.flush()
+        return (self.workdir / "containerd.log").read_text(errors="replace")[-2000:]
+
+    def ctr_command(self, *args: str) -> list[str]:
+        return ["ctr", "--address", str(self.address), "--namespace", "bench", *args]
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = self.bed.run(self.ctr_command(*args), capture_output=True, text=True, check=False)
+        if check and out.returncode != 0:
+            raise PeerError(f"ctr {' '.join(args)}: {out.stderr.strip()}")
+        return out
+
+    def cpu_seconds(self) -> float:
+        """The daemon's user + system CPU so far, with that of children it reaped."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / _TICK  # utime stime cutime cstime
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def measure_containerd(bed: ThrottledBed, ref: str, work: Path, concurrent: int = 1, unpack: bool = True) -> Sample:
+    """``concurrent`` ``ctr image pull --plain-http`` (or ``ctr content fetch`` if not ``unpack``)
+    of ``ref`` against a fresh daemon; the daemon's CPU and peak RSS are added to the clients'."""
+    with Containerd(bed, work) as daemon:
+        verb = ["images", "pull"] if unpack else ["content", "fetch"]
+        cmd = daemon.ctr_command(*verb, "--plain-http", ref)
+        before = daemon.cpu_seconds()
+        label = "containerd pull" if unpack else "containerd fetch"
+        sample = run_at_once(bed, label, [cmd] * concurrent)
+        cpu = daemon.cpu_seconds() - before
+        rss = daemon.peak_rss_mb()
+        if unpack and ref not in daemon.ctr("images", "ls", "-q").stdout.split():
+            raise PeerError(f"containerd did not list {ref} after the pull")
+        return Sample(sample.tool, sample.wall, sample.cpu + cpu, sample.rss_mb + rss, concurrent)
+
+
+# ---- versions --------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """Version strings of the peers and tools the bench runs."""
+    def first_line(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            return "not installed"
+        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "?"
+
+    import pycurl
+
+    return {
+        "skopeo": first_line(["skopeo", "--version"]),
+        "containerd": first_line(["containerd", "--version"]),
+        "ctr": first_line(["ctr", "--version"]),
+        "docker-registry": first_line(["docker-registry", "--version"]),
+        "python": sys.version.split()[0],
+        "pycurl": pycurl.version,
+        "kernel": os.uname().release,
+    }
