@@ -24,8 +24,8 @@ Linux hands out the ephemeral ports of connections to one destination in steps o
 start, so bits 1..8 give up to 256 concurrent connections distinct buckets; two connections whose ports
 collide share one leaf's cap (``collisions()`` tells).
 
-Latency: ``rtt_ms > 0`` puts a small userspace TCP proxy (``bench/delayproxy.py`` style, here
-:class:`_DelayProxy`) in front of the registry inside the namespace: it forwards each direction's bytes
+Latency: ``rtt_ms > 0`` puts a small userspace TCP proxy (``python bench/bed.py proxy``) in front of
+the registry inside the namespace: it forwards each direction's bytes
 ``rtt_ms / 2`` after reading them. That delays every request/response turn (time to first byte) by the
 RTT, but TCP itself still runs at loopback RTT, so slow start and loss recovery over a long path are
 NOT emulated. See bench/README.md.
@@ -34,6 +34,7 @@ NOT emulated. See bench/README.md.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import re
 import shutil
@@ -46,13 +47,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if importlib.util.find_spec("fastpull") is None:  # not installed: use this tree
     sys.path.insert(0, str(REPO))
 
-from fastpull.testbed.registry import LocalRegistry  # noqa: E402
+from fastpull.testbed.registry import LocalRegistry
 
 T = TypeVar("T")
 
@@ -115,7 +116,7 @@ class ThrottledBed:
         """Command prefix that runs a command inside the namespace."""
         return ["ip", "netns", "exec", self.name]
 
-    def __enter__(self) -> ThrottledBed:
+    def __enter__(self) -> Self:
         if os.geteuid() != 0:
             raise BedError("the bed needs root (network namespaces and tc)")
         for tool in ("ip", "tc"):
@@ -167,8 +168,8 @@ class ThrottledBed:
         # Loopback sends GSO packets of up to 64 KiB: bursts and quanta must hold a few of them.
         lines = [
             "qdisc add dev lo root handle 1: htb default 0 r2q 1000",
-            f"class add dev lo parent 1: classid 1:1 htb rate {link}bit ceil {link}bit "
-            f"burst {_burst(link)} cburst {_burst(link)}",
+            (f"class add dev lo parent 1: classid 1:1 htb rate {link}bit ceil {link}bit "
+             f"burst {_burst(link)} cburst {_burst(link)}"),
         ]
         for i in range(BUCKETS):
             lines.append(
@@ -194,7 +195,7 @@ class ThrottledBed:
         """Bytes sent per leaf (bucket index -> bytes) since the bed came up."""
         out = _check(["tc", "-n", self.name, "-s", "class", "show", "dev", "lo"])
         sent: dict[int, int] = {}
-        for m in re.finditer(r"class htb 1:([0-9a-f]+) parent 1:1 .*?\n\s*Sent (\d+) bytes", out, re.S):
+        for m in re.finditer(r"class htb 1:([0-9a-f]+) parent 1:1 .*?\n\s*Sent (\d+) bytes", out, re.DOTALL):
             minor = int(m[1], 16)
             if minor >= 0x100:
                 sent[minor - 0x100] = int(m[2])
@@ -218,7 +219,7 @@ class ThrottledBed:
 
     def run(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """``subprocess.run`` of ``cmd`` inside the namespace."""
-        return subprocess.run([*self.prefix, *cmd], **kwargs)
+        return subprocess.run([*self.prefix, *cmd], check=kwargs.pop("check", False), **kwargs)
 
     def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """``subprocess.Popen`` of ``cmd`` inside the namespace; ended by PID when the bed closes.
@@ -251,7 +252,7 @@ class ThrottledBed:
                 finally:
                     os.close(fd)
                 box["value"] = fn(*args, **kwargs)
-            except BaseException as e:  # handed to the caller
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
                 box["error"] = e
 
         thread = threading.Thread(target=target, name=f"netns-{self.name}")

@@ -1,8 +1,9 @@
 """Peers measured on the same bed as fastpull: skopeo and containerd (``ctr``), each run cold.
 
-Every measurement starts its processes inside the bed's namespace at once and waits for all of them
-with ``os.wait4``; a :class:`Sample` is the wall time until the last one exits, the CPU seconds summed
-over them (user + system, including children they waited for) and their peak RSS summed (an upper
+Every measurement starts its processes inside the bed's namespace at once (each under GNU ``time``)
+and waits for all of them with ``os.wait4``; a :class:`Sample` is the wall time until the last one
+exits, the CPU seconds summed over them (user + system, including children they waited for) and their
+peak RSS summed (an upper
 bound on the peak of the sum: processes may peak at different moments). For containerd the daemon is
 added: a fresh daemon with a fresh ``--root`` per measurement (so every pull is cold), its CPU from
 ``/proc/<pid>/stat`` after minus before the pull, its peak RSS as ``VmHWM`` (its whole life, start-up
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from bed import REPO, ThrottledBed
 
@@ -58,30 +59,43 @@ def median(samples: list[Sample]) -> Sample:
 
 
 def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen: Any) -> Sample:
-    """Start ``commands`` inside the bed together; wait for all; fail if any exits non-zero."""
-    logs = [tempfile.TemporaryFile() for _ in commands]
-    try:
-        started = time.perf_counter()
-        procs = [bed.popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen)
-                 for cmd, log in zip(commands, logs)]
+    """Start ``commands`` inside the bed together; wait for all; fail if any exits non-zero.
+
+    Each command runs under GNU ``time``, which forks it from its own small image: the ``ru_maxrss``
+    that ``os.wait4`` reports for a direct child also counts the RSS of the image it exec'd from (Linux
+    keeps the old mm's high-water mark across exec), so for a child of this Python process it would be
+    at least this process's RSS.
+    """
+    with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
+        logs = [open(Path(tmp) / f"{i}.log", "wb+") for i in range(len(commands))]  # noqa: SIM115
+        usage_files = [Path(tmp) / f"{i}.usage" for i in range(len(commands))]
+        try:
+            started = time.perf_counter()
+            procs = [
+                bed.popen(["/usr/bin/time", "-o", str(usage), "-f", "%U %S %M", *cmd],
+                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen)
+                for cmd, log, usage in zip(commands, logs, usage_files)
+            ]
+            failed = []
+            for proc, log in zip(procs, logs):
+                _, status, _ = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                bed.forget(proc)
+                if proc.returncode != 0:
+                    log.seek(0)
+                    failed.append(f"{' '.join(map(str, proc.args))} -> {proc.returncode}:\n"
+                                  f"{log.read()[-2000:].decode(errors='replace')}")
+            wall = time.perf_counter() - started
+        finally:
+            for log in logs:
+                log.close()
+        if failed:
+            raise PeerError(f"{tool}: {len(failed)} of {len(commands)} failed\n" + "\n".join(failed))
         cpu = rss = 0.0
-        failed = []
-        for proc, log in zip(procs, logs):
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            bed.forget(proc)
-            cpu += usage.ru_utime + usage.ru_stime
-            rss += usage.ru_maxrss / 1024
-            if proc.returncode != 0:
-                log.seek(0)
-                failed.append(f"{' '.join(map(str, proc.args))} -> {proc.returncode}:\n"
-                              f"{log.read()[-2000:].decode(errors='replace')}")
-        wall = time.perf_counter() - started
-    finally:
-        for log in logs:
-            log.close()
-    if failed:
-        raise PeerError(f"{tool}: {len(failed)} of {len(commands)} failed\n" + "\n".join(failed))
+        for usage in usage_files:
+            user, system, max_kib = usage.read_text().split()[-3:]
+            cpu += float(user) + float(system)
+            rss += int(max_kib) / 1024
     return Sample(tool, wall, cpu, rss, len(commands))
 
 
@@ -101,12 +115,15 @@ def fastpull_command(ref: str, layout: Path, options: dict[str, int] | None = No
 
 
 def measure_fastpull(bed: ThrottledBed, ref: str, work: Path, options: dict[str, int] | None = None,
-                     concurrent: int = 1, label: str = "fastpull") -> Sample:
-    """``concurrent`` ``fastpull pull`` processes of ``ref`` into one fresh layout."""
+                     concurrent: int = 1, label: str = "fastpull", root: Path = REPO) -> Sample:
+    """``concurrent`` ``fastpull pull`` processes of ``ref`` into one fresh layout.
+
+    ``root`` is the directory holding the ``fastpull`` package to run (this tree by default).
+    """
     layout = Path(tempfile.mkdtemp(dir=work, prefix="fastpull-"))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(root)}
     try:
-        sample = run_at_once(bed, label, [fastpull_command(ref, layout, options)] * concurrent, cwd=REPO, env=env)
+        sample = run_at_once(bed, label, [fastpull_command(ref, layout, options)] * concurrent, cwd=root, env=env)
         if not (layout / "index.json").exists():
             raise PeerError(f"fastpull left no index.json in {layout}")
         return sample
@@ -170,7 +187,7 @@ class Containerd:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = open(self.workdir / "containerd.log", "wb")  # noqa: SIM115 - closed in stop()
 
-    def __enter__(self) -> Containerd:
+    def __enter__(self) -> Self:
         self.root.mkdir()
         self.state.mkdir()
         self.config.write_text(_CONFIG.format(root=self.root, state=self.state))

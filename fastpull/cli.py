@@ -45,15 +45,17 @@ def _report(result: PullResult) -> str:
         f"  {len(result.manifest.layers)} layers, {result.total_bytes / 1e6:.1f} MB in the image, "
         f"{mb:.1f} MB fetched in {result.seconds:.2f} s ({result.throughput / 1e6:.1f} MB/s)\n"
         f"  layout: {result.layout}"
+        + (f"\n  rootfs: {result.rootfs}" if result.rootfs else "")
+        + (f"\n  snapshots: {result.snapshots[-1].parent}" if result.snapshots else "")
     )
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     with Puller(
         _fetch_options(args), insecure_registries=args.insecure_registry,
-        platform=args.platform, durable=args.durable,
+        platform=args.platform, durable=args.durable, unpack_workers=args.unpack_workers,
     ) as puller:
-        print(_report(puller.pull(args.reference, args.layout)))
+        print(_report(puller.pull(args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots)))
     return 0
 
 
@@ -84,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="pull an image into an OCI image layout")
     p.add_argument("reference", help="[host[:port]/]name[:tag][@digest]")
     p.add_argument("--layout", required=True, type=Path, help="OCI image layout directory (shared by images)")
+    unpack = p.add_mutually_exclusive_group()
+    unpack.add_argument("--rootfs", type=Path, help="also unpack the image into this (absent or empty) directory")
+    unpack.add_argument("--snapshots", type=Path,
+                        help="also unpack each layer into SNAPSHOTS/sha256/<chainid> (overlayfs lower dirs)")
+    p.add_argument("--unpack-workers", type=int, metavar="N", help="unpack worker processes (default: CPUs)")
     _add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 

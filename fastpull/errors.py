@@ -6,6 +6,18 @@ from __future__ import annotations
 class FastpullError(Exception):
     """Base of every error fastpull raises on purpose."""
 
+    def __reduce__(self):
+        # Subclasses take structured arguments but pass one message up; pickle (for worker
+        # processes) by message and attributes instead of by constructor arguments.
+        return (_rebuild, (type(self), str(self), self.__dict__))
+
+
+def _rebuild(cls: type[FastpullError], message: str, state: dict) -> FastpullError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidReference(FastpullError):
     """An image reference that cannot be parsed."""

@@ -26,6 +26,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -114,6 +115,7 @@ class _Blob:
     digest: str
     size: int
     futures: list[Future] = field(default_factory=list)
+    openers: list = field(default_factory=list)  # on_open callbacks not yet called
     writer: BlobWriter | None = None
     url: str = ""
     registry_netloc: str = ""
@@ -186,6 +188,13 @@ def _content_range_start(value: str | None) -> int | None:
     return int(first) if first.isdigit() else None
 
 
+def _call_safely(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # a caller's bug must not stop the loop
+        log.exception("on_open callback failed")
+
+
 def _retry_after(value: str | None) -> float | None:
     if value and value.strip().isdigit():
         return float(value.strip())
@@ -213,14 +222,27 @@ class FetchEngine:
 
     # ---- public API -------------------------------------------------------------------
 
-    def fetch(self, store: ContentStore, source: BlobSource, digest: str, size: int) -> Future:
-        """Fetch one blob into ``store`` unless it is there; the Future gives its path."""
+    def fetch(
+        self,
+        store: ContentStore,
+        source: BlobSource,
+        digest: str,
+        size: int,
+        *,
+        on_open: Callable[[], None] | None = None,
+    ) -> Future:
+        """Fetch one blob into ``store`` unless it is there; the Future gives its path.
+
+        ``on_open`` is called (from the engine's thread; keep it short) as soon as the blob can
+        be followed with :class:`fastpull.store.BlobReader`: when its ingest is opened here, or
+        when it is found committed. It is not called if the fetch fails first.
+        """
         future: Future = Future()
         if self._closed:
             future.set_exception(FastpullError("fetch engine is closed"))
             return future
         self._ensure_started()
-        self._post(("fetch", store, source, digest, size, future))
+        self._post(("fetch", store, source, digest, size, future, on_open))
         return future
 
     def close(self) -> None:
@@ -368,18 +390,28 @@ class FetchEngine:
 
     # ---- blob life cycle --------------------------------------------------------------
 
-    def _on_fetch(self, store: ContentStore, source: BlobSource, digest: str, size: int, future: Future) -> None:
+    def _on_fetch(
+        self, store: ContentStore, source: BlobSource, digest: str, size: int, future: Future, on_open
+    ) -> None:
         key = (str(store.root), digest)
         blob = self._blobs.get(key)
         if blob is not None:
             blob.futures.append(future)
+            if on_open is not None:
+                blob.openers.append(on_open)
+                if blob.writer is not None:
+                    self._call_openers(blob)
             return
         if store.has(digest, size):
             self.stats.blobs_skipped += 1
+            if on_open is not None:
+                _call_safely(on_open)
             future.set_result(store.blob_path(digest))
             return
         url = source.blob_url(digest)
         blob = _Blob(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc)
+        if on_open is not None:
+            blob.openers.append(on_open)
         self._blobs[key] = blob
         self._queued.append(blob)
 
@@ -421,8 +453,14 @@ class FetchEngine:
             # The other writer died: resume its partial download (front of the queue).
             self._start_blob(blob, writer)
 
+    def _call_openers(self, blob: _Blob) -> None:
+        openers, blob.openers = blob.openers, []
+        for on_open in openers:
+            _call_safely(on_open)
+
     def _start_blob(self, blob: _Blob, writer: BlobWriter) -> None:
         blob.writer = writer
+        self._call_openers(blob)
         blob.auth = blob.source.authorization()
         blob.pending = deque(writer.missing_chunks())
         self.stats.bytes_resumed += writer.resumed_bytes
@@ -440,6 +478,10 @@ class FetchEngine:
         self._blobs.pop((str(blob.store.root), blob.digest), None)
         if blob in self._active:
             self._active.remove(blob)
+        if isinstance(result, BaseException):
+            blob.openers.clear()
+        else:
+            self._call_openers(blob)  # committed by another process while we waited
         for future in blob.futures:
             if isinstance(result, BaseException):
                 future.set_exception(result)

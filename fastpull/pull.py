@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import os
-from concurrent.futures import wait
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastpull.fetch import FetchEngine, FetchOptions
+from fastpull.errors import ManifestError, StoreError
 from fastpull.layout import ImageLayout
-from fastpull.manifest import Descriptor, ImageManifest, Platform
-from fastpull.reference import Reference, parse_reference
+from fastpull.manifest import (
+    DOCKER_FOREIGN_LAYER,
+    OCI_LAYER_NONDIST,
+    OCI_LAYER_NONDIST_GZIP,
+    OCI_LAYER_NONDIST_ZSTD,
+    Descriptor,
+    ImageManifest,
+    Platform,
+)
+from fastpull.reference import Reference, check_digest, parse_reference
 from fastpull.registry import RegistryClient
+from fastpull.rootfs import assemble
+from fastpull.snapshots import SnapshotWriter, Snapshotter, chain_ids
+from fastpull.store import ContentStore
 from fastpull.transport import default_ca_file
+from fastpull.unpack import LayerJob, Unpacker
 
 
 class RepositorySource:
@@ -36,6 +52,9 @@ class RepositorySource:
         return self.client.reauthorize(self.repository, challenge, failed)
 
 
+NON_DISTRIBUTABLE = frozenset({OCI_LAYER_NONDIST, OCI_LAYER_NONDIST_GZIP, OCI_LAYER_NONDIST_ZSTD, DOCKER_FOREIGN_LAYER})
+
+
 @dataclass(frozen=True)
 class PullResult:
     """What a pull resolved and stored."""
@@ -50,6 +69,11 @@ class PullResult:
     fetched_bytes: int
     """Bytes that were not in the layout before this pull (includes resumed partial blobs)."""
     seconds: float
+    rootfs: Path | None = None
+    snapshots: tuple[Path, ...] = ()
+    """Snapshot directories by layer, base first (overlayfs lower dirs)."""
+    unpacked_layers: int = 0
+    """Layers this pull unpacked (snapshots that already existed are not counted)."""
 
     @property
     def throughput(self) -> float:
@@ -57,10 +81,20 @@ class PullResult:
         return self.fetched_bytes / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(eq=False)
+class _LayerUnpack:
+    """One layer's unpack: where it goes, and the worker's future once its bytes can be read."""
+
+    job: LayerJob
+    snapshot: SnapshotWriter | None = None
+    future: Future | None = None
+
+
 class Puller:
     """Pulls many images in one process over one fetch engine; safe to use from many threads.
 
-    One :class:`RegistryClient` per registry host keeps tokens and connections warm.
+    One :class:`RegistryClient` per registry host keeps tokens and connections warm; unpacking
+    (``rootfs=`` or ``snapshots=``) runs in a pool of worker processes started on first use.
     """
 
     def __init__(
@@ -70,11 +104,14 @@ class Puller:
         insecure_registries: Iterable[str] = (),
         platform: Platform | None = None,
         durable: bool = False,
+        unpack_workers: int | None = None,
     ):
         self.engine = FetchEngine(options)
         self.platform = platform or Platform.host()
         self.insecure_registries = frozenset(insecure_registries)
         self.durable = durable
+        self.unpack_workers = unpack_workers
+        self._unpacker: Unpacker | None = None
         self._clients: dict[str, RegistryClient] = {}
         self._lock = threading.Lock()
 
@@ -86,8 +123,29 @@ class Puller:
                 client = self._clients[registry] = RegistryClient(registry, insecure=insecure)
             return client
 
-    def pull(self, ref: str | Reference, layout: str | os.PathLike[str], *, platform: Platform | None = None) -> PullResult:
-        """Pull ``ref`` into the OCI layout at ``layout`` and tag it there by its full name."""
+    def unpacker(self) -> Unpacker:
+        with self._lock:
+            if self._unpacker is None:
+                self._unpacker = Unpacker(self.unpack_workers)
+            return self._unpacker
+
+    def pull(
+        self,
+        ref: str | Reference,
+        layout: str | os.PathLike[str],
+        *,
+        platform: Platform | None = None,
+        rootfs: str | os.PathLike[str] | None = None,
+        snapshots: str | os.PathLike[str] | None = None,
+    ) -> PullResult:
+        """Pull ``ref`` into the OCI layout at ``layout`` and tag it there by its full name.
+
+        With ``rootfs``, also unpack the image into that (absent or empty) directory; with
+        ``snapshots``, into one directory per layer keyed by ChainID under that root. Layers
+        unpack while they download; nothing is made visible before its digests are checked.
+        """
+        if rootfs is not None and snapshots is not None:
+            raise ValueError("give rootfs or snapshots, not both")
         started = time.monotonic()
         reference = parse_reference(ref) if isinstance(ref, str) else ref
         client = self.client(reference.registry)
@@ -97,38 +155,144 @@ class Puller:
         source = RepositorySource(client, reference.repository)
         source.authorization()  # learn the auth challenge once, before the loop needs it
 
-        blobs = [resolved.manifest.config, *resolved.manifest.layers]
-        missing = {d.digest: d.size for d in blobs if not store.has(d.digest, d.size)}
-        fetched = sum(missing.values())
-        futures = [self.engine.fetch(store, source, digest, size) for digest, size in missing.items()]
+        manifest = resolved.manifest
+        layers = [d for d in manifest.layers if d.media_type not in NON_DISTRIBUTABLE]
+        blobs = [manifest.config, *layers]
+        fetched = sum(d.size for d in blobs if not store.has(d.digest, d.size))
         for desc, body in resolved.documents:
             if not store.has(desc.digest, desc.size):
                 fetched += desc.size
                 store.put_bytes(desc.digest, body)
-        # Let every fetch settle before reporting the first failure: no fetch outlives its pull.
-        wait(futures)
-        for future in futures:
-            future.result()
+
+        unpacks: list[_LayerUnpack | None] = [None] * len(layers)  # by position in ``layers``
+        work: Path | None = None
+        snapshot_paths: tuple[Path, ...] = ()
+        if rootfs is not None or snapshots is not None:
+            config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size).result()
+            diff_ids = [i for d, i in zip(manifest.layers, _diff_ids(config_path, manifest))
+                        if d.media_type not in NON_DISTRIBUTABLE]
+            if rootfs is not None:
+                work = _rootfs_workdir(Path(rootfs))
+                unpacks = _rootfs_plan(store, layers, diff_ids, work)
+            else:
+                snapshotter = Snapshotter(snapshots)
+                chains = chain_ids(diff_ids)
+                unpacks = _snapshot_plan(store, layers, diff_ids, chains, snapshotter)
+                snapshot_paths = tuple(snapshotter.path(c) for c in chains)
+        unpacker = self.unpacker() if any(unpacks) else None
+
+        def fetch(desc: Descriptor, unpack: _LayerUnpack | None) -> Future:
+            def on_open() -> None:  # in the engine's thread, as soon as the layer can be read
+                unpack.future = unpacker.submit(unpack.job)
+            return self.engine.fetch(store, source, desc.digest, desc.size,
+                                     on_open=on_open if unpack is not None else None)
+
+        futures = [fetch(manifest.config, None)] + [fetch(d, u) for d, u in zip(layers, unpacks)]
+        try:
+            # Let every fetch and unpack settle before reporting the first failure.
+            wait(futures)
+            layer_futures = [u.future for u in unpacks if u is not None and u.future is not None]
+            wait(layer_futures)
+            for future in futures + layer_futures:
+                future.result()
+            for u in unpacks:
+                if u is not None and u.snapshot is not None:
+                    u.snapshot.commit()
+            if work is not None:
+                _assemble_rootfs(work, [Path(u.job.target) for u in unpacks], Path(rootfs))
+        except BaseException:
+            for u in unpacks:
+                if u is not None and u.snapshot is not None:
+                    u.snapshot.abort()
+            raise
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
         image_layout.tag(str(reference), resolved.manifest_descriptor)
         total = sum(d.size for d in blobs) + sum(d.size for d, _ in resolved.documents)
         return PullResult(
             reference=reference,
             descriptor=resolved.manifest_descriptor,
-            manifest=resolved.manifest,
+            manifest=manifest,
             layout=image_layout.root,
             total_bytes=total,
             fetched_bytes=fetched,
             seconds=time.monotonic() - started,
+            rootfs=Path(rootfs) if rootfs is not None else None,
+            snapshots=snapshot_paths,
+            unpacked_layers=sum(u is not None for u in unpacks),
         )
 
     def close(self) -> None:
         self.engine.close()
+        if self._unpacker is not None:
+            self._unpacker.close()
 
     def __enter__(self) -> Puller:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _diff_ids(config_path: Path, manifest: ImageManifest) -> list[str]:
+    """The config's ``rootfs.diff_ids``, one per layer of the manifest."""
+    where = f"image config {manifest.config.digest}"
+    try:
+        diff_ids = json.loads(config_path.read_bytes())["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(where, f"no rootfs.diff_ids: {e}") from e
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
+        raise ManifestError(where, f"{len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
+    for d in diff_ids:
+        if not isinstance(d, str) or check_digest(d):
+            raise ManifestError(where, f"bad diff_id {d!r}")
+    return diff_ids
+
+
+def _job(store: ContentStore, layer: Descriptor, diff_id: str, target: Path) -> LayerJob:
+    return LayerJob(str(store.root), layer.digest, layer.size, layer.media_type, diff_id, str(target))
+
+
+def _rootfs_workdir(rootfs: Path) -> Path:
+    if rootfs.exists() and (not rootfs.is_dir() or any(rootfs.iterdir())):
+        raise StoreError(str(rootfs), "rootfs target exists and is not an empty directory")
+    rootfs.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{rootfs.name}.fastpull-", dir=rootfs.parent))
+
+
+def _rootfs_plan(store, layers, diff_ids, work: Path) -> list[_LayerUnpack | None]:
+    plan: list[_LayerUnpack | None] = []
+    for i, (layer, diff_id) in enumerate(zip(layers, diff_ids)):
+        target = work / f"layer-{i}"
+        target.mkdir()
+        plan.append(_LayerUnpack(_job(store, layer, diff_id, target)))
+    return plan
+
+
+def _snapshot_plan(store, layers, diff_ids, chains, snapshotter: Snapshotter) -> list[_LayerUnpack | None]:
+    plan: list[_LayerUnpack | None] = []
+    try:
+        for layer, diff_id, chain_id in zip(layers, diff_ids, chains):
+            # Blocks while another process unpacks this ChainID (layers are locked in order, so
+            # two pulls cannot wait on each other); None once it exists.
+            writer = snapshotter.prepare(chain_id, block=True)
+            plan.append(None if writer is None else _LayerUnpack(_job(store, layer, diff_id, writer.path), writer))
+    except BaseException:
+        for unpack in plan:
+            if unpack is not None:
+                unpack.snapshot.abort()
+        raise
+    return plan
+
+
+def _assemble_rootfs(work: Path, layers: list[Path], rootfs: Path) -> None:
+    root = work / "root"
+    root.mkdir()
+    assemble(layers, root)
+    if rootfs.exists():
+        rootfs.rmdir()
+    os.rename(root, rootfs)
 
 
 def pull(
@@ -138,7 +302,11 @@ def pull(
     platform: Platform | None = None,
     options: FetchOptions | None = None,
     insecure_registries: Iterable[str] = (),
+    rootfs: str | os.PathLike[str] | None = None,
+    snapshots: str | os.PathLike[str] | None = None,
+    unpack_workers: int | None = None,
 ) -> PullResult:
-    """Pull one image into an OCI layout directory; see :class:`Puller` for many pulls."""
-    with Puller(options, insecure_registries=insecure_registries, platform=platform) as puller:
-        return puller.pull(ref, layout)
+    """Pull one image into an OCI layout directory (and unpack it); see :class:`Puller` for many pulls."""
+    with Puller(options, insecure_registries=insecure_registries, platform=platform,
+                unpack_workers=unpack_workers) as puller:
+        return puller.pull(ref, layout, rootfs=rootfs, snapshots=snapshots)

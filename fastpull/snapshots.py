@@ -1,0 +1,107 @@
+"""Unpacked layers keyed by ChainID, each ready to be an overlayfs lower directory.
+
+Layout under ``root``::
+
+    sha256/<chainid hex>/      a committed snapshot (overlay-form whiteouts)
+    .tmp/<chainid hex>.<n>/    being built; renamed into sha256/ only when complete and verified
+    .locks/<chainid hex>.lock  per-ChainID flock: one unpack at a time, others wait to be woken
+
+A snapshot is visible only once complete: a crashed unpack leaves a ``.tmp`` directory that
+the next writer of that ChainID removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastpull.errors import StoreError
+from fastpull.store import acquire_key_lock, digest_hex
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """OCI ChainIDs: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        if chain:
+            diff_id = "sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
+        chain.append(diff_id)
+    return chain
+
+
+class Snapshotter:
+    """Committed snapshots by ChainID under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.committed = self.root / "sha256"
+        self.building = self.root / ".tmp"
+        self.locks = self.root / ".locks"
+        try:
+            for d in (self.committed, self.building, self.locks):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(str(self.root), e.strerror or str(e)) from e
+
+    def path(self, chain_id: str) -> Path:
+        return self.committed / digest_hex(chain_id)
+
+    def has(self, chain_id: str) -> bool:
+        return self.path(chain_id).is_dir()
+
+    def prepare(self, chain_id: str, *, block: bool = True) -> SnapshotWriter | None:
+        """Lock ``chain_id`` and return a writer with an empty build directory.
+
+        None if the snapshot exists (perhaps built by the holder we waited for) or, with
+        ``block=False``, if another unpack of it is under way.
+        """
+        hexd = digest_hex(chain_id)
+        lock_fd = acquire_key_lock(self.locks / f"{hexd}.lock", block=block, done=lambda: self.has(chain_id))
+        if lock_fd is None:
+            return None
+        try:
+            for stale in self.building.glob(f"{hexd}.*"):  # left by a crashed unpack
+                shutil.rmtree(stale, ignore_errors=True)
+            build = Path(tempfile.mkdtemp(prefix=f"{hexd}.", dir=self.building))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return SnapshotWriter(self, chain_id, build, lock_fd)
+
+
+class SnapshotWriter:
+    """Exclusive builder of one snapshot: fill ``path``, then :meth:`commit` or :meth:`abort`."""
+
+    def __init__(self, snapshotter: Snapshotter, chain_id: str, path: Path, lock_fd: int):
+        self.snapshotter = snapshotter
+        self.chain_id = chain_id
+        self.path = path
+        self._lock_fd: int | None = lock_fd
+
+    def commit(self) -> Path:
+        """Rename the build directory into place and release the lock."""
+        target = self.snapshotter.path(self.chain_id)
+        try:
+            os.rename(self.path, target)
+        except OSError as e:
+            self.abort()
+            raise StoreError(str(target), e.strerror or str(e)) from e
+        self._release(remove_lock=True)
+        return target
+
+    def abort(self) -> None:
+        """Throw the build directory away and release the lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._release(remove_lock=False)
+
+    def _release(self, *, remove_lock: bool) -> None:
+        if self._lock_fd is None:
+            return
+        if remove_lock:
+            (self.snapshotter.locks / f"{digest_hex(self.chain_id)}.lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None

@@ -1,0 +1,500 @@
+"""apply_layer: every entry type and attribute, sparse files, whiteouts in both modes, and
+three layers applied in place compared with GNU tar plus whiteout processing done by hand."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shutil
+import stat
+import struct
+import subprocess
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from fastpull.archive import ApplyStats, apply_layer
+from fastpull.errors import StoreError, UnsafeArchive
+
+MTIME = 1_600_000_000
+CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)  # v2, effective, cap_net_bind_service
+OPAQUE = "trusted.overlay.opaque"
+KINDS = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "char": tarfile.CHRTYPE,
+    "block": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="owners, devices and trusted xattrs need root")
+
+
+def entry(name, kind="file", data=b"", *, link="", mode=None, uid=0, gid=0, mtime=MTIME, xattrs=None, dev=(0, 0)):
+    """A tar member (TarInfo, data) for ``layer``."""
+    ti = tarfile.TarInfo(name)
+    ti.type = KINDS[kind]
+    ti.mode = mode if mode is not None else 0o755 if kind == "dir" else 0o644
+    ti.uid, ti.gid, ti.mtime, ti.linkname = uid, gid, mtime, link
+    ti.devmajor, ti.devminor = dev
+    ti.size = len(data) if kind == "file" else 0
+    if xattrs:
+        ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()}
+    return ti, data
+
+
+def layer(*entries, format=tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=format) as tf:
+        for ti, data in entries:
+            tf.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    return buf.getvalue()
+
+
+class Trickle:
+    """A stream with only ``read``, returning short reads of random lengths."""
+
+    def __init__(self, data: bytes, seed: int = 0):
+        self._data = memoryview(data)
+        self._pos = 0
+        self._rng = random.Random(seed)
+
+    def read(self, n: int) -> bytes:
+        k = min(n, self._rng.choice((1, 7, 511, 513, 4096, 70_000, n)))
+        out = bytes(self._data[self._pos : self._pos + k])
+        self._pos += len(out)
+        return out
+
+
+def apply(data: bytes, root: Path, whiteouts="apply", *, stream=io.BytesIO, **kw) -> ApplyStats:
+    root.mkdir(parents=True, exist_ok=True)
+    return apply_layer(stream(data), root, layer="sha256:test", whiteouts=whiteouts, **kw)
+
+
+def tree(root: Path) -> tuple[dict[str, tuple], list[list[str]]]:
+    """Everything under ``root`` (root itself excluded) and its hardlink groups."""
+    out: dict[str, tuple] = {}
+    inodes = defaultdict(list)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            info: list = [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns]
+            if stat.S_ISREG(st.st_mode):
+                info += [st.st_size, hashlib.sha256(Path(path).read_bytes()).hexdigest()]
+                inodes[st.st_ino].append(rel)
+            elif stat.S_ISLNK(st.st_mode):
+                info.append(os.readlink(path))
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                info.append(st.st_rdev)
+            info.append(sorted((k, os.getxattr(path, k, follow_symlinks=False)) for k in os.listxattr(path, follow_symlinks=False)))
+            out[rel] = tuple(info)
+    return out, sorted(sorted(group) for group in inodes.values() if len(group) > 1)
+
+
+# --- entry types and attributes ----------------------------------------------------------
+
+ALL_TYPES = [
+    entry("etc", "dir", mode=0o750, uid=11, gid=12, mtime=MTIME + 1, xattrs={"user.dir": b"d"}),
+    entry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n", mode=0o640, uid=1234, gid=5678),
+    entry("bin", "dir"),
+    entry("bin/ping", data=b"\x7fELF ping", mode=0o755, xattrs={"security.capability": CAPABILITY}),
+    entry("bin/su", data=b"\x7fELF su", mode=0o4755, uid=0, gid=0),
+    entry("bin/wall", data=b"\x7fELF wall", mode=0o2755, gid=5),
+    entry("bin/su-again", "hardlink", link="bin/su"),
+    entry("bin/sh", "symlink", link="/bin/dash", uid=3, gid=4, mtime=MTIME + 7),
+    entry("bin/dangling", "symlink", link="../nowhere/at/all"),
+    entry("tmp", "dir", mode=0o1777, mtime=MTIME + 2),
+    entry("dev", "dir"),
+    entry("dev/null", "char", mode=0o666, dev=(1, 3)),
+    entry("dev/loop0", "block", mode=0o660, gid=6, dev=(7, 0)),
+    entry("run", "dir"),
+    entry("run/initctl", "fifo", mode=0o600),
+    entry("empty", data=b""),
+    entry("user", data=b"x", xattrs={"user.mime": b"text/plain", "trusted.t": bytes(range(256))}),
+    entry("trusted-link", "symlink", link="user", xattrs={"trusted.l": b"on the link"}),
+]
+
+
+@needs_root
+@pytest.mark.parametrize("stream", [io.BytesIO, Trickle], ids=["readinto", "read-only"])
+def test_archive_all_entry_types_and_attributes(tmp_path, stream):
+    stats = apply(layer(*ALL_TYPES), tmp_path / "root", "overlay", stream=stream)
+    root = tmp_path / "root"
+    assert stats.entries == len(ALL_TYPES) and not stats.skipped
+    assert stats.bytes == sum(len(data) for _, data in ALL_TYPES)
+
+    etc = os.stat(root / "etc")
+    assert (stat.S_IMODE(etc.st_mode), etc.st_uid, etc.st_gid, etc.st_mtime) == (0o750, 11, 12, MTIME + 1)
+    assert os.getxattr(root / "etc", "user.dir") == b"d"
+    passwd = os.stat(root / "etc/passwd")
+    assert (stat.S_IMODE(passwd.st_mode), passwd.st_uid, passwd.st_gid) == (0o640, 1234, 5678)
+    assert (root / "etc/passwd").read_bytes() == ALL_TYPES[1][1] and passwd.st_mtime == MTIME
+    assert os.getxattr(root / "bin/ping", "security.capability") == CAPABILITY
+    assert stat.S_IMODE(os.stat(root / "bin/su").st_mode) == 0o4755
+    assert stat.S_IMODE(os.stat(root / "bin/wall").st_mode) == 0o2755 and os.stat(root / "bin/wall").st_gid == 5
+    assert os.stat(root / "bin/su").st_ino == os.stat(root / "bin/su-again").st_ino
+    assert os.stat(root / "bin/su").st_nlink == 2
+    sh = os.lstat(root / "bin/sh")
+    assert os.readlink(root / "bin/sh") == "/bin/dash" and (sh.st_uid, sh.st_gid, sh.st_mtime) == (3, 4, MTIME + 7)
+    assert os.readlink(root / "bin/dangling") == "../nowhere/at/all"
+    tmp = os.stat(root / "tmp")
+    assert stat.S_IMODE(tmp.st_mode) == 0o1777 and tmp.st_mtime == MTIME + 2
+    null = os.stat(root / "dev/null")
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3) and stat.S_IMODE(null.st_mode) == 0o666
+    loop = os.stat(root / "dev/loop0")
+    assert stat.S_ISBLK(loop.st_mode) and loop.st_rdev == os.makedev(7, 0) and loop.st_gid == 6
+    assert stat.S_ISFIFO(os.stat(root / "run/initctl").st_mode)
+    assert (root / "empty").read_bytes() == b""
+    assert os.getxattr(root / "user", "trusted.t") == bytes(range(256))
+    assert os.getxattr(root / "trusted-link", "trusted.l", follow_symlinks=False) == b"on the link"
+    assert "trusted.l" not in os.listxattr(root / "user")
+
+
+@needs_root
+def test_archive_matches_gnu_tar_extraction(tmp_path):
+    data = layer(*ALL_TYPES)
+    apply(data, tmp_path / "mine", "overlay")
+    (tmp_path / "gnu").mkdir()
+    _gnu_extract(data, tmp_path / "gnu")
+    assert tree(tmp_path / "mine") == tree(tmp_path / "gnu")
+
+
+@pytest.mark.parametrize("format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_archive_long_names_and_link_names(tmp_path, format):
+    deep = "/".join(f"{i:02d}-" + "d" * 60 for i in range(6))
+    name = f"{deep}/" + "f" * 200
+    entries = [entry(deep, "dir"), entry(name, data=b"long"), entry("l", "symlink", link="/" + name)]
+    entries.append(entry(f"{deep}/hard-" + "h" * 150, "hardlink", link=name))
+    apply(layer(*entries, format=format), tmp_path / "root")
+    root = tmp_path / "root"
+    assert (root / name).read_bytes() == b"long"
+    assert os.readlink(root / "l") == "/" + name
+    assert os.stat(root / deep / ("hard-" + "h" * 150)).st_ino == os.stat(root / name).st_ino
+
+
+def test_archive_names_are_rooted_and_cleaned(tmp_path):
+    apply(layer(entry("/abs/x", data=b"1"), entry("./dot//y/./z", data=b"2"), entry("a/../b", data=b"3")), tmp_path / "r")
+    root = tmp_path / "r"
+    assert (root / "abs/x").read_bytes() == b"1" and (root / "dot/y/z").read_bytes() == b"2"
+    assert (root / "b").read_bytes() == b"3" and not (root / "a").exists()
+
+
+def test_archive_big_file_in_chunks(tmp_path):
+    data = os.urandom(5 << 20) + b"tail"
+    stats = apply(layer(entry("big", data=data)), tmp_path / "r", stream=Trickle)
+    assert (tmp_path / "r/big").read_bytes() == data and stats.bytes == len(data)
+
+
+# --- sparse files -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--format=gnu"], ["--format=pax"], ["--format=pax", "--sparse-version=0.1"], ["--format=pax", "--sparse-version=0.0"]],
+    ids=["gnu-old", "pax-1.0", "pax-0.1", "pax-0.0"],
+)
+def test_archive_sparse_files_keep_their_holes(tmp_path, options):
+    src = tmp_path / "src"
+    src.mkdir()
+    chunks = {0: b"head" * 1000, 10 << 20: os.urandom(70_000), 30 << 20: b"tail"}
+    with open(src / "sparse", "wb") as f:
+        for offset, data in chunks.items():
+            f.seek(offset)
+            f.write(data)
+        f.truncate(40 << 20)  # a trailing hole
+    many = src / "many-runs"  # more runs than an old GNU header holds: extension blocks
+    with open(many, "wb") as f:
+        for i in range(60):
+            f.seek(i * 65536)
+            f.write(bytes([i + 1]) * 100)
+    tar = subprocess.run(["tar", "-c", "--sparse", *options, "-C", str(src), "."], check=True, capture_output=True).stdout
+    stats = apply(tar, tmp_path / "r")
+    for name in ("sparse", "many-runs"):
+        out = tmp_path / "r" / name
+        assert out.read_bytes() == (src / name).read_bytes()
+        assert os.stat(out).st_blocks * 512 < os.stat(out).st_size // 4, "holes were written as zeros"
+    assert sum(map(len, chunks.values())) <= stats.bytes < (1 << 20)  # GNU tar stores whole fs blocks
+
+
+# --- overlay snapshots -------------------------------------------------------------------
+
+
+def test_archive_overlay_whiteouts_and_opaque_dirs(tmp_path):
+    root = tmp_path / "snap"
+    stats = apply(
+        layer(
+            entry("etc", "dir"),
+            entry("etc/.wh.motd", uid=7, gid=8),
+            entry("opt", "dir"),
+            entry("opt/.wh..wh..opq"),
+            entry("opt/new", data=b"n"),
+            entry("var/lib/.wh..wh..opq"),  # parent not listed: created
+            entry(".wh.top"),
+            entry("keep", data=b"k"),
+            entry(".wh.keep"),  # this layer's own file stays
+            entry("d", "dir"),
+            entry("d/inside", data=b"i"),
+            entry(".wh.d"),  # this layer's own directory stays, and hides the lower one
+            entry(".wh.redo"),
+            entry("redo", "dir"),  # a directory replacing a whiteout hides the lower one
+        ),
+        root,
+        "overlay",
+    )
+    motd = os.lstat(root / "etc/motd")
+    assert stat.S_ISCHR(motd.st_mode) and motd.st_rdev == 0 and stat.S_IMODE(motd.st_mode) == 0
+    if os.geteuid() == 0:
+        assert (motd.st_uid, motd.st_gid) == (7, 8)
+    assert os.lstat(root / "top").st_rdev == 0 and stat.S_ISCHR(os.lstat(root / "top").st_mode)
+    for opaque in ("opt", "var/lib", "d", "redo"):
+        assert os.getxattr(root / opaque, OPAQUE) == b"y", opaque
+    assert OPAQUE not in os.listxattr(root / "etc") and OPAQUE not in os.listxattr(root / "var")
+    assert (root / "opt/new").read_bytes() == b"n" and (root / "keep").read_bytes() == b"k"
+    assert (root / "d/inside").read_bytes() == b"i"
+    assert not any(p.name.startswith(".wh.") for p in root.rglob("*"))
+    assert stats.entries == 14 and not stats.skipped
+
+
+def test_archive_overlay_refuses_overlay_xattrs_from_the_archive(tmp_path):
+    stats = apply(layer(entry("d", "dir", xattrs={OPAQUE: b"y", "trusted.overlay.redirect": b"/x"})), tmp_path / "s", "overlay")
+    assert os.listxattr(tmp_path / "s/d") == []
+    assert stats.skipped == {"xattr trusted.overlay.* from the archive": 2}
+
+
+@needs_root
+def test_archive_overlay_implied_parents_copy_the_lower_directory(tmp_path):
+    lower = tmp_path / "lower"
+    (lower / "usr/share").mkdir(parents=True)
+    os.chmod(lower / "usr", 0o750)
+    os.chown(lower / "usr", 21, 22)
+    os.setxattr(lower / "usr", "user.origin", b"lower")
+    os.utime(lower / "usr", (MTIME - 5, MTIME - 5))
+    (lower / "lib").symlink_to("usr/share")
+    apply(layer(entry("usr/share/doc/x", data=b"x"), entry("lib/y", data=b"y")), tmp_path / "snap", "overlay", lower=lower)
+    usr = os.stat(tmp_path / "snap/usr")
+    assert (stat.S_IMODE(usr.st_mode), usr.st_uid, usr.st_gid, usr.st_mtime) == (0o750, 21, 22, MTIME - 5)
+    assert os.getxattr(tmp_path / "snap/usr", "user.origin") == b"lower"
+    assert stat.S_IMODE(os.stat(tmp_path / "snap/usr/share/doc").st_mode) == 0o755  # not in lower
+    # containerd applies to the upper dir: "lib" is a directory there, like lower's usr/share
+    assert (tmp_path / "snap/lib").is_dir() and not (tmp_path / "snap/lib").is_symlink()
+
+
+def test_archive_lower_is_only_for_overlay(tmp_path):
+    with pytest.raises(ValueError):
+        apply(layer(), tmp_path / "r", "apply", lower=tmp_path)
+    with pytest.raises(ValueError):
+        apply(layer(), tmp_path / "r", "merge")
+
+
+# --- applying in place -------------------------------------------------------------------
+
+
+def test_archive_apply_replaces_across_types(tmp_path):
+    root = tmp_path / "r"
+    apply(
+        layer(
+            entry("f2d", data=b"file"),
+            entry("d2f", "dir"),
+            entry("d2f/child", data=b"c"),
+            entry("merge", "dir", mode=0o700),
+            entry("merge/old", data=b"old"),
+            entry("link2f", "symlink", link="f2d"),
+            entry("hard", data=b"shared"),
+            entry("hard2", "hardlink", link="hard"),
+        ),
+        root,
+    )
+    apply(
+        layer(
+            entry("f2d", "dir"),
+            entry("d2f", data=b"now a file"),
+            entry("merge", "dir", mode=0o751),
+            entry("merge/new", data=b"new"),
+            entry("link2f", data=b"replaced"),
+            entry("hard", data=b"rewritten"),
+        ),
+        root,
+    )
+    assert (root / "f2d").is_dir() and (root / "d2f").read_bytes() == b"now a file"
+    assert sorted(os.listdir(root / "merge")) == ["new", "old"] and stat.S_IMODE(os.stat(root / "merge").st_mode) == 0o751
+    assert not (root / "link2f").is_symlink() and (root / "link2f").read_bytes() == b"replaced"
+    assert (root / "hard2").read_bytes() == b"shared" and (root / "hard").read_bytes() == b"rewritten"
+
+
+@pytest.mark.parametrize("marker_first", [True, False], ids=["marker-first", "marker-last"])
+def test_archive_apply_opaque_keeps_this_layers_entries_wherever_the_marker_is(tmp_path, marker_first):
+    root = tmp_path / "r"
+    apply(layer(entry("d", "dir"), entry("d/lower", data=b"l"), entry("d/sub", "dir"), entry("d/sub/deep", data=b"x")), root)
+    marker = [entry("d/.wh..wh..opq")]
+    ours = [entry("d/new", data=b"n"), entry("d/sub", "dir"), entry("d/sub/mine", data=b"m"), entry("d/fresh/f", data=b"f")]
+    apply(layer(entry("d", "dir"), *(marker + ours if marker_first else ours + marker)), root)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "d", "d/fresh", "d/fresh/f", "d/new", "d/sub", "d/sub/mine",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("whiteout_first", [True, False], ids=["whiteout-first", "whiteout-last"])
+def test_archive_apply_whiteout_spares_this_layers_entry(tmp_path, whiteout_first):
+    root = tmp_path / "r"
+    apply(layer(entry("x", "dir"), entry("x/lower", data=b"l"), entry("f", data=b"lower f")), root)
+    whiteouts = [entry(".wh.x"), entry(".wh.f")]
+    ours = [entry("x", "dir"), entry("x/mine", data=b"m"), entry("f", data=b"mine f")]
+    apply(layer(*(whiteouts + ours if whiteout_first else ours + whiteouts)), root)
+    assert os.listdir(root / "x") == ["mine"] and (root / "f").read_bytes() == b"mine f"
+
+
+def _three_layers() -> list[bytes]:
+    base = layer(
+        entry("etc", "dir"),
+        entry("etc/os-release", data=b"base\n"),
+        entry("etc/motd", data=b"hello\n", mode=0o600, uid=3),
+        entry("usr", "dir"),
+        entry("usr/bin", "dir"),
+        entry("usr/bin/tool", data=b"\x7fELF tool", mode=0o4755),
+        entry("usr/bin/tool-alias", "hardlink", link="usr/bin/tool"),
+        entry("usr/lib", "dir", mode=0o700),
+        entry("usr/lib/a.so", data=b"a" * 5000, xattrs={"user.v": b"1"}),
+        entry("usr/lib/b.so", data=b"b"),
+        entry("usr/lib/sub", "dir"),
+        entry("usr/lib/sub/c", data=b"c"),
+        entry("lib", "symlink", link="usr/lib"),
+        entry("var", "dir"),
+        entry("var/cache", "dir"),
+        entry("var/cache/junk", data=b"junk"),
+        entry("var/run", "symlink", link="/run"),
+        entry("run", "dir", mode=0o755),
+        entry("dev", "dir"),
+        entry("dev/null", "char", mode=0o666, dev=(1, 3)),
+        entry("tmp", "dir", mode=0o1777),
+    )
+    second = layer(
+        entry("etc", "dir", mtime=MTIME + 10),
+        entry("etc/.wh.motd"),
+        entry("etc/os-release", data=b"second\n", mtime=MTIME + 10),
+        entry("etc/new.conf", data=b"new", xattrs={"trusted.x": b"t"}),
+        entry("usr", "dir", mtime=MTIME + 10),
+        entry("usr/lib", "dir", mode=0o755, mtime=MTIME + 10),
+        entry("usr/lib/.wh..wh..opq"),
+        entry("usr/lib/b.so", data=b"bb", mtime=MTIME + 10),
+        entry("usr/bin", "dir", mtime=MTIME + 10),
+        entry("usr/bin/other", "hardlink", link="usr/bin/tool"),  # a file from the lower layer
+        entry("var", "dir", mtime=MTIME + 10),
+        entry("var/.wh.cache"),
+        entry("var/cache", data=b"a file now"),
+        entry("tmp", "dir", mode=0o1777, mtime=MTIME + 10),
+        entry("tmp/pipe", "fifo"),
+    )
+    third = layer(
+        entry("usr", "dir", mtime=MTIME + 20),
+        entry("usr/lib", "dir", mode=0o755, mtime=MTIME + 20),
+        entry("usr/lib/late", data=b"late"),
+        entry("usr/lib/sub", "dir", mtime=MTIME + 20),
+        entry("usr/lib/sub/new", data=b"n"),
+        entry("usr/lib/.wh..wh..opq"),  # after this layer's own entries
+        entry("etc", "dir", mtime=MTIME + 20),
+        entry("etc/motd", data=b"back\n", mtime=MTIME + 20),
+        entry("etc/new.conf", "symlink", link="os-release", mtime=MTIME + 20),
+        entry("usr/bin", "dir", mtime=MTIME + 20),
+        entry("usr/bin/.wh.tool"),
+        entry("usr/bin/tool", "dir", mode=0o750, mtime=MTIME + 20),
+        entry("dev", "dir", mtime=MTIME + 20),
+        entry("dev/null", "char", mode=0o666, dev=(1, 5)),
+        entry(".wh.tmp"),
+    )
+    return [base, second, third]
+
+
+def _gnu_extract(data: bytes, dest: Path) -> None:
+    subprocess.run(
+        ["tar", "-x", "-C", str(dest), "--numeric-owner", "--xattrs", "--xattrs-include=*", "--exclude=.wh.*", "-f", "-"],
+        input=data,
+        check=True,
+    )
+
+
+def _reference_apply(data: bytes, dest: Path) -> None:
+    """The OCI rules done simply: whiteouts remove lower content, then GNU tar extracts."""
+
+    def remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+    members = tarfile.open(fileobj=io.BytesIO(data)).getmembers()
+    for ti in members:
+        parent, _, base = ti.name.rpartition("/")
+        if base == ".wh..wh..opq":
+            for child in (dest / parent).iterdir():
+                remove(child)
+        elif base.startswith(".wh."):
+            remove(dest / parent / base[4:])
+    for ti in members:  # GNU tar will not replace a non-empty directory by a non-directory
+        if not ti.isdir() and (dest / ti.name).is_dir() and not (dest / ti.name).is_symlink():
+            shutil.rmtree(dest / ti.name)
+    _gnu_extract(data, dest)
+
+
+@needs_root
+def test_archive_apply_three_layers_like_gnu_tar_and_whiteouts_by_hand(tmp_path):
+    mine, ref = tmp_path / "mine", tmp_path / "ref"
+    mine.mkdir()
+    ref.mkdir()
+    for data in _three_layers():
+        apply(data, mine)
+        _reference_apply(data, ref)
+    got, expected = tree(mine), tree(ref)
+    assert got == expected
+    assert (mine / "etc/motd").read_bytes() == b"back\n" and not (mine / "tmp").exists()
+    assert sorted(os.listdir(mine / "usr/lib")) == ["late", "sub"]  # b.so came from a lower layer
+    assert os.listdir(mine / "usr/lib/sub") == ["new"]
+    assert expected[1] == [["usr/bin/other", "usr/bin/tool-alias"]]
+
+
+# --- stats, malformed archives, store errors --------------------------------------------
+
+
+def test_archive_stats_count_skips(tmp_path):
+    data = layer(entry("a", data=b"12345"), entry(".wh..wh.plnk", "dir"), entry("./", "dir"))
+    stats = apply(data, tmp_path / "r")
+    assert (stats.entries, stats.bytes) == (1, 5)
+    assert stats.skipped == {"AUFS metadata": 1, "entry names the root directory": 1}
+
+
+def _corrupt(data: bytes) -> bytes:
+    return data[:148] + b"0000000\0" + data[156:]
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda d: d[:100],  # truncated header
+        lambda d: d[:700],  # truncated data
+        _corrupt,  # checksum
+        lambda d: d[:1536] + bytes(512) + layer(entry("later", data=b"x")),  # lone zero block
+    ],
+    ids=["header", "data", "checksum", "lone-zero-block"],
+)
+def test_archive_malformed_tar_is_refused(tmp_path, mangle):
+    data = layer(entry("f", data=b"x" * 1000))
+    with pytest.raises(UnsafeArchive):
+        apply(mangle(data), tmp_path / "r")
+
+
+def test_archive_reads_the_stream_to_its_end(tmp_path):
+    stream = io.BytesIO(layer(entry("f", data=b"x")) + b"trailing bytes count toward the diffID")
+    apply_layer(stream, tmp_path, layer="sha256:test", whiteouts="apply")
+    assert stream.read() == b""
+
+
+def test_archive_store_errors(tmp_path):
+    with pytest.raises(StoreError):
+        apply_layer(io.BytesIO(layer()), tmp_path / "missing", layer="sha256:test", whiteouts="apply")
