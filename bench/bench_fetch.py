@@ -32,16 +32,18 @@ MiB = 1 << 20
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Runs in a fresh interpreter: times only the pull (not Python start-up) and reports its rusage.
+# Unpack workers are child processes: their CPU and peak RSS are added in.
 DRIVER = """
 import json, resource, sys, time
 from fastpull import FetchOptions, pull
-opts = FetchOptions(**json.loads(sys.argv[3]))
-started = time.perf_counter()
-result = pull(sys.argv[1], sys.argv[2], options=opts)
-wall = time.perf_counter() - started
-ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024,
-                  "bytes": result.fetched_bytes}))
+if __name__ == "__main__":
+    opts = FetchOptions(**json.loads(sys.argv[3]))
+    started = time.perf_counter()
+    result = pull(sys.argv[1], sys.argv[2], options=opts, rootfs=sys.argv[4] or None)
+    wall = time.perf_counter() - started
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"wall": wall, "cpu": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+                      "rss_mb": (me.ru_maxrss + kids.ru_maxrss) / 1024, "bytes": result.fetched_bytes}))
 """
 
 
@@ -53,16 +55,23 @@ class Sample:
     bytes: int
 
 
-def run_fastpull(ref: str, work: Path, options: dict) -> Sample:
-    layout = Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
+def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = None, rootfs: bool = False) -> Sample:
+    """One pull in a fresh process: into a fresh layout unless ``layout`` is given (kept then),
+    and unpacked into a fresh rootfs with ``rootfs``."""
+    fresh = layout is None
+    layout = layout or Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
+    target = Path(tempfile.mkdtemp(dir=work, prefix="rootfs-")) / "root" if rootfs else None
     try:
         out = subprocess.run(
-            [sys.executable, "-c", DRIVER, ref, str(layout), json.dumps(options)],
+            [sys.executable, "-c", DRIVER, ref, str(layout), json.dumps(options), str(target or "")],
             capture_output=True, text=True, check=True,
         ).stdout
         return Sample(**json.loads(out.strip().splitlines()[-1]))
     finally:
-        shutil.rmtree(layout)
+        if fresh:
+            shutil.rmtree(layout)
+        if target is not None:
+            shutil.rmtree(target.parent)
 
 
 def run_curl(registry_url: str, repo: str, image: BuiltImage, work: Path, streams_per_blob: int) -> Sample:

@@ -20,7 +20,7 @@ from fastpull.errors import (
     UnsafeArchive,
 )
 from fastpull.fetch import FetchEngine, FetchOptions
-from fastpull.pull import PullResult, Puller, pull
+from fastpull.puller import PullResult, Puller, pull
 
 __all__ = [
     "AuthError",

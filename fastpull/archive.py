@@ -887,7 +887,10 @@ class _Applier:
                     if path in self._new:
                         continue
                     if path not in self._touched:
-                        _rmtree(dfd, name)
+                        try:
+                            _rmtree(dfd, name)
+                        except FileNotFoundError:  # nothing to hide
+                            continue
                         self._stale = True
                         continue
                     try:

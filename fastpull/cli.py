@@ -11,7 +11,7 @@ from pathlib import Path
 from fastpull.errors import FastpullError
 from fastpull.fetch import MiB, FetchOptions
 from fastpull.manifest import Platform
-from fastpull.pull import PullResult, Puller
+from fastpull.puller import PullResult, Puller
 
 
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:

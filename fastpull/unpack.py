@@ -118,6 +118,9 @@ class Unpacker:
         context.set_forkserver_preload(["fastpull.unpack"])
         self.workers = workers
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        # Start every worker now, so that process start-up overlaps resolving the image.
+        for _ in range(workers):
+            self._pool.submit(os.getpid)
 
     def submit(self, job: LayerJob) -> Future:
         return self._pool.submit(unpack_layer, job)

@@ -1,0 +1,120 @@
+"""Unpack benchmark: pull+unpack beside download-only and unpack-only (from the finished
+download) of the same image in the same run, and decompression throughput of ISA-L, zlib
+and zstd on this machine.
+
+    python bench/bench_unpack.py            # a 1 GB image and a typical multi-layer one
+    python bench/bench_unpack.py --quick    # small images, one run: a smoke test
+
+Overlap works when pull+unpack takes about max(download-only, unpack-only), not their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import zstandard
+from isal import isal_zlib
+
+from bench_fetch import MB, RESULTS, median_sample, run_fastpull
+from fastpull.testbed.images import LayerSpec, build_image, push_image
+from fastpull.testbed.registry import LocalRegistry
+
+
+def image_shapes(quick: bool) -> dict[str, list[LayerSpec]]:
+    scale = 0.1 if quick else 1.0
+    mb = lambda n: int(n * scale * MB)  # noqa: E731
+    return {
+        "large: 5 x 200 MB, random, 20 files each": [LayerSpec(mb(200), files=20) for _ in range(5)],
+        "typical: 8 layers, 400 MB, text, 2000 files": [
+            LayerSpec(mb(s), content="text", files=250) for s in (120, 80, 60, 50, 40, 25, 15, 10)
+        ],
+    }
+
+
+def unpack_table(rows: list[tuple[str, object]], baseline: float) -> str:
+    lines = ["| mode | wall s | vs max(download, unpack) | peak RSS MB | CPU s |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, s in rows:
+        lines.append(f"| {name} | {s.wall:.2f} | {s.wall / baseline:.2f} | {s.rss_mb:.0f} | {s.cpu:.2f} |")
+    return "\n".join(lines)
+
+
+def decompression_table(sample: bytes, runs: int) -> str:
+    """MB/s of uncompressed output for each decompressor, median of ``runs``."""
+    gz = isal_zlib.compress(sample, 1, wbits=31)
+    zs = zstandard.ZstdCompressor(level=3).compress(sample)
+    cases = {
+        "gzip, ISA-L (isal_zlib)": lambda: isal_zlib.decompress(gz, wbits=31),
+        "gzip, zlib": lambda: zlib.decompress(gz, wbits=31),
+        "zstd (zstandard)": lambda: zstandard.ZstdDecompressor().decompress(zs, max_output_size=len(sample)),
+    }
+    lines = ["| decompressor | MB/s out | ratio to zlib |", "| --- | ---: | ---: |"]
+    speeds = {}
+    for name, fn in cases.items():
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        speeds[name] = len(sample) / statistics.median(times) / MB
+    for name, speed in speeds.items():
+        lines.append(f"| {name} | {speed:.0f} | {speed / speeds['gzip, zlib']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fastpull-bench")
+    args = ap.parse_args()
+    runs = 1 if args.quick else args.runs
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
+    report = []
+    with LocalRegistry(args.workdir / "registry-unpack") as registry:
+        work = args.workdir / "runs"
+        work.mkdir(exist_ok=True)
+        for i, (shape, specs) in enumerate(image_shapes(args.quick).items()):
+            image = build_image(specs, args.workdir / f"img-unpack-{i}-{'q' if args.quick else 'f'}", seed=100 + i)
+            repo = f"unpack/shape{i}"
+            push_image(registry.url, repo, "latest", image)
+            ref = f"{registry.host}/{repo}:latest"
+            download, unpack, both = [], [], []
+            for _ in range(runs):
+                layout = Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
+                download.append(run_fastpull(ref, work, {}, layout=layout))
+                unpack.append(run_fastpull(ref, work, {}, layout=layout, rootfs=True))  # blobs already there
+                shutil.rmtree(layout)
+                both.append(run_fastpull(ref, work, {}, rootfs=True))
+                print(f"{shape}: download {download[-1].wall:.2f}s unpack {unpack[-1].wall:.2f}s "
+                      f"both {both[-1].wall:.2f}s", file=sys.stderr, flush=True)
+            rows = [("download only", median_sample(download)), ("unpack only (blobs present)", median_sample(unpack)),
+                    ("pull + unpack (overlapped)", median_sample(both))]
+            baseline = max(rows[0][1].wall, rows[1][1].wall)
+            total = sum(d.size for d in image.layers)
+            report.append(f"### {shape} ({total / MB:.0f} MB compressed), median of {runs} runs\n\n"
+                          + unpack_table(rows, baseline))
+        text_layer = next(d for d in image.layers)
+        sample = _uncompressed_text(image, text_layer, limit=int((20 if args.quick else 200) * MB))
+        report.append(f"### Decompression, {len(sample) / MB:.0f} MB of tar with text files, one core\n\n"
+                      + decompression_table(sample, runs))
+    text = "\n\n".join(report) + "\n"
+    print(text)
+    (RESULTS / "unpack.md").write_text(text)
+    return 0
+
+
+def _uncompressed_text(image, desc, limit: int) -> bytes:
+    data = isal_zlib.decompress(image.blob_path(desc.digest).read_bytes(), wbits=31)
+    return data[:limit]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
