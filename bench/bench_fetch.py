@@ -164,7 +164,7 @@ def main() -> int:
                 rows.append((f"curl: {streams} ranges/blob, all blobs at once", median_sample(samples)))
             ceiling = min((s for _, s in rows), key=lambda s: s.wall)  # the best curl setting is the ceiling
             if args.rss:
-                grid = [(16, 64, 1)]
+                grid = [(16, 64, 1)]  # 64 transfers in flight on one blob
             else:
                 grid = list(itertools.product(
                     [int(x) for x in args.chunk_mib.split(",")],
@@ -173,11 +173,12 @@ def main() -> int:
                 ))
             for chunk, per_blob, blobs in grid:
                 options = dict(chunk_size=chunk * MiB, chunks_per_blob=per_blob, blobs_in_flight=blobs,
-                               max_transfers=max(64, per_blob * blobs))
+                               max_transfers=max(64, per_blob * blobs), adaptive=False)
                 samples = [run_fastpull(ref, work, options) for _ in range(args.runs)]
                 rows.append((f"fastpull chunk {chunk} MiB x {per_blob}/blob x {blobs} blobs", median_sample(samples)))
                 print(f"{repo} {rows[-1][0]}: {rows[-1][1]}", file=sys.stderr, flush=True)
-            rows.append(("fastpull defaults", median_sample([run_fastpull(ref, work, {}) for _ in range(args.runs)])))
+            rows.append(("fastpull defaults (self-tuning)",
+                         median_sample([run_fastpull(ref, work, {}) for _ in range(args.runs)])))
             report.append(header + "\n\n" + table(rows, ceiling))
     text = "\n\n".join(report) + "\n"
     print(text)

@@ -17,6 +17,7 @@ from fastpull.puller import PullResult, Puller
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:
     defaults = FetchOptions()
     return FetchOptions(
+        adaptive=not args.fixed,
         chunk_size=int(args.chunk_size * MiB) if args.chunk_size else defaults.chunk_size,
         chunks_per_blob=args.chunks_per_blob or defaults.chunks_per_blob,
         blobs_in_flight=args.blobs_in_flight or defaults.blobs_in_flight,
@@ -27,7 +28,10 @@ def _fetch_options(args: argparse.Namespace) -> FetchOptions:
 
 def _add_fetch_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fetch engine")
-    g.add_argument("--chunk-size", type=float, metavar="MiB", help="bytes per Range request, in MiB")
+    g.add_argument("--chunk-size", type=float, metavar="MiB",
+                   help="bytes per Range request, in MiB (default: adapted to the measured stream speed)")
+    g.add_argument("--fixed", action="store_true",
+                   help="no self-tuning: run at the transfer caps (default: tune transfers in flight)")
     g.add_argument("--chunks-per-blob", type=int, metavar="N", help="ranged transfers in flight per blob")
     g.add_argument("--blobs-in-flight", type=int, metavar="N", help="blobs fetched at once")
     g.add_argument("--max-transfers", type=int, metavar="N", help="transfers (connections) in flight in all")

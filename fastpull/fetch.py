@@ -12,6 +12,7 @@ where a blob lives and which Authorization header to send.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import logging
@@ -41,6 +42,8 @@ MiB = 1 << 20
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _MAX_REDIRECTS = 5
 _HOUSEKEEPING_S = 0.5
+_BITMAP_CHUNK = MiB
+_FIXED_REQUEST = 16 * MiB  # request size when not adaptive and no chunk_size is given
 
 
 class BlobSource(Protocol):
@@ -67,10 +70,17 @@ class FetchOptions:
     Defaults come from bench/ sweeps (see bench/README.md).
     """
 
-    chunk_size: int = 16 * MiB
-    chunks_per_blob: int = 8
+    chunk_size: int | None = None
+    """Bytes per Range request; None: adapted to ~1 s per request, 4-64 MiB."""
+    chunks_per_blob: int = 32
+    """Ranged transfers in flight per blob, at most."""
     blobs_in_flight: int = 8
     max_transfers: int = 64
+    """Transfers in flight in all, at most."""
+    adaptive: bool = True
+    """Tune transfers in flight (and the request size, unless chunk_size is set) from the
+    throughput measured during the pull; False runs at the caps."""
+    initial_transfers: int = 8
     max_host_connections: int = 64
     http2: bool = True
     retries: int = 6
@@ -85,14 +95,81 @@ class FetchOptions:
     transfer_rate_limit: int = 0  # bytes/s per transfer; 0 = unlimited
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "chunks_per_blob", "blobs_in_flight", "max_transfers",
+        for name in ("chunks_per_blob", "blobs_in_flight", "max_transfers", "initial_transfers",
                      "max_host_connections", "buffer_size", "hasher_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than zero")
         if self.retries < 0 or self.transfer_rate_limit < 0:
             raise ValueError("retries and transfer_rate_limit must not be negative")
-        if self.chunk_size < 64 * 1024:
+        if self.chunk_size is not None and self.chunk_size < 64 * 1024:
             raise ValueError("chunk_size must be at least 64 KiB")
+
+    @property
+    def bitmap_chunk(self) -> int:
+        """Granularity of the chunk bitmap (resume, watermark): requests span whole chunks."""
+        return min(self.chunk_size or _BITMAP_CHUNK, _BITMAP_CHUNK)
+
+
+class Tuner:
+    """Chooses transfers in flight and request size from the throughput measured while pulling.
+
+    Hill-climbing: while every allowed transfer is busy, step the number of transfers up by
+    half; keep a step that raised throughput by 10% or more, undo one that did not and hold for
+    a while. A 429/503 from the registry halves it. The request size follows the throughput of
+    one stream, so that a request lasts about a second (4-64 MiB).
+    """
+
+    WINDOW_S = 1.0
+    HOLD_S = 5.0
+    THROTTLE_HOLD_S = 10.0
+
+    def __init__(self, initial: int, cap: int, request_bytes: int | None, *, adaptive: bool = True):
+        """``request_bytes`` None adapts the request size; ``adaptive=False`` pins both."""
+        self.cap = cap
+        self.adaptive = adaptive
+        self.target = min(initial, cap) if adaptive else cap
+        self.adapt_size = adaptive and request_bytes is None
+        self.request_bytes = request_bytes or (8 * MiB if adaptive else _FIXED_REQUEST)
+        self._window_start: float | None = None
+        self._window_bytes = 0
+        self._base_rate = 0.0
+        self._stepped_from: int | None = None
+        self._hold_until = 0.0
+
+    def observe(self, now: float, total_bytes: int, in_flight: int) -> None:
+        """Feed the engine's byte counter; call it often (it decides once per window)."""
+        if not self.adaptive:
+            return
+        if self._window_start is None:
+            self._window_start, self._window_bytes = now, total_bytes
+            return
+        elapsed = now - self._window_start
+        if elapsed < self.WINDOW_S:
+            return
+        rate = (total_bytes - self._window_bytes) / elapsed
+        self._window_start, self._window_bytes = now, total_bytes
+        if self.adapt_size and in_flight:
+            per_stream = int(rate / in_flight)
+            self.request_bytes = min(64 * MiB, max(4 * MiB, per_stream // MiB * MiB))
+        if self._stepped_from is not None:  # judge the last step up
+            if rate >= self._base_rate * 1.10:
+                self._stepped_from, self._base_rate = None, rate
+            else:
+                self.target, self._stepped_from = self._stepped_from, None
+                self._hold_until = now + self.HOLD_S
+                return
+        self._base_rate = rate
+        if in_flight >= self.target and now >= self._hold_until and self.target < self.cap:
+            self._stepped_from = self.target
+            self.target = min(self.cap, self.target + max(1, self.target // 2))
+
+    def throttled(self, now: float) -> None:
+        """The registry asked us to slow down (429/503): halve, and hold."""
+        if not self.adaptive:
+            return
+        self.target = max(1, self.target // 2)
+        self._stepped_from = None
+        self._hold_until = now + self.THROTTLE_HOLD_S
 
 
 @dataclass
@@ -121,9 +198,9 @@ class _Blob:
     registry_netloc: str = ""
     auth: str | None = None
     mode: str = "probe"  # probe: first transfer tells Range support; then "ranged" or "single"
-    pending: deque = field(default_factory=deque)  # chunk indices to fetch
+    pending: list = field(default_factory=list)  # chunk indices to fetch, sorted
     resume_at: dict = field(default_factory=dict)  # chunk index -> first byte not yet written
-    attempts: dict = field(default_factory=dict)  # chunk index -> failed tries
+    attempts: dict = field(default_factory=dict)  # first chunk of a request -> failed tries
     transfers: set = field(default_factory=set)
     redirects: int = 0
     hashed_watermark: int = 0
@@ -140,7 +217,7 @@ class _Blob:
 @dataclass(eq=False)
 class _Transfer:
     blob: _Blob
-    chunk: int | None  # None: the whole blob in one stream
+    chunks: range | None  # bitmap chunks this request covers; None: the whole blob in one stream
     start: int
     end: int
     curl: pycurl.Curl
@@ -166,15 +243,15 @@ class _Transfer:
     def _arm_if_body_is_ours(self) -> None:
         """At the end of the headers: decide whether the body is blob bytes for our range."""
         blob = self.blob
-        if self.status == 206 and self.chunk is not None:
+        if self.status == 206 and self.chunks is not None:
             if _content_range_start(self.headers.get("content-range")) == self.start:
                 self.sink.arm()
-        elif self.status == 200 and (self.chunk is None or blob.mode == "probe"):
+        elif self.status == 200 and (self.chunks is None or blob.mode == "probe"):
             # Whole body from offset 0: asked so, or the server ignored our Range.
-            if self.chunk is not None:
+            if self.chunks is not None:
                 log.info("%s ignores Range requests: fetching %s in one stream", blob.url, blob.digest)
                 blob.mode = "single"
-                self.chunk = None
+                self.chunks = None
             self.start, self.end = 0, blob.size
             self.sink.rebase(0, blob.size, 0)
             self.sink.arm()
@@ -186,6 +263,14 @@ def _content_range_start(value: str | None) -> int | None:
         return None
     first = value[6:].split("-", 1)[0].strip()
     return int(first) if first.isdigit() else None
+
+
+def _put_back(blob: _Blob, chunks: list[int]) -> None:
+    """Return chunks to a blob's sorted queue (they are fetched before later ones)."""
+    for chunk in chunks:
+        i = bisect.bisect_left(blob.pending, chunk)
+        if i == len(blob.pending) or blob.pending[i] != chunk:
+            blob.pending.insert(i, chunk)
 
 
 def _call_safely(callback: Callable[[], None]) -> None:
@@ -298,6 +383,8 @@ class FetchEngine:
         self._seq = itertools.count()
         self._running = True
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
+        cap = min(opts.max_transfers, opts.chunks_per_blob * opts.blobs_in_flight)
+        self._tuner = Tuner(opts.initial_transfers, cap, opts.chunk_size, adaptive=opts.adaptive)
 
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
@@ -340,12 +427,13 @@ class FetchEngine:
         self._reap()
         now = time.monotonic()
         while self._retry_heap and self._retry_heap[0][0] <= now:
-            _, _, blob, chunk = heapq.heappop(self._retry_heap)
+            _, _, blob, chunks = heapq.heappop(self._retry_heap)
             if blob.writer is not None:
-                blob.pending.appendleft(chunk)
+                _put_back(blob, chunks)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + _HOUSEKEEPING_S
             self._reissue_stragglers(now)
+            self._tune(now)
         self._schedule()
 
     def _on_socket(self, what: int, fd: int, multi, socketp) -> None:
@@ -419,7 +507,7 @@ class FetchEngine:
         while self._queued and len(self._active) < self.options.blobs_in_flight:
             blob = self._queued.popleft()
             try:
-                writer = blob.store.open_writer(blob.digest, blob.size, self.options.chunk_size, block=False)
+                writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=False)
             except FastpullError as exc:
                 self._finish(blob, exc)
                 continue
@@ -435,7 +523,7 @@ class FetchEngine:
 
     def _wait_for_lock(self, blob: _Blob) -> None:
         try:
-            writer = blob.store.open_writer(blob.digest, blob.size, self.options.chunk_size, block=True)
+            writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=True)
         except BaseException as exc:
             self._post(("locked", blob, None, exc))
         else:
@@ -462,7 +550,7 @@ class FetchEngine:
         blob.writer = writer
         self._call_openers(blob)
         blob.auth = blob.source.authorization()
-        blob.pending = deque(writer.missing_chunks())
+        blob.pending = writer.missing_chunks()
         self.stats.bytes_resumed += writer.resumed_bytes
         self._active.append(blob)
         if not blob.pending:
@@ -507,10 +595,14 @@ class FetchEngine:
 
     # ---- transfers ------------------------------------------------------------------
 
+    def _tune(self, now: float) -> None:
+        received = self.stats.bytes_received + sum(t.sink.received for t in self._transfers.values())
+        self._tuner.observe(now, received, len(self._transfers))
+
     def _schedule(self) -> None:
         self._activate()
         opts = self.options
-        budget = opts.max_transfers - len(self._transfers)
+        budget = self._tuner.target - len(self._transfers)
         progressed = True
         while budget > 0 and progressed:  # round-robin one transfer per blob per pass
             progressed = False
@@ -527,24 +619,37 @@ class FetchEngine:
                         continue
                 elif len(blob.transfers) >= opts.chunks_per_blob:
                     continue
-                self._start_transfer(blob, blob.pending.popleft())
+                self._start_transfer(blob)
                 budget -= 1
                 progressed = True
 
-    def _start_transfer(self, blob: _Blob, chunk: int) -> None:
+    def _take_run(self, blob: _Blob) -> range:
+        """The next request of a blob: consecutive pending chunks adding up to the request size."""
+        bitmap = blob.writer.bitmap
+        span = max(1, -(-self._tuner.request_bytes // bitmap.chunk_size))
+        first = blob.pending.pop(0)
+        last = first
+        while (last - first + 1 < span and blob.pending and blob.pending[0] == last + 1
+               and blob.pending[0] not in blob.resume_at):
+            last = blob.pending.pop(0)
+        return range(first, last + 1)
+
+    def _start_transfer(self, blob: _Blob) -> None:
         opts = self.options
         writer = blob.writer
         if blob.mode == "single":
             start, end, valid_from = 0, blob.size, 0
             blob.pending.clear()
-            ranged = False
+            chunks = None
         else:
-            valid_from, end = writer.bitmap.chunk_span(chunk)
-            start = blob.resume_at.pop(chunk, valid_from)
-            ranged = True
+            chunks = self._take_run(blob)
+            valid_from = writer.bitmap.chunk_span(chunks[0])[0]
+            end = writer.bitmap.chunk_span(chunks[-1])[1]
+            start = blob.resume_at.pop(chunks[0], valid_from)
         sink = writer.sink(start, end, valid_from)
         c = self._free_curls.pop() if self._free_curls else pycurl.Curl()
-        transfer = _Transfer(blob, chunk if ranged else None, start, end, c, sink, time.monotonic())
+        transfer = _Transfer(blob, chunks, start, end, c, sink, time.monotonic())
+        ranged = chunks is not None
         extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
         c.setopt(pycurl.URL, blob.url)
         c.setopt(pycurl.HTTPHEADER, blob.headers(extra))
@@ -577,10 +682,20 @@ class FetchEngine:
         self._free_curls.append(c)
 
     def _cancel(self, transfer: _Transfer) -> None:
-        """Drop a transfer; its chunk resumes later from the bytes already written."""
+        """Drop a transfer; its chunks go back to the queue, resuming from the bytes written."""
         self._release(transfer)
-        if transfer.chunk is not None and transfer.blob.writer is not None:
-            transfer.blob.resume_at[transfer.chunk] = transfer.sink.offset
+        if transfer.blob.writer is not None:
+            _put_back(transfer.blob, self._unfinished(transfer))
+
+    def _unfinished(self, t: _Transfer) -> list[int]:
+        """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote."""
+        if t.chunks is None:
+            return [0]  # one stream restarts from 0: a server that ignores Range cannot resume
+        bitmap = t.blob.writer.bitmap
+        left = [c for c in t.chunks if not bitmap.test(c)]
+        if left and t.sink.armed and t.sink.offset > bitmap.chunk_span(left[0])[0]:
+            t.blob.resume_at[left[0]] = t.sink.offset
+        return left
 
     def _reap(self) -> None:
         while True:
@@ -607,6 +722,8 @@ class FetchEngine:
             blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
             self._on_chunk_done(blob)
             return
+        if status in (429, 503):
+            self._tuner.throttled(time.monotonic())
         if curl_code == 0 and status in (301, 302, 303, 307, 308) and "location" in t.headers:
             blob.redirects += 1
             if blob.redirects > _MAX_REDIRECTS:
@@ -635,7 +752,7 @@ class FetchEngine:
             self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
             return
         # Transient: connection reset, stall, timeout, 408/429/5xx, short or mismatched body.
-        key = t.chunk if t.chunk is not None else "single"
+        key = t.chunks[0] if t.chunks is not None else "single"
         tries = blob.attempts.get(key, 0) + 1
         blob.attempts[key] = tries
         if tries > self.options.retries:
@@ -648,21 +765,15 @@ class FetchEngine:
         after = _retry_after(t.headers.get("retry-after"))
         if after is not None:
             delay = max(delay, min(after, self.options.backoff_max * 4))
-        log.debug("retrying %s chunk %s in %.2fs: %s", blob.digest, t.chunk, delay, message or status)
+        log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, delay, message or status)
         self._requeue(t, delay)
 
     def _requeue(self, t: _Transfer, delay: float) -> None:
-        blob = t.blob
-        if t.chunk is None:
-            chunk = 0  # one stream restarts from 0: a server that ignores Range cannot resume
-        else:
-            chunk = t.chunk
-            if t.sink.armed:
-                blob.resume_at[chunk] = t.sink.offset
+        chunks = self._unfinished(t)
         if delay <= 0:
-            blob.pending.appendleft(chunk)
+            _put_back(t.blob, chunks)
         else:
-            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), blob, chunk))
+            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), t.blob, chunks))
 
     def _on_chunk_done(self, blob: _Blob) -> None:
         watermark = blob.writer.bitmap.watermark()
@@ -707,7 +818,6 @@ class FetchEngine:
                              t.sink.offset, t.end, blob.digest, t.rate, typical)
                     self.stats.stragglers_reissued += 1
                     self._cancel(t)
-                    blob.pending.appendleft(t.chunk)
 
     # ---- hashing (hasher threads) ---------------------------------------------------------
 

@@ -1,0 +1,59 @@
+"""The fetch engine's tuner, fed synthetic throughput curves."""
+
+from __future__ import annotations
+
+from fastpull.fetch import MiB, Tuner
+
+
+def _drive(tuner: Tuner, throughput, seconds: float = 60.0, step: float = 0.5) -> list[int]:
+    """Run the tuner against ``throughput(transfers) -> bytes/s``; returns the target over time."""
+    now, total, targets = 0.0, 0.0, []
+    while now < seconds:
+        total += throughput(tuner.target) * step
+        now += step
+        tuner.observe(now, int(total), tuner.target)
+        targets.append(tuner.target)
+    return targets
+
+
+def test_tuner_climbs_until_the_link_is_full():
+    # Each stream gets 25 MB/s until 16 streams fill a 400 MB/s link.
+    tuner = Tuner(initial=4, cap=64, request_bytes=None)
+    targets = _drive(tuner, lambda n: min(n * 25e6, 400e6))
+    assert 16 <= max(targets[-20:]) <= 36  # reached the knee, did not run to the cap
+    assert min(targets[-20:]) >= 12
+
+
+def test_tuner_stays_low_when_more_streams_do_not_help():
+    tuner = Tuner(initial=8, cap=64, request_bytes=None)
+    targets = _drive(tuner, lambda n: 300e6)  # CPU-bound: flat whatever the streams
+    assert max(targets) <= 12 and targets[-1] == 8
+
+
+def test_tuner_halves_on_throttling_and_holds():
+    tuner = Tuner(initial=32, cap=64, request_bytes=None)
+    tuner.throttled(now=0.0)
+    assert tuner.target == 16
+    tuner.observe(0.5, 0, 16)
+    tuner.observe(2.0, int(1e9), 16)  # plenty of throughput, but still within the hold
+    assert tuner.target == 16
+
+
+def test_tuner_request_size_follows_per_stream_rate():
+    tuner = Tuner(initial=4, cap=4, request_bytes=None)
+    _drive(tuner, lambda n: n * 20 * MiB, seconds=5)
+    assert tuner.request_bytes == 20 * MiB
+    slow = Tuner(initial=4, cap=4, request_bytes=None)
+    _drive(slow, lambda n: n * 1 * MiB, seconds=5)
+    assert slow.request_bytes == 4 * MiB  # never below 4 MiB
+
+
+def test_tuner_fixed_settings_never_move():
+    tuner = Tuner(initial=4, cap=48, request_bytes=None, adaptive=False)
+    assert (tuner.target, tuner.request_bytes) == (48, 16 * MiB)
+    _drive(tuner, lambda n: n * 1e6, seconds=10)
+    tuner.throttled(now=11.0)
+    assert (tuner.target, tuner.request_bytes) == (48, 16 * MiB)
+    pinned = Tuner(initial=4, cap=48, request_bytes=2 * MiB)
+    _drive(pinned, lambda n: n * 50e6, seconds=10)
+    assert pinned.request_bytes == 2 * MiB
