@@ -18,6 +18,10 @@ they would inside the container; the final component is created or changed throu
 parent's descriptor and never followed. A refused entry raises ``UnsafeArchive``; the
 partial tree is left for the caller to discard.
 
+Memory: file contents go through one reused 1 MiB buffer; what is kept across entries is
+per directory (64 cached descriptors, modes and times set at the end) plus, in "apply" mode,
+the names this layer wrote in directories it did not create.
+
 Linux >= 5.6 with ``/proc`` mounted. ``openat2`` is called through ctypes: it runs once per
 directory (descriptors are cached), so the ~1 us call overhead is noise beside the file
 creations it serves, and the module needs no compiled part.
@@ -62,6 +66,9 @@ class ApplyStats:
     """File content bytes written (holes of sparse files excluded)."""
     skipped: Counter[str] = field(default_factory=Counter)
     """Entries or attributes left out, counted by reason."""
+    implied_dirs: set[str] = field(default_factory=set)
+    """Parent directories the layer used without listing them (created 0755, or as in
+    ``lower``): when layers are merged, such a directory keeps the lower layer's metadata."""
 
 
 def apply_layer(
@@ -120,16 +127,20 @@ _syscall.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_char
 
 
 def _how(flags: int, resolve: int) -> bytes:
-    """A ``struct open_how``: flags, mode, resolve (three u64)."""
-    return struct.pack("=QQQ", flags | os.O_CLOEXEC, 0, resolve | _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    """A ``struct open_how`` (flags, mode, resolve: three u64) that resolves inside the
+    directory it starts from, never through /proc magic links."""
+    resolve |= _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS
+    return struct.pack("=QQQ", flags | os.O_CLOEXEC, 0, resolve)
 
 
 _PARENT = _how(os.O_PATH | os.O_DIRECTORY, 0)
-"""A parent directory, symlinks resolved inside the root."""
+"""An entry's parent directory: symlinks on the way resolve inside the root."""
 _REAL_PATH = _how(os.O_PATH | os.O_DIRECTORY, _RESOLVE_NO_SYMLINKS)
+"""A directory by its canonical (symlink-free) path."""
 _REAL_DIR = _how(os.O_RDONLY | os.O_DIRECTORY, _RESOLVE_NO_SYMLINKS)
-"""A directory by its symlink-free (canonical) path."""
+"""The same, opened for listing."""
 _LOWER_DIR = _how(os.O_RDONLY | os.O_DIRECTORY, 0)
+"""A directory in ``lower``, resolved the way the merged view shows it."""
 
 
 def _openat2(dirfd: int, path: str, how: bytes) -> int:
@@ -318,11 +329,10 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
     while True:
         at = source.pos
         block = source.read(_BLOCK)
-        pending = bool(pax) or long_name is not None or long_link is not None
         if len(block) < _BLOCK or block == _ZERO_BLOCK:
             if 0 < len(block) < _BLOCK:
                 raise EOFError
-            if pending:
+            if pax or long_name is not None or long_link is not None:
                 raise _corrupt(layer, at, "the archive ends after an extension header")
             if block:  # like Go: a second block, if any, must be zeros too; the rest is not read
                 second = source.read(_BLOCK)
@@ -333,20 +343,17 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
             source.drain()
             return
         try:
-            (name, mode, uid, gid, size, mtime, chksum, typ, link, magic,
-             _, _, devmajor, devminor, prefix) = _HEADER.unpack(block)  # fmt: skip
-            if not _checksum_ok(block, _num(chksum)):
+            fields = _HEADER.unpack(block)
+            if not _checksum_ok(block, _num(fields[6])):
                 raise ValueError("header checksum mismatch")
-            phys = _num(size)
-            if phys < 0:
-                raise ValueError("negative size")
+            typ, size = fields[7], _num(fields[4])
             if typ in (b"x", _GLOBAL, b"L", b"K"):
-                if phys > _MAX_META:
-                    raise ValueError(f"extension header of {phys} bytes")
-                data = source.read(phys)
-                if len(data) < phys:
+                if not 0 <= size <= _MAX_META:
+                    raise ValueError(f"extension header of {size} bytes")
+                data = source.read(size)
+                if len(data) < size:
                     raise EOFError
-                source.skip(-phys % _BLOCK)
+                source.skip(-size % _BLOCK)
                 if typ == b"x":
                     pax = _parse_pax(data)
                 elif typ == b"L":
@@ -355,76 +362,94 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
                     long_link = data.partition(b"\0")[0]
                 else:
                     e = _Entry()
-                    e.type, e.name = typ, os.fsdecode(name.partition(b"\0")[0])
+                    e.type, e.name = typ, os.fsdecode(fields[0].partition(b"\0")[0])
                     yield e
                 continue
-
-            e = _Entry()
-            raw_name = name.partition(b"\0")[0]
-            if magic == _USTAR and prefix[0]:
-                raw_name = prefix.partition(b"\0")[0] + b"/" + raw_name
-            raw_link = link.partition(b"\0")[0]
-            e.uid, e.gid = _num(uid), _num(gid)
-            mtime_ns = _num(mtime) * 1_000_000_000
-            atime_ns = 0
-            e.xattrs = None
-            if pax:
-                raw_name = pax.get(b"path", raw_name)
-                raw_link = pax.get(b"linkpath", raw_link)
-                if b"size" in pax:
-                    phys = _decimal(pax[b"size"])
-                if b"uid" in pax:
-                    e.uid = _decimal(pax[b"uid"])
-                if b"gid" in pax:
-                    e.gid = _decimal(pax[b"gid"])
-                if b"mtime" in pax:
-                    mtime_ns = _pax_time(pax[b"mtime"])
-                if b"atime" in pax:
-                    atime_ns = _pax_time(pax[b"atime"])
-                xattrs = {os.fsdecode(k[len(_XATTR) :]): v for k, v in pax.items() if k.startswith(_XATTR)}
-                e.xattrs = xattrs or None
-            if long_name is not None:
-                raw_name = long_name
-            if long_link is not None:
-                raw_link = long_link
-            if typ == b"\0":
-                typ = _DIR if raw_name.endswith(b"/") else _REGULAR
-            elif typ in (b"7", b"S"):
-                typ = _REGULAR
-            if not (0 <= e.uid < 0xFFFFFFFF and 0 <= e.gid < 0xFFFFFFFF):
-                raise ValueError("owner out of range")
-            e.type = typ
-            e.mode = _num(mode) & 0o7777
-            e.mtime_ns = _bound_time(mtime_ns)
-            e.atime_ns = max(_bound_time(atime_ns), e.mtime_ns)
-            if typ in (_CHAR, _BLOCKDEV):
-                e.devmajor, e.devminor = _num(devmajor), _num(devminor)
-                if not (0 <= e.devmajor < 1 << 32 and 0 <= e.devminor < 1 << 32):
-                    raise ValueError("device number out of range")
-            if typ in _NO_DATA:
-                phys = 0
-            e.size = phys
-            e.sparse = None
-            if block[156:157] == b"S":
-                e.sparse, e.size = _old_gnu_sparse(block, source)
-            data_start = source.pos
-            if typ == _REGULAR and pax and _is_pax_sparse(pax):
-                raw_name = pax.get(b"GNU.sparse.name", raw_name)
-                e.size = _decimal(pax.get(b"GNU.sparse.size") or pax.get(b"GNU.sparse.realsize", b"0"))
-                if pax.get(b"GNU.sparse.major") == b"1":
-                    e.sparse = _sparse_map_10(source, min(phys, _MAX_META))
-                else:
-                    e.sparse = _pairs(pax.get(b"GNU.sparse.map", b"").split(b","))
-            if e.sparse is not None:
-                _check_sparse(e.sparse, e.size, data_start + phys - source.pos)
+            e, end = _member(block, fields, pax, long_name, long_link, source)
         except ValueError as err:
             raise _corrupt(layer, at, str(err)) from None
-        e.name = os.fsdecode(raw_name)
-        e.linkname = os.fsdecode(raw_link)
         pax = {}
         long_name = long_link = None
         yield e
-        source.skip(data_start + phys + (-phys % _BLOCK) - source.pos)
+        source.skip(end - source.pos)
+
+
+def _member(
+    block: bytes,
+    fields: tuple,
+    pax: dict[bytes, bytes],
+    long_name: bytes | None,
+    long_link: bytes | None,
+    source: _Input,
+) -> tuple[_Entry, int]:
+    """The entry a header describes, its extension headers merged (GNU long names win over
+    PAX, which wins over the header), and the offset of the next header. Reads a sparse
+    map, if any; raises ValueError on malformed fields."""
+    name, mode, uid, gid, size, mtime, _, typ, link, magic, _, _, devmajor, devminor, prefix = fields
+    e = _Entry()
+    raw_name = name.partition(b"\0")[0]
+    if magic == _USTAR and prefix[0]:
+        raw_name = prefix.partition(b"\0")[0] + b"/" + raw_name
+    raw_link = link.partition(b"\0")[0]
+    phys = _num(size)  # bytes stored after the header
+    e.uid, e.gid = _num(uid), _num(gid)
+    mtime_ns = _num(mtime) * 1_000_000_000
+    atime_ns = 0
+    e.xattrs = None
+    if pax:
+        raw_name = pax.get(b"path", raw_name)
+        raw_link = pax.get(b"linkpath", raw_link)
+        if b"size" in pax:
+            phys = _decimal(pax[b"size"])
+        if b"uid" in pax:
+            e.uid = _decimal(pax[b"uid"])
+        if b"gid" in pax:
+            e.gid = _decimal(pax[b"gid"])
+        if b"mtime" in pax:
+            mtime_ns = _pax_time(pax[b"mtime"])
+        if b"atime" in pax:
+            atime_ns = _pax_time(pax[b"atime"])
+        xattrs = {os.fsdecode(k[len(_XATTR) :]): v for k, v in pax.items() if k.startswith(_XATTR)}
+        e.xattrs = xattrs or None
+    if long_name is not None:
+        raw_name = long_name
+    if long_link is not None:
+        raw_link = long_link
+    if phys < 0:
+        raise ValueError("negative size")
+    if not (0 <= e.uid < 0xFFFFFFFF and 0 <= e.gid < 0xFFFFFFFF):
+        raise ValueError("owner out of range")
+    if typ == b"\0":
+        typ = _DIR if raw_name.endswith(b"/") else _REGULAR
+    elif typ in (b"7", b"S"):
+        typ = _REGULAR
+    e.type = typ
+    e.mode = _num(mode) & 0o7777
+    e.mtime_ns = _bound_time(mtime_ns)
+    e.atime_ns = max(_bound_time(atime_ns), e.mtime_ns)
+    if typ in (_CHAR, _BLOCKDEV):
+        e.devmajor, e.devminor = _num(devmajor), _num(devminor)
+        if not (0 <= e.devmajor < 1 << 32 and 0 <= e.devminor < 1 << 32):
+            raise ValueError("device number out of range")
+    if typ in _NO_DATA:
+        phys = 0
+    e.size = phys
+    e.sparse = None
+    if block[156:157] == b"S":
+        e.sparse, e.size = _old_gnu_sparse(block, source)
+    data_start = source.pos
+    if typ == _REGULAR and pax and _is_pax_sparse(pax):
+        raw_name = pax.get(b"GNU.sparse.name", raw_name)
+        e.size = _decimal(pax.get(b"GNU.sparse.size") or pax.get(b"GNU.sparse.realsize", b"0"))
+        if pax.get(b"GNU.sparse.major") == b"1":
+            e.sparse = _sparse_map_10(source, min(phys, _MAX_META))
+        else:
+            e.sparse = _pairs(pax.get(b"GNU.sparse.map", b"").split(b","))
+    if e.sparse is not None:
+        _check_sparse(e.sparse, e.size, data_start + phys - source.pos)
+    e.name = os.fsdecode(raw_name)
+    e.linkname = os.fsdecode(raw_link)
+    return e, data_start + phys + (-phys % _BLOCK)
 
 
 def _corrupt(layer: str, offset: int, why: str) -> UnsafeArchive:
@@ -747,6 +772,7 @@ class _Applier:
         if opaque:
             os.setxattr(fd, _OPAQUE, b"y")
         self._dirs[name] = (e.mode, e.atime_ns, e.mtime_ns)
+        self.stats.implied_dirs.discard(name)
         return fresh
 
     def _symlink(self, pfd: int, base: str, e: _Entry) -> None:
@@ -783,9 +809,11 @@ class _Applier:
                 self._clear(pfd, base, dst)
                 os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            raise UnsafeArchive(self.layer, self.entry, f"hardlink target {e.linkname!r} does not exist") from None
+            why = f"hardlink target {e.linkname!r} does not exist"
+            raise UnsafeArchive(self.layer, self.entry, why) from None
         except PermissionError as err:  # EPERM: the target is a directory
-            raise UnsafeArchive(self.layer, self.entry, f"cannot hardlink to {e.linkname!r}: {err.strerror}") from None
+            why = f"cannot hardlink to {e.linkname!r}: {err.strerror}"
+            raise UnsafeArchive(self.layer, self.entry, why) from None
 
     def _node(self, pfd: int, base: str, e: _Entry) -> bool:
         """Create a device node or fifo; False if not permitted here (skipped)."""
@@ -1013,6 +1041,7 @@ class _Applier:
         try:
             os.fchmod(fd, 0o755)
             canon = _join(pcanon, base)
+            self.stats.implied_dirs.add(canon)
             if self._lower >= 0:
                 self._inherit(fd, canon)
             if self._track:

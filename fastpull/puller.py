@@ -27,7 +27,7 @@ from fastpull.manifest import (
 )
 from fastpull.reference import Reference, check_digest, parse_reference
 from fastpull.registry import RegistryClient
-from fastpull.rootfs import assemble
+from fastpull.rootfs import assemble, inherit_implied
 from fastpull.snapshots import SnapshotWriter, Snapshotter, chain_ids
 from fastpull.store import ContentStore
 from fastpull.transport import default_ca_file
@@ -197,11 +197,11 @@ class Puller:
             wait(layer_futures)
             for future in futures + layer_futures:
                 future.result()
-            for u in unpacks:
-                if u is not None and u.snapshot is not None:
-                    u.snapshot.commit()
+            if snapshots is not None:
+                _commit_snapshots(unpacks, snapshot_paths)
             if work is not None:
-                _assemble_rootfs(work, [Path(u.job.target) for u in unpacks], Path(rootfs))
+                layers_done = [(Path(u.job.target), u.future.result().implied_dirs) for u in unpacks]
+                _assemble_rootfs(work, layers_done, Path(rootfs))
         except BaseException:
             for u in unpacks:
                 if u is not None and u.snapshot is not None:
@@ -288,7 +288,19 @@ def _snapshot_plan(store, layers, diff_ids, chains, snapshotter: Snapshotter) ->
     return plan
 
 
-def _assemble_rootfs(work: Path, layers: list[Path], rootfs: Path) -> None:
+def _commit_snapshots(unpacks: list[_LayerUnpack | None], committed: tuple[Path, ...]) -> None:
+    """Fix up implied directories from the layers below, then make each snapshot visible."""
+    for i, unpack in enumerate(unpacks):
+        if unpack is None:
+            continue
+        lowers = [Path(u.job.target) if u is not None else committed[j] for j, u in enumerate(unpacks[:i])]
+        inherit_implied(Path(unpack.job.target), unpack.future.result().implied_dirs, lowers[::-1])
+    for unpack in unpacks:
+        if unpack is not None:
+            unpack.snapshot.commit()
+
+
+def _assemble_rootfs(work: Path, layers: list[tuple[Path, frozenset[str]]], rootfs: Path) -> None:
     root = work / "root"
     root.mkdir()
     assemble(layers, root)

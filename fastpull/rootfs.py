@@ -61,11 +61,16 @@ def scrub_whiteouts(tree: Path) -> None:
             scrub_whiteouts(Path(entry.path))
 
 
-def merge_layer(upper: Path, root: Path) -> None:
-    """Move the overlay-form layer ``upper`` onto ``root``; ``upper`` is consumed."""
+def merge_layer(upper: Path, root: Path, implied: frozenset[str] = frozenset(), prefix: str = "") -> None:
+    """Move the overlay-form layer ``upper`` onto ``root``; ``upper`` is consumed.
+
+    ``implied`` names (relative paths) the directories the layer did not list: an existing
+    directory keeps its metadata for those.
+    """
     for entry in os.scandir(upper):
         src = Path(entry.path)
         dst = root / entry.name
+        rel = prefix + entry.name
         st = entry.stat(follow_symlinks=False)
         if is_whiteout(st):
             _remove(dst)
@@ -76,8 +81,9 @@ def merge_layer(upper: Path, root: Path) -> None:
             except FileNotFoundError:
                 dst_st = None
             if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
-                merge_layer(src, dst)
-                _copy_dir_metadata(src, dst)
+                merge_layer(src, dst, implied, rel + "/")
+                if rel not in implied:
+                    _copy_dir_metadata(src, dst)
                 continue
         # A new entry, a replacement of another type, or an opaque directory: it lands whole.
         _remove(dst)
@@ -86,7 +92,22 @@ def merge_layer(upper: Path, root: Path) -> None:
             scrub_whiteouts(dst)
 
 
-def assemble(layers: list[Path], root: Path) -> None:
-    """Merge overlay-form layer directories, base first, into the empty directory ``root``."""
-    for layer in layers:
-        merge_layer(layer, root)
+def assemble(layers: list[tuple[Path, frozenset[str]]], root: Path) -> None:
+    """Merge overlay-form layer directories (with their implied directories), base first,
+    into the empty directory ``root``."""
+    for layer, implied in layers:
+        merge_layer(layer, root, implied)
+
+
+def inherit_implied(snapshot: Path, implied: frozenset[str], lowers: list[Path]) -> None:
+    """Give a snapshot's implied directories the metadata of the nearest lower layer that has
+    them (what containerd's applier does over the mounted lower layers), ``lowers`` top first."""
+    for rel in implied:
+        for lower in lowers:
+            try:
+                st = (lower / rel).lstat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                _copy_dir_metadata(lower / rel, snapshot / rel)
+            break  # a whiteout or a non-directory hides anything further down

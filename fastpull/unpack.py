@@ -47,6 +47,8 @@ class LayerResult:
     entries: int
     uncompressed_bytes: int
     seconds: float
+    implied_dirs: frozenset[str]
+    """Directories the layer used without listing them: they keep the lower layers' metadata."""
 
 
 class _DigestingReader(io.RawIOBase):
@@ -66,11 +68,6 @@ class _DigestingReader(io.RawIOBase):
         self._hash.update(memoryview(buffer)[:n])
         self.count += n
         return n
-
-    def drain(self) -> None:
-        """Read to the end (tar padding after the archive's end marker counts toward the diffID)."""
-        while self.read(_READ_SIZE):
-            pass
 
     def hexdigest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
@@ -99,12 +96,12 @@ def unpack_layer(job: LayerJob) -> LayerResult:
             tar = _DigestingReader(stream)
             stats = apply_layer(io.BufferedReader(tar, _READ_SIZE), Path(job.target), layer=job.digest,
                                 whiteouts="overlay")
-            tar.drain()
         finally:
             stream.close()
     if tar.hexdigest() != job.diff_id:
         raise DigestMismatch(f"{where} uncompressed content (diffID)", job.diff_id, tar.hexdigest())
-    return LayerResult(job.digest, stats.entries, tar.count, time.monotonic() - started)
+    return LayerResult(job.digest, stats.entries, tar.count, time.monotonic() - started,
+                       frozenset(stats.implied_dirs))
 
 
 class Unpacker:

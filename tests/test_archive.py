@@ -36,7 +36,9 @@ KINDS = {
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="owners, devices and trusted xattrs need root")
 
 
-def entry(name, kind="file", data=b"", *, link="", mode=None, uid=0, gid=0, mtime=MTIME, xattrs=None, dev=(0, 0)):
+def entry(
+    name, kind="file", data=b"", *, link="", mode=None, uid=0, gid=0, mtime=MTIME, xattrs=None, dev=(0, 0)
+):
     """A tar member (TarInfo, data) for ``layer``."""
     ti = tarfile.TarInfo(name)
     ti.type = KINDS[kind]
@@ -45,7 +47,9 @@ def entry(name, kind="file", data=b"", *, link="", mode=None, uid=0, gid=0, mtim
     ti.devmajor, ti.devminor = dev
     ti.size = len(data) if kind == "file" else 0
     if xattrs:
-        ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()}
+        ti.pax_headers = {
+            f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
+        }
     return ti, data
 
 
@@ -86,7 +90,13 @@ def tree(root: Path) -> tuple[dict[str, tuple], list[list[str]]]:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
             st = os.lstat(path)
-            info: list = [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns]
+            info: list = [
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                st.st_mtime_ns,
+            ]
             if stat.S_ISREG(st.st_mode):
                 info += [st.st_size, hashlib.sha256(Path(path).read_bytes()).hexdigest()]
                 inodes[st.st_ino].append(rel)
@@ -94,7 +104,12 @@ def tree(root: Path) -> tuple[dict[str, tuple], list[list[str]]]:
                 info.append(os.readlink(path))
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                 info.append(st.st_rdev)
-            info.append(sorted((k, os.getxattr(path, k, follow_symlinks=False)) for k in os.listxattr(path, follow_symlinks=False)))
+            info.append(
+                sorted(
+                    (k, os.getxattr(path, k, follow_symlinks=False))
+                    for k in os.listxattr(path, follow_symlinks=False)
+                )
+            )
             out[rel] = tuple(info)
     return out, sorted(sorted(group) for group in inodes.values() if len(group) > 1)
 
@@ -139,16 +154,26 @@ def test_archive_all_entry_types_and_attributes(tmp_path, stream):
     assert (root / "etc/passwd").read_bytes() == ALL_TYPES[1][1] and passwd.st_mtime == MTIME
     assert os.getxattr(root / "bin/ping", "security.capability") == CAPABILITY
     assert stat.S_IMODE(os.stat(root / "bin/su").st_mode) == 0o4755
-    assert stat.S_IMODE(os.stat(root / "bin/wall").st_mode) == 0o2755 and os.stat(root / "bin/wall").st_gid == 5
+    assert (
+        stat.S_IMODE(os.stat(root / "bin/wall").st_mode) == 0o2755 and os.stat(root / "bin/wall").st_gid == 5
+    )
     assert os.stat(root / "bin/su").st_ino == os.stat(root / "bin/su-again").st_ino
     assert os.stat(root / "bin/su").st_nlink == 2
     sh = os.lstat(root / "bin/sh")
-    assert os.readlink(root / "bin/sh") == "/bin/dash" and (sh.st_uid, sh.st_gid, sh.st_mtime) == (3, 4, MTIME + 7)
+    assert os.readlink(root / "bin/sh") == "/bin/dash" and (sh.st_uid, sh.st_gid, sh.st_mtime) == (
+        3,
+        4,
+        MTIME + 7,
+    )
     assert os.readlink(root / "bin/dangling") == "../nowhere/at/all"
     tmp = os.stat(root / "tmp")
     assert stat.S_IMODE(tmp.st_mode) == 0o1777 and tmp.st_mtime == MTIME + 2
     null = os.stat(root / "dev/null")
-    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3) and stat.S_IMODE(null.st_mode) == 0o666
+    assert (
+        stat.S_ISCHR(null.st_mode)
+        and null.st_rdev == os.makedev(1, 3)
+        and stat.S_IMODE(null.st_mode) == 0o666
+    )
     loop = os.stat(root / "dev/loop0")
     assert stat.S_ISBLK(loop.st_mode) and loop.st_rdev == os.makedev(7, 0) and loop.st_gid == 6
     assert stat.S_ISFIFO(os.stat(root / "run/initctl").st_mode)
@@ -181,7 +206,10 @@ def test_archive_long_names_and_link_names(tmp_path, format):
 
 
 def test_archive_names_are_rooted_and_cleaned(tmp_path):
-    apply(layer(entry("/abs/x", data=b"1"), entry("./dot//y/./z", data=b"2"), entry("a/../b", data=b"3")), tmp_path / "r")
+    apply(
+        layer(entry("/abs/x", data=b"1"), entry("./dot//y/./z", data=b"2"), entry("a/../b", data=b"3")),
+        tmp_path / "r",
+    )
     root = tmp_path / "r"
     assert (root / "abs/x").read_bytes() == b"1" and (root / "dot/y/z").read_bytes() == b"2"
     assert (root / "b").read_bytes() == b"3" and not (root / "a").exists()
@@ -198,7 +226,12 @@ def test_archive_big_file_in_chunks(tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [["--format=gnu"], ["--format=pax"], ["--format=pax", "--sparse-version=0.1"], ["--format=pax", "--sparse-version=0.0"]],
+    [
+        ["--format=gnu"],
+        ["--format=pax"],
+        ["--format=pax", "--sparse-version=0.1"],
+        ["--format=pax", "--sparse-version=0.0"],
+    ],
     ids=["gnu-old", "pax-1.0", "pax-0.1", "pax-0.0"],
 )
 def test_archive_sparse_files_keep_their_holes(tmp_path, options):
@@ -215,7 +248,9 @@ def test_archive_sparse_files_keep_their_holes(tmp_path, options):
         for i in range(60):
             f.seek(i * 65536)
             f.write(bytes([i + 1]) * 100)
-    tar = subprocess.run(["tar", "-c", "--sparse", *options, "-C", str(src), "."], check=True, capture_output=True).stdout
+    tar = subprocess.run(
+        ["tar", "-c", "--sparse", *options, "-C", str(src), "."], check=True, capture_output=True
+    ).stdout
     stats = apply(tar, tmp_path / "r")
     for name in ("sparse", "many-runs"):
         out = tmp_path / "r" / name
@@ -264,7 +299,11 @@ def test_archive_overlay_whiteouts_and_opaque_dirs(tmp_path):
 
 
 def test_archive_overlay_refuses_overlay_xattrs_from_the_archive(tmp_path):
-    stats = apply(layer(entry("d", "dir", xattrs={OPAQUE: b"y", "trusted.overlay.redirect": b"/x"})), tmp_path / "s", "overlay")
+    stats = apply(
+        layer(entry("d", "dir", xattrs={OPAQUE: b"y", "trusted.overlay.redirect": b"/x"})),
+        tmp_path / "s",
+        "overlay",
+    )
     assert os.listxattr(tmp_path / "s/d") == []
     assert stats.skipped == {"xattr trusted.overlay.* from the archive": 2}
 
@@ -278,7 +317,12 @@ def test_archive_overlay_implied_parents_copy_the_lower_directory(tmp_path):
     os.setxattr(lower / "usr", "user.origin", b"lower")
     os.utime(lower / "usr", (MTIME - 5, MTIME - 5))
     (lower / "lib").symlink_to("usr/share")
-    apply(layer(entry("usr/share/doc/x", data=b"x"), entry("lib/y", data=b"y")), tmp_path / "snap", "overlay", lower=lower)
+    apply(
+        layer(entry("usr/share/doc/x", data=b"x"), entry("lib/y", data=b"y")),
+        tmp_path / "snap",
+        "overlay",
+        lower=lower,
+    )
     usr = os.stat(tmp_path / "snap/usr")
     assert (stat.S_IMODE(usr.st_mode), usr.st_uid, usr.st_gid, usr.st_mtime) == (0o750, 21, 22, MTIME - 5)
     assert os.getxattr(tmp_path / "snap/usr", "user.origin") == b"lower"
@@ -324,7 +368,10 @@ def test_archive_apply_replaces_across_types(tmp_path):
         root,
     )
     assert (root / "f2d").is_dir() and (root / "d2f").read_bytes() == b"now a file"
-    assert sorted(os.listdir(root / "merge")) == ["new", "old"] and stat.S_IMODE(os.stat(root / "merge").st_mode) == 0o751
+    assert (
+        sorted(os.listdir(root / "merge")) == ["new", "old"]
+        and stat.S_IMODE(os.stat(root / "merge").st_mode) == 0o751
+    )
     assert not (root / "link2f").is_symlink() and (root / "link2f").read_bytes() == b"replaced"
     assert (root / "hard2").read_bytes() == b"shared" and (root / "hard").read_bytes() == b"rewritten"
 
@@ -332,9 +379,22 @@ def test_archive_apply_replaces_across_types(tmp_path):
 @pytest.mark.parametrize("marker_first", [True, False], ids=["marker-first", "marker-last"])
 def test_archive_apply_opaque_keeps_this_layers_entries_wherever_the_marker_is(tmp_path, marker_first):
     root = tmp_path / "r"
-    apply(layer(entry("d", "dir"), entry("d/lower", data=b"l"), entry("d/sub", "dir"), entry("d/sub/deep", data=b"x")), root)
+    apply(
+        layer(
+            entry("d", "dir"),
+            entry("d/lower", data=b"l"),
+            entry("d/sub", "dir"),
+            entry("d/sub/deep", data=b"x"),
+        ),
+        root,
+    )
     marker = [entry("d/.wh..wh..opq")]
-    ours = [entry("d/new", data=b"n"), entry("d/sub", "dir"), entry("d/sub/mine", data=b"m"), entry("d/fresh/f", data=b"f")]
+    ours = [
+        entry("d/new", data=b"n"),
+        entry("d/sub", "dir"),
+        entry("d/sub/mine", data=b"m"),
+        entry("d/fresh/f", data=b"f"),
+    ]
     apply(layer(entry("d", "dir"), *(marker + ours if marker_first else ours + marker)), root)
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
         "d", "d/fresh", "d/fresh/f", "d/new", "d/sub", "d/sub/mine",
@@ -378,6 +438,7 @@ def _three_layers() -> list[bytes]:
     second = layer(
         entry("etc", "dir", mtime=MTIME + 10),
         entry("etc/.wh.motd"),
+        entry("etc/.wh.never-existed"),
         entry("etc/os-release", data=b"second\n", mtime=MTIME + 10),
         entry("etc/new.conf", data=b"new", xattrs={"trusted.x": b"t"}),
         entry("usr", "dir", mtime=MTIME + 10),
@@ -414,7 +475,18 @@ def _three_layers() -> list[bytes]:
 
 def _gnu_extract(data: bytes, dest: Path) -> None:
     subprocess.run(
-        ["tar", "-x", "-C", str(dest), "--numeric-owner", "--xattrs", "--xattrs-include=*", "--exclude=.wh.*", "-f", "-"],
+        [
+            "tar",
+            "-x",
+            "-C",
+            str(dest),
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--exclude=.wh.*",
+            "-f",
+            "-",
+        ],
         input=data,
         check=True,
     )
@@ -429,7 +501,8 @@ def _reference_apply(data: bytes, dest: Path) -> None:
         elif path.exists() or path.is_symlink():
             path.unlink()
 
-    members = tarfile.open(fileobj=io.BytesIO(data)).getmembers()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = tf.getmembers()
     for ti in members:
         parent, _, base = ti.name.rpartition("/")
         if base == ".wh..wh..opq":

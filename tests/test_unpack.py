@@ -95,6 +95,7 @@ def empty_layer(tar: tarfile.TarFile) -> None:
 
 def late_layer(tar: tarfile.TarFile) -> None:
     _add(tar, "srv/.wh.a")  # one name of a hardlink pair goes; the other stays
+    _add(tar, "tmp/implied/file", data=b"x\n")  # tmp (1777 below) is not listed: it keeps its mode
     _add(tar, "opt/app/old.txt", data=b"resurrected\n")
     _add(tar, "var/cache", tarfile.DIRTYPE)
 
@@ -189,6 +190,7 @@ def test_unpack_rootfs_equals_layer_by_layer_gnu_tar(special_image, tmp_path):
     assert sorted(p.name for p in (root / "opt/app").iterdir()) == ["new.txt", "old.txt"]
     assert (root / "var/cache").is_dir() and not any((root / "var/cache").iterdir())
     assert (root / "usr/bin/tool").stat().st_mode & 0o7777 == 0o755
+    assert stat.S_IMODE((root / "tmp").stat().st_mode) == 0o1777
     assert not [p for p in root.rglob("*") if p.name.startswith(".wh.")]
     assert not list(tmp_path.glob(".rootfs.fastpull-*"))  # work directories removed
 
@@ -204,6 +206,9 @@ def test_unpack_snapshots_in_overlay_form(special_image, tmp_path):
     assert os.getxattr(change / "opt/app", OPAQUE_XATTR) == b"y"
     assert (change / "etc/hostname").read_text() == "changed\n"
     assert not (tmp_path / "snapshots" / ".tmp").exists() or not any((tmp_path / "snapshots" / ".tmp").iterdir())
+    late = result.snapshots[3]
+    assert stat.S_IMODE((late / "tmp").stat().st_mode) == 0o1777  # implied: inherited from below
+    assert stat.S_IMODE((late / "tmp/implied").stat().st_mode) == 0o755
     again = pull(ref, tmp_path / "layout", snapshots=tmp_path / "snapshots", options=OPTS)
     assert again.snapshots == result.snapshots and again.unpacked_layers == 0
 
