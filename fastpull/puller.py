@@ -105,14 +105,17 @@ class Puller:
         platform: Platform | None = None,
         durable: bool = False,
         unpack_workers: int | None = None,
+        clients: Iterable[RegistryClient] = (),
     ):
+        """``clients`` are registry clients configured by the caller (credentials, TLS on a
+        loopback host...); other registries get a default client on first use."""
         self.engine = FetchEngine(options)
         self.platform = platform or Platform.host()
         self.insecure_registries = frozenset(insecure_registries)
         self.durable = durable
         self.unpack_workers = unpack_workers
         self._unpacker: Unpacker | None = None
-        self._clients: dict[str, RegistryClient] = {}
+        self._clients: dict[str, RegistryClient] = {c.host: c for c in clients}
         self._lock = threading.Lock()
 
     def client(self, registry: str) -> RegistryClient:

@@ -7,7 +7,6 @@ import ast
 import datetime as dt
 import gzip
 import io
-import ipaddress
 import json
 import ssl
 import tarfile
@@ -21,10 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fastpull import manifest as m
 from fastpull.auth import Credentials
@@ -33,6 +28,7 @@ from fastpull.manifest import Platform, digest_of
 from fastpull.reference import Reference, parse_reference
 from fastpull.registry import RegistryClient
 from fastpull.testbed.registry import LocalRegistry
+from fastpull.testbed.tls import server_certificate
 from fastpull.testbed.tokenserver import TokenServer
 from fastpull.transport import RetryPolicy, Transport
 
@@ -215,25 +211,7 @@ def test_transport_body_limit(serve: Callable[..., Scripted], chunked: bool) -> 
 
 
 def _tls_server_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    cert_path, key_path = server_certificate(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     return context, cert_path

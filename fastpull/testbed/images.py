@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -528,13 +529,18 @@ class _Pusher:
         token_getter: TokenGetter | None,
     ):
         url = urllib.parse.urlsplit(registry_url)
-        if url.scheme != "http" or not url.netloc:
-            raise ValueError(f"registry_url must be http://HOST:PORT, got {registry_url!r}")
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ValueError(f"registry_url must be http(s)://HOST:PORT, got {registry_url!r}")
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
         self._base = registry_url.rstrip("/")
         self._repo = repo
-        self._conn = http.client.HTTPConnection(url.netloc, timeout=120, blocksize=_BLOCK)
+        if url.scheme == "https":  # verified against the default CA paths (SSL_CERT_FILE)
+            self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                url.netloc, timeout=120, blocksize=_BLOCK, context=ssl.create_default_context()
+            )
+        else:
+            self._conn = http.client.HTTPConnection(url.netloc, timeout=120, blocksize=_BLOCK)
         self._basic = (
             "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode() if username is not None else None
         )

@@ -16,6 +16,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -125,8 +126,12 @@ class LocalRegistry:
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT``."""
-        return f"http://{self.host}"
+        """``http://HOST:PORT``, or ``https://`` when ``extra_config`` sets ``http.tls``."""
+        return f"{'https' if self._tls_certificate else 'http'}://{self.host}"
+
+    @property
+    def _tls_certificate(self) -> str | None:
+        return self._extra_config.get("http", {}).get("tls", {}).get("certificate")
 
     @property
     def pid(self) -> int | None:
@@ -285,7 +290,7 @@ class LocalRegistry:
             if code is not None:
                 raise LocalRegistryError(self.url, f"did not start: exit status {code}", self.log_tail())
             try:
-                status = _probe(self.url + "/v2/")
+                status = _probe(self.url + "/v2/", self._tls_certificate)
                 if status in (200, 401):
                     return
                 last = f"GET /v2/ answered HTTP {status}"
@@ -297,11 +302,16 @@ class LocalRegistry:
             time.sleep(0.02)
 
 
-def _probe(url: str) -> int:
+def _probe(url: str, ca_file: str | None = None) -> int:
     """Status of an internal GET (not listed by served())."""
     request = urllib.request.Request(url, headers={"User-Agent": _INTERNAL_AGENT})
+    opener = _OPENER
+    if ca_file:
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file))
+        )
     try:
-        with _OPENER.open(request, timeout=2) as response:
+        with opener.open(request, timeout=2) as response:
             response.read()
             return int(response.status)
     except urllib.error.HTTPError as e:

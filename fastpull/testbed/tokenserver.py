@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
+
+from fastpull.testbed.tls import self_signed
 
 AUTHENTICATED_ACTIONS = frozenset({"pull", "push"})
 
@@ -65,7 +65,7 @@ class TokenServer:
         self.requests: list[TokenRequest] = []
         self._lock = threading.Lock()
         self._key = ec.generate_private_key(ec.SECP256R1())
-        self._cert = _self_signed(self._key)
+        self._cert = self_signed(self._key, "fastpull testbed token signer", ca=True)
         self.cert_path = Path(workdir) / "token-signer.pem"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -180,22 +180,6 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
-
-
-def _self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastpull testbed token signer")])
-    now = dt.datetime.now(dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
 
 
 def _b64url(data: bytes) -> str:
