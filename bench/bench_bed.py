@@ -92,9 +92,10 @@ class Bench:
         return m
 
     def fastpull(self, section: str, image: str, setting: str, ref: str, runs: int,
-                 options: dict[str, int] | None = None, concurrent: int = 1) -> Sample:
+                 options: dict[str, int] | None = None, concurrent: int = 1, unpack: bool = False) -> Sample:
         return self.measure(section, image, setting, runs, peers.measure_fastpull, ref, self.work, options,
-                            concurrent=concurrent, root=self.fastpull_root)
+                            concurrent=concurrent, root=self.fastpull_root, unpack=unpack,
+                            label="fastpull pull+unpack" if unpack else "fastpull")
 
 
 def bed_check(bed: ThrottledBed, url: str, size: int, streams: list[int]) -> list[dict[str, Any]]:
@@ -160,7 +161,7 @@ def plot_all(data: dict[str, Any], out: Path, prefix: str = "bed") -> list[Path]
     import matplotlib.pyplot as plt
 
     written = []
-    colors = {"fastpull": "#1f77b4", "skopeo": "#ff7f0e", "containerd fetch": "#2ca02c",
+    colors = {"fastpull": "#1f77b4", "fastpull pull+unpack": "#9467bd", "skopeo": "#ff7f0e", "containerd fetch": "#2ca02c",
               "containerd pull": "#d62728"}
     caps = f"per flow {data['per_flow_mbit']:g} Mbit/s, link {data['link_mbit']:g} Mbit/s, RTT {data['rtt_ms']:g} ms"
 
@@ -284,7 +285,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="runs per comparison cell, median (default 3; quick 1)")
     ap.add_argument("--sweep-runs", type=int, help="runs per sweep cell, median (default 1)")
     ap.add_argument("--chunk-mib", help="sweep chunk sizes, MiB (default 4,16,64)")
-    ap.add_argument("--per-blob", help="sweep chunks per blob (default 1,4,16,64 typical; 4,16,64,128 big)")
+    ap.add_argument("--per-blob", help="sweep chunks per blob (default 1,4,16,64 typical; 4,16,128 big)")
     ap.add_argument("--blobs", help="sweep blobs in flight (default 1,8)")
     ap.add_argument("--concurrency", default="1,5,20", help="simultaneous pulls (default 1,5,20)")
     ap.add_argument("--concurrency-runs", type=int, help="runs per concurrency cell, median (default 1)")
@@ -312,11 +313,14 @@ def main() -> int:
     sweep_runs = args.sweep_runs or 1
     chunk_mib = parse_ints(args.chunk_mib or ("4,16" if quick else "4,16,64"))
     per_blob_typical = parse_ints(args.per_blob or ("1,8" if quick else "1,4,16,64"))
-    per_blob_big = parse_ints(args.per_blob or ("4,16" if quick else "4,16,64,128"))
+    per_blob_big = parse_ints(args.per_blob or ("4,16" if quick else "4,16,128"))
     blobs = parse_ints(args.blobs or "1,8")
     concurrency = parse_ints(args.concurrency)
     concurrency_runs = args.concurrency_runs or 1
     sections = set(args.only.split(","))
+    flags = peers.fastpull_flags(args.fastpull_root)
+    fixed = "--fixed" in flags  # a self-tuning engine: the sweep pins each setting
+    unpack = "--snapshots" in flags
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     runs_dir = work / "runs"
@@ -392,7 +396,8 @@ def main() -> int:
             if "sweep" in sections:
                 md.append(f"## fastpull sweep: median of {sweep_runs} run(s) per cell\n\n"
                           "vs best peer: the best peer of the shapes table for the same image (if measured). "
-                          "Connections are capped at 64 (`max_host_connections`), whatever the product.")
+                          "Connections are capped at 64 (`max_host_connections`), whatever the product."
+                          + (" Every cell runs `--fixed` (no self-tuning: the setting as given)." if fixed else ""))
                 best_peer = {r["image"]: r for r in data["shapes"] if r["tool"] in PEERS}
                 for key, per_blob_list, blob_list in (("typical", per_blob_typical, blobs), ("big", per_blob_big, [1])):
                     image = images[key]
@@ -404,6 +409,8 @@ def main() -> int:
                             for per_blob in per_blob_list:
                                 opts = {"chunk_size": chunk * MiB, "chunks_per_blob": per_blob,
                                         "blobs_in_flight": b, "max_transfers": max(64, per_blob * b)}
+                                if fixed:
+                                    opts["adaptive"] = False
                                 name = f"{chunk} MiB x {per_blob}/blob x {b} blobs"
                                 s = bench.fastpull("sweep", key, name, refs[key], sweep_runs, opts)
                                 table_rows.append((name, s))
@@ -425,14 +432,22 @@ def main() -> int:
                           "fastpull: N `python -m fastpull pull` processes into one layout (they share each "
                           "download through the store's per-digest lock). containerd: N `ctr` clients against "
                           "one fresh daemon: `ctr image pull` (fetch + unpack to overlayfs) and `ctr content "
-                          "fetch` (fetch only). CPU and RSS are summed over all processes (and the daemon).")
+                          "fetch` (fetch only). CPU and RSS are summed over all processes (and the daemon)."
+                          + (" fastpull pull+unpack: the same with `--snapshots DIR` (one directory for all N: "
+                             "overlayfs lower dirs by ChainID); compare it with `ctr image pull`." if unpack else ""))
                 lines = ["| N | setting | wall s | vs best peer | CPU s | peak RSS MB (sum) |",
                          "| ---: | --- | ---: | ---: | ---: | ---: |"]
                 for n in concurrency:
-                    rows = {"fastpull": [], "containerd fetch": [], "containerd pull": []}
+                    rows: dict[str, list[Sample]] = {"fastpull": [], "containerd fetch": [], "containerd pull": []}
+                    if unpack:
+                        rows["fastpull pull+unpack"] = []
                     for _ in range(concurrency_runs):
                         rows["fastpull"].append(bench.fastpull("concurrency", key, f"fastpull x{n}", refs[key], 1,
                                                                concurrent=n))
+                        if unpack:
+                            rows["fastpull pull+unpack"].append(bench.fastpull(
+                                "concurrency", key, f"fastpull pull+unpack x{n}", refs[key], 1, concurrent=n,
+                                unpack=True))
                         rows["containerd fetch"].append(bench.measure(
                             "concurrency", key, f"containerd fetch x{n}", 1, peers.measure_containerd, refs[key],
                             runs_dir, concurrent=n, unpack=False))

@@ -14,8 +14,10 @@ Wall time includes each tool's start-up (for fastpull, the Python interpreter's:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,7 +67,13 @@ def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen
     that ``os.wait4`` reports for a direct child also counts the RSS of the image it exec'd from (Linux
     keeps the old mm's high-water mark across exec), so for a child of this Python process it would be
     at least this process's RSS.
+
+    Descendants that outlive their parent (e.g. a multiprocessing forkserver and its workers) would
+    escape ``time``; this process is a child subreaper, so they are re-parented here, and their CPU
+    and peak RSS are added when they are reaped (waited for up to ``_ORPHAN_WAIT`` s, then ended).
     """
+    _become_subreaper()
+    before = set(_children())
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         logs = [open(Path(tmp) / f"{i}.log", "wb+") for i in range(len(commands))]  # noqa: SIM115
         usage_files = [Path(tmp) / f"{i}.usage" for i in range(len(commands))]
@@ -91,7 +99,7 @@ def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen
                 log.close()
         if failed:
             raise PeerError(f"{tool}: {len(failed)} of {len(commands)} failed\n" + "\n".join(failed))
-        cpu = rss = 0.0
+        cpu, rss = _reap_orphans(before)
         for usage in usage_files:
             user, system, max_kib = usage.read_text().split()[-3:]
             cpu += float(user) + float(system)
@@ -99,36 +107,103 @@ def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen
     return Sample(tool, wall, cpu, rss, len(commands))
 
 
+_ORPHAN_WAIT = 15.0
+_subreaper = False
+
+
+def _become_subreaper() -> None:
+    global _subreaper
+    if not _subreaper:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+        _subreaper = True
+
+
+def _children() -> list[int]:
+    """PIDs whose parent is this process (zombies included)."""
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(entry.name))
+    return found
+
+
+def _reap_orphans(known: set[int]) -> tuple[float, float]:
+    """Reap children that were not ours before a measurement (re-parented descendants): CPU s, RSS MB."""
+    cpu = rss = 0.0
+    deadline = time.monotonic() + _ORPHAN_WAIT
+    while orphans := [pid for pid in _children() if pid not in known]:
+        for pid in orphans:
+            try:
+                got, _, usage = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if got:
+                cpu += usage.ru_utime + usage.ru_stime
+                rss += usage.ru_maxrss / 1024
+        if time.monotonic() > deadline:
+            for pid in orphans:  # descendants of the measured commands, still running: end them
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + _ORPHAN_WAIT
+        time.sleep(0.01)
+    return cpu, rss
+
+
 # ---- fastpull -------------------------------------------------------------------------------------
 
 
 def fastpull_command(ref: str, layout: Path, options: dict[str, int] | None = None) -> list[str]:
-    """``python -m fastpull pull`` with FetchOptions given as a dict (bytes for chunk_size)."""
+    """``python -m fastpull pull`` with FetchOptions given as a dict (bytes for chunk_size;
+    ``adaptive: False`` becomes ``--fixed``)."""
     cmd = [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(layout)]
     flags = {"chunk_size": "--chunk-size", "chunks_per_blob": "--chunks-per-blob",
              "blobs_in_flight": "--blobs-in-flight", "max_transfers": "--max-transfers"}
     for key, value in (options or {}).items():
-        if key not in flags:
+        if key == "adaptive":
+            cmd += [] if value else ["--fixed"]
+        elif key in flags:
+            cmd += [flags[key], str(value / MiB if key == "chunk_size" else value)]
+        else:
             raise ValueError(f"no CLI flag for FetchOptions.{key}")
-        cmd += [flags[key], str(value / MiB if key == "chunk_size" else value)]
     return cmd
 
 
+def fastpull_flags(root: Path = REPO) -> set[str]:
+    """The options ``fastpull pull`` accepts in the tree at ``root`` (they change between commits)."""
+    out = subprocess.run([sys.executable, "-m", "fastpull", "pull", "--help"], capture_output=True, text=True,
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, check=True).stdout
+    return {word.strip("[],") for word in out.split() if word.startswith(("--", "[--"))}
+
+
 def measure_fastpull(bed: ThrottledBed, ref: str, work: Path, options: dict[str, int] | None = None,
-                     concurrent: int = 1, label: str = "fastpull", root: Path = REPO) -> Sample:
+                     concurrent: int = 1, label: str = "fastpull", root: Path = REPO, unpack: bool = False) -> Sample:
     """``concurrent`` ``fastpull pull`` processes of ``ref`` into one fresh layout.
 
-    ``root`` is the directory holding the ``fastpull`` package to run (this tree by default).
+    ``root`` is the directory holding the ``fastpull`` package to run (this tree by default). With
+    ``unpack`` they also unpack into one fresh ``--snapshots`` directory (overlayfs lower dirs).
     """
     layout = Path(tempfile.mkdtemp(dir=work, prefix="fastpull-"))
     env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = fastpull_command(ref, layout / "oci", options)
+    if unpack:
+        cmd += ["--snapshots", str(layout / "snapshots")]
+    layout = layout / "oci"
     try:
-        sample = run_at_once(bed, label, [fastpull_command(ref, layout, options)] * concurrent, cwd=root, env=env)
+        sample = run_at_once(bed, label, [cmd] * concurrent, cwd=root, env=env)
         if not (layout / "index.json").exists():
             raise PeerError(f"fastpull left no index.json in {layout}")
         return sample
     finally:
-        shutil.rmtree(layout, ignore_errors=True)
+        shutil.rmtree(layout.parent, ignore_errors=True)
 
 
 # ---- skopeo ----------------------------------------------------------------------------------------

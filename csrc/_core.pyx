@@ -28,6 +28,11 @@ cdef extern from "sys/mman.h" nogil:
     int PROT_READ, PROT_WRITE, MAP_SHARED
     void *MAP_FAILED
 
+cdef extern from "dlfcn.h" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    int RTLD_LAZY, RTLD_NOLOAD
+
 cdef extern from "sys/syscall.h" nogil:
     long SYS_futex
 
@@ -39,17 +44,24 @@ cdef extern from "time.h" nogil:
         long tv_sec
         long tv_nsec
 
+from cpython.object cimport PyObject
+
 cdef extern from *:
     """
     static inline uint32_t fp_load32(uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline uint32_t fp_add32(uint32_t *p, uint32_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
     static inline uint8_t fp_or8(uint8_t *p, uint8_t v) { return __atomic_fetch_or(p, v, __ATOMIC_ACQ_REL); }
     static inline uint8_t fp_load8(uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    /* pycurl's CurlObject: PyObject_HEAD, dict, weakreflist, then the CURL * handle. */
+    static inline void *fp_pycurl_handle(PyObject *o) {
+        return *(void **)((char *)o + sizeof(PyObject) + 2 * sizeof(void *));
+    }
     """
     uint32_t fp_load32(uint32_t *p) nogil
     uint32_t fp_add32(uint32_t *p, uint32_t v) nogil
     uint8_t fp_or8(uint8_t *p, uint8_t v) nogil
     uint8_t fp_load8(uint8_t *p) nogil
+    void *fp_pycurl_handle(PyObject *o)
 
 import os
 
@@ -177,18 +189,11 @@ cdef class ChunkBitmap:
         """Mark chunk ``index`` finished; returns True if it was not set before. Wakes waiters."""
         if index >= self.nchunks:
             raise IndexError(index)
-        cdef uint8_t bit = 1 << (index & 7)
-        cdef uint8_t old = fp_or8(self._bits() + (index >> 3), bit)
-        if old & bit:
-            return False
-        self._bump_and_wake()
-        return True
+        self._bits()
+        return _bitmap_set(self._map, index)
 
     cdef void _bump_and_wake(self):
-        cdef uint32_t *seq = <uint32_t *> (self._map + _SEQ_OFFSET)
-        fp_add32(seq, 1)
-        with nogil:
-            syscall(SYS_futex, seq, FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0)
+        _bump_and_wake(self._map)
 
     @property
     def abandoned(self):
@@ -258,6 +263,21 @@ cdef class ChunkBitmap:
         return fp_load32(seq)
 
 
+cdef inline void _bump_and_wake(uint8_t *bitmap) noexcept nogil:
+    cdef uint32_t *seq = <uint32_t *> (bitmap + _SEQ_OFFSET)
+    fp_add32(seq, 1)
+    syscall(SYS_futex, seq, FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0)
+
+
+cdef inline bint _bitmap_set(uint8_t *bitmap, uint64_t index) noexcept nogil:
+    """Set a chunk's bit; True if it was clear (then waiters are woken)."""
+    cdef uint8_t bit = 1 << (index & 7)
+    if fp_or8(bitmap + _HEADER_SIZE + (index >> 3), bit) & bit:
+        return False
+    _bump_and_wake(bitmap)
+    return True
+
+
 def _create_bitmap_file(path, uint64_t size, uint64_t chunk_size):
     if chunk_size == 0:
         raise ValueError("chunk size must be greater than zero")
@@ -275,8 +295,102 @@ def _create_bitmap_file(path, uint64_t size, uint64_t chunk_size):
     os.replace(tmp, path)
 
 
+cdef struct SinkState:
+    int fd
+    uint8_t *bitmap          # the blob's mmap'd chunk bitmap (header included)
+    uint64_t chunk_size
+    uint64_t nchunks
+    uint64_t size
+    uint64_t offset
+    uint64_t end
+    uint64_t valid_from
+    uint64_t received
+    int armed
+    int finished_chunks
+    int write_errno
+    size_t error_len
+    char error_body[4096]
+
+
+cdef size_t _sink_write(SinkState *st, const char *data, size_t n) noexcept nogil:
+    """The write path, free of Python: returns n, or 0 to abort the transfer."""
+    cdef size_t keep
+    if not st.armed:  # an error page: keep its start for the message
+        keep = n if n < sizeof(st.error_body) - st.error_len else sizeof(st.error_body) - st.error_len
+        memcpy(st.error_body + st.error_len, data, keep)
+        st.error_len += keep
+        return n
+    if n == 0:
+        return 0
+    if st.offset + n > st.end:
+        return 0  # more than was asked for
+    cdef ssize_t w
+    cdef size_t left = n
+    cdef const char *p = data
+    cdef uint64_t at = st.offset
+    while left > 0:
+        w = pwrite(st.fd, p, left, at)
+        if w < 0:
+            if errno == EINTR:
+                continue
+            st.write_errno = errno  # e.g. ENOSPC: the engine reports it
+            return 0
+        p += w
+        left -= w
+        at += w
+    cdef uint64_t before = st.offset
+    st.offset += n
+    st.received += n
+    cdef uint64_t cs = st.chunk_size
+    cdef uint64_t lo = before // cs
+    cdef uint64_t first = (st.valid_from + cs - 1) // cs  # first chunk wholly inside [valid_from, ...)
+    cdef uint64_t hi = st.nchunks if st.offset == st.size else st.offset // cs
+    if lo < first:
+        lo = first
+    while lo < hi:
+        if _bitmap_set(st.bitmap, lo):
+            st.finished_chunks += 1
+        lo += 1
+    return n
+
+
+cdef size_t _curl_write(char *ptr, size_t size, size_t nmemb, void *userdata) noexcept nogil:
+    return _sink_write(<SinkState *> userdata, ptr, size * nmemb)
+
+
+# libcurl entry points, found in the copy of libcurl that pycurl loaded (see bind_libcurl).
+ctypedef int (*easy_setopt_t)(void *, int, ...) noexcept nogil
+ctypedef int (*easy_getinfo_t)(void *, int, ...) noexcept nogil
+cdef easy_setopt_t _easy_setopt = NULL
+cdef easy_getinfo_t _easy_getinfo = NULL
+cdef enum:
+    _CURLOPT_WRITEDATA = 10001
+    _CURLOPT_WRITEFUNCTION = 20011
+    _CURLINFO_PRIVATE = 0x100015  # CURLINFO_STRING + 21
+
+
+def bind_libcurl(path):
+    """Find curl_easy_setopt/getinfo in the libcurl already loaded from ``path``; True if found.
+
+    With them, :meth:`RangeSink.attach` hands libcurl a C write callback: no Python runs per
+    received buffer.
+    """
+    global _easy_setopt, _easy_getinfo
+    cdef bytes encoded = os.fsencode(path)
+    cdef void *lib = dlopen(encoded, RTLD_LAZY | RTLD_NOLOAD)
+    if lib == NULL:
+        return False
+    _easy_setopt = <easy_setopt_t> dlsym(lib, b"curl_easy_setopt")
+    _easy_getinfo = <easy_getinfo_t> dlsym(lib, b"curl_easy_getinfo")
+    if _easy_setopt == NULL or _easy_getinfo == NULL:
+        _easy_setopt = NULL
+        _easy_getinfo = NULL
+        return False
+    return True
+
+
 cdef class RangeSink:
-    """pycurl WRITEFUNCTION that pwrites a response body at its place in the blob file.
+    """Writes a response body at its place in the blob file: a libcurl write callback.
 
     Until :meth:`arm` is called (on a 2xx status) the body is an error page:
     the first few KiB are kept for the error message and nothing touches the file.
@@ -284,73 +398,86 @@ cdef class RangeSink:
     A failed write aborts the transfer and is kept in ``error``.
     """
 
-    cdef int fd
-    cdef ChunkBitmap bitmap
-    cdef readonly uint64_t offset
-    cdef readonly uint64_t end
-    cdef readonly uint64_t valid_from
-    cdef readonly uint64_t received
-    cdef readonly bint armed
-    cdef readonly int finished_chunks
-    cdef readonly object error
-    cdef bytearray _error_body
+    cdef SinkState st
+    cdef ChunkBitmap bitmap  # keeps the mapping alive while libcurl writes through st
 
     def __init__(self, int fd, ChunkBitmap bitmap, uint64_t start, uint64_t end, uint64_t valid_from):
-        self.fd = fd
+        bitmap._bits()
         self.bitmap = bitmap
+        self.st.fd = fd
+        self.st.bitmap = bitmap._map
+        self.st.chunk_size = bitmap.chunk_size
+        self.st.nchunks = bitmap.nchunks
+        self.st.size = bitmap.size
         self.rebase(start, end, valid_from)
 
     def rebase(self, uint64_t start, uint64_t end, uint64_t valid_from):
         """Point the sink at a new byte range (e.g. a server that ignored Range sends from 0)."""
         if valid_from > start or start > end:
             raise ValueError("need valid_from <= start <= end")
-        self.offset = start
-        self.end = end
-        self.valid_from = valid_from
-        self.armed = False
-        self.received = 0
-        self.finished_chunks = 0
-        self.error = None
-        self._error_body = bytearray()
+        self.st.offset = start
+        self.st.end = end
+        self.st.valid_from = valid_from
+        self.st.armed = 0
+        self.st.received = 0
+        self.st.finished_chunks = 0
+        self.st.write_errno = 0
+        self.st.error_len = 0
 
     def arm(self):
-        self.armed = True
+        self.st.armed = 1
+
+    def attach(self, curl):
+        """Make this sink the C write callback of a pycurl handle; False if that cannot be done
+        safely (then pass the sink itself as WRITEFUNCTION)."""
+        if _easy_setopt == NULL:
+            return False
+        cdef void *handle = fp_pycurl_handle(<PyObject *> curl)
+        cdef void *owner = NULL
+        # pycurl stores its object as the handle's CURLOPT_PRIVATE: proof that we found the handle.
+        if handle == NULL or _easy_getinfo(handle, _CURLINFO_PRIVATE, &owner) != 0 or owner != <void *> curl:
+            return False
+        if _easy_setopt(handle, _CURLOPT_WRITEFUNCTION, _curl_write) != 0:
+            return False
+        return _easy_setopt(handle, _CURLOPT_WRITEDATA, &self.st) == 0
+
+    @property
+    def offset(self):
+        return self.st.offset
+
+    @property
+    def end(self):
+        return self.st.end
+
+    @property
+    def valid_from(self):
+        return self.st.valid_from
+
+    @property
+    def received(self):
+        return self.st.received
+
+    @property
+    def armed(self):
+        return bool(self.st.armed)
+
+    @property
+    def finished_chunks(self):
+        return self.st.finished_chunks
+
+    @property
+    def error(self):
+        if self.st.write_errno == 0:
+            return None
+        return OSError(self.st.write_errno, os.strerror(self.st.write_errno))
 
     @property
     def error_body(self):
-        return bytes(self._error_body)
+        return self.st.error_body[: self.st.error_len]
 
     def __call__(self, data):
         cdef const uint8_t[::1] view = data
-        cdef uint64_t n = view.shape[0]
-        if not self.armed:
-            if len(self._error_body) < 4096:
-                self._error_body += data[: 4096 - len(self._error_body)]
-            return None
+        cdef size_t n = view.shape[0]
         if n == 0:
             return None
-        if self.offset + n > self.end:
-            return 0  # more than was asked for: abort the transfer (CURLE_WRITE_ERROR)
-        try:
-            _pwrite_all(self.fd, &view[0], n, self.offset)
-        except OSError as exc:  # e.g. ENOSPC: kept for the engine, the transfer aborts
-            self.error = exc
-            return 0
-        cdef uint64_t before = self.offset
-        self.offset += n
-        self.received += n
-        cdef uint64_t cs = self.bitmap.chunk_size
-        cdef uint64_t first = (self.valid_from + cs - 1) // cs  # first chunk wholly inside [valid_from, ...)
-        cdef uint64_t lo = before // cs
-        cdef uint64_t hi
-        if lo < first:
-            lo = first
-        if self.offset == self.bitmap.size:
-            hi = self.bitmap.nchunks
-        else:
-            hi = self.offset // cs  # chunks below hi end at or before offset
-        while lo < hi:
-            if self.bitmap.set(lo):
-                self.finished_chunks += 1
-            lo += 1
-        return None
+        return None if _sink_write(&self.st, <const char *> &view[0], n) == n else 0

@@ -208,6 +208,10 @@ class RangeSink:
     def arm(self) -> None:
         self.armed = True
 
+    def attach(self, curl) -> bool:
+        """The reference has no C callback: pass the sink itself as WRITEFUNCTION."""
+        return False
+
     @property
     def error_body(self) -> bytes:
         return bytes(self._error_body)

@@ -653,7 +653,8 @@ class FetchEngine:
         extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
         c.setopt(pycurl.URL, blob.url)
         c.setopt(pycurl.HTTPHEADER, blob.headers(extra))
-        c.setopt(pycurl.WRITEFUNCTION, sink)
+        if not sink.attach(c):
+            c.setopt(pycurl.WRITEFUNCTION, sink)
         c.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
         c.setopt(pycurl.NOSIGNAL, 1)
         c.setopt(pycurl.FOLLOWLOCATION, 0)

@@ -209,3 +209,34 @@ def test_core_bitmap_abandoned_wakes_waiters(core, tmp_path):
     assert not follower.abandoned
     bm.close()
     follower.close()
+
+
+def test_core_sink_as_libcurl_write_callback(core, tmp_path, data_fd):
+    """The compiled sink attaches to libcurl as a C callback; the reference declines."""
+    import pycurl
+
+    from faultserver import FaultRegistry
+    from fastpull.core import C_WRITE_CALLBACK
+
+    body = os.urandom(300_000)
+    core.preallocate(data_fd, len(body))
+    bm = core.ChunkBitmap(tmp_path / "bm", size=len(body), chunk_size=65536, create=True)
+    sink = core.RangeSink(data_fd, bm, 100_000, len(body), 65536)
+    with FaultRegistry() as server:
+        digest = server.add_blob(body)
+        c = pycurl.Curl()
+        try:
+            c.setopt(pycurl.URL, f"{server.url}/v2/any/blobs/{digest}")
+            c.setopt(pycurl.HTTPHEADER, [f"Range: bytes=100000-{len(body) - 1}"])
+            attached = sink.attach(c)
+            assert attached == (core is _core and C_WRITE_CALLBACK)
+            if not attached:
+                c.setopt(pycurl.WRITEFUNCTION, sink)
+            sink.arm()
+            c.perform()
+        finally:
+            c.close()
+    assert sink.offset == len(body) and sink.received == len(body) - 100_000
+    assert os.pread(data_fd, len(body) - 100_000, 100_000) == body[100_000:]
+    assert bm.missing() == [0]  # chunk 0 ends before the range; 1 was completed from valid_from
+    bm.close()
