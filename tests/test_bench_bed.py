@@ -29,6 +29,16 @@ BLOB = 16_000_000
 NAME = f"fpt{os.getpid() % 100000}"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _netns_allowed():
+    """Skip where root may not create network namespaces (e.g. an unprivileged container)."""
+    probe = f"{NAME}p"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", probe], check=True)
+
+
 def _mbit(nbytes: int, seconds: float) -> float:
     return nbytes * 8 / seconds / 1e6
 
