@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastpull.fetch import FetchEngine, FetchOptions
 from fastpull.errors import ManifestError, StoreError
@@ -31,7 +32,9 @@ from fastpull.rootfs import assemble, inherit_implied
 from fastpull.snapshots import SnapshotWriter, Snapshotter, chain_ids
 from fastpull.store import ContentStore
 from fastpull.transport import default_ca_file
-from fastpull.unpack import LayerJob, Unpacker
+
+if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: imported when used
+    from fastpull.unpack import LayerJob, Unpacker
 
 
 class RepositorySource:
@@ -127,6 +130,8 @@ class Puller:
             return client
 
     def unpacker(self) -> Unpacker:
+        from fastpull.unpack import Unpacker
+
         with self._lock:
             if self._unpacker is None:
                 self._unpacker = Unpacker(self.unpack_workers)
@@ -256,6 +261,8 @@ def _diff_ids(config_path: Path, manifest: ImageManifest) -> list[str]:
 
 
 def _job(store: ContentStore, layer: Descriptor, diff_id: str, target: Path) -> LayerJob:
+    from fastpull.unpack import LayerJob
+
     return LayerJob(str(store.root), layer.digest, layer.size, layer.media_type, diff_id, str(target))
 
 
