@@ -246,6 +246,8 @@ class _Transfer:
         if self.status == 206 and self.chunks is not None:
             if _content_range_start(self.headers.get("content-range")) == self.start:
                 self.sink.arm()
+                if blob.mode == "probe":  # Range works: the other requests start now, not after this one
+                    blob.mode = "ranged"
         elif self.status == 200 and (self.chunks is None or blob.mode == "probe"):
             # Whole body from offset 0: asked so, or the server ignored our Range.
             if self.chunks is not None:

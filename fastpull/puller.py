@@ -156,8 +156,6 @@ class Puller:
             raise ValueError("give rootfs or snapshots, not both")
         started = time.monotonic()
         reference = parse_reference(ref) if isinstance(ref, str) else ref
-        if rootfs is not None or snapshots is not None:
-            self.unpacker()  # workers start while the image is resolved
         client = self.client(reference.registry)
         resolved = client.resolve(reference, platform or self.platform)
         image_layout = ImageLayout(layout, durable=self.durable)
