@@ -4,6 +4,7 @@ and zstd on this machine.
 
     python bench/bench_unpack.py            # a 1 GB image and a typical multi-layer one
     python bench/bench_unpack.py --quick    # small images, one run: a smoke test
+    python bench/bench_unpack.py --bed 200,1000   # on the far-registry bed (root): per-flow, link Mbit/s
 
 Overlap works when pull+unpack takes about max(download-only, unpack-only), not their sum.
 """
@@ -11,6 +12,7 @@ Overlap works when pull+unpack takes about max(download-only, unpack-only), not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -73,26 +75,40 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fastpull-bench")
+    ap.add_argument("--bed", metavar="PER_FLOW,LINK",
+                    help="run on bench/bed.py's shaped namespace, caps in Mbit/s (default: plain loopback)")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
     args.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
     report = []
-    with LocalRegistry(args.workdir / "registry-unpack") as registry:
+    with contextlib.ExitStack() as stack:
+        if args.bed:
+            from bed import ThrottledBed
+
+            per_flow, link = (float(x) for x in args.bed.split(","))
+            bed = stack.enter_context(ThrottledBed(per_flow, link))
+            registry = stack.enter_context(bed.registry(args.workdir / "registry-unpack-bed"))
+            inside = bed.call  # pushes and pulls run inside the namespace
+            report.append(f"## On the far-registry bed: {per_flow:g} Mbit/s per flow, {link:g} Mbit/s link")
+        else:
+            registry = stack.enter_context(LocalRegistry(args.workdir / "registry-unpack"))
+            inside = _call
+            report.append("## On plain loopback (no caps): CPU-bound on this machine")
         work = args.workdir / "runs"
         work.mkdir(exist_ok=True)
         for i, (shape, specs) in enumerate(image_shapes(args.quick).items()):
             image = build_image(specs, args.workdir / f"img-unpack-{i}-{'q' if args.quick else 'f'}", seed=100 + i)
             repo = f"unpack/shape{i}"
-            push_image(registry.url, repo, "latest", image)
+            inside(push_image, registry.url, repo, "latest", image)
             ref = f"{registry.host}/{repo}:latest"
             download, unpack, both = [], [], []
             for _ in range(runs):
                 layout = Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
-                download.append(run_fastpull(ref, work, {}, layout=layout))
-                unpack.append(run_fastpull(ref, work, {}, layout=layout, rootfs=True))  # blobs already there
+                download.append(inside(run_fastpull, ref, work, {}, layout=layout))
+                unpack.append(inside(run_fastpull, ref, work, {}, layout=layout, rootfs=True))  # blobs there
                 shutil.rmtree(layout)
-                both.append(run_fastpull(ref, work, {}, rootfs=True))
+                both.append(inside(run_fastpull, ref, work, {}, rootfs=True))
                 print(f"{shape}: download {download[-1].wall:.2f}s unpack {unpack[-1].wall:.2f}s "
                       f"both {both[-1].wall:.2f}s", file=sys.stderr, flush=True)
             rows = [("download only", median_sample(download)), ("unpack only (blobs present)", median_sample(unpack)),
@@ -107,8 +123,12 @@ def main() -> int:
                       + decompression_table(sample, runs))
     text = "\n\n".join(report) + "\n"
     print(text)
-    (RESULTS / "unpack.md").write_text(text)
+    (RESULTS / ("unpack-bed.md" if args.bed else "unpack.md")).write_text(text)
     return 0
+
+
+def _call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
 
 
 def _uncompressed_text(image, desc, limit: int) -> bytes:

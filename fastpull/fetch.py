@@ -602,28 +602,23 @@ class FetchEngine:
         self._tuner.observe(now, received, len(self._transfers))
 
     def _schedule(self) -> None:
+        """Hand free transfer slots to blobs in the order they were asked for.
+
+        Earlier blobs (lower layers) get the bandwidth first and finish first, so an unpacker
+        following them runs at network speed instead of every layer crawling at once; the link
+        stays as full as with an even share.
+        """
         self._activate()
-        opts = self.options
         budget = self._tuner.target - len(self._transfers)
-        progressed = True
-        while budget > 0 and progressed:  # round-robin one transfer per blob per pass
-            progressed = False
-            for blob in self._active:
-                if budget <= 0:
+        for blob in self._active:
+            while budget > 0 and blob.writer is not None and blob.pending and not blob.committing:
+                limit = 1 if blob.mode in ("probe", "single") else self.options.chunks_per_blob
+                if len(blob.transfers) >= limit:
                     break
-                if blob.writer is None or not blob.pending or blob.committing:
-                    continue
-                if blob.mode == "probe":
-                    if blob.transfers:
-                        continue
-                elif blob.mode == "single":
-                    if blob.transfers:
-                        continue
-                elif len(blob.transfers) >= opts.chunks_per_blob:
-                    continue
                 self._start_transfer(blob)
                 budget -= 1
-                progressed = True
+            if budget <= 0:
+                return
 
     def _take_run(self, blob: _Blob) -> range:
         """The next request of a blob: consecutive pending chunks adding up to the request size."""
