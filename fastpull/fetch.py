@@ -580,18 +580,23 @@ class FetchEngine:
 
     def _fail_everything(self, exc: FastpullError) -> None:
         self._running = False
-        for blob in list(getattr(self, "_blobs", {}).values()):
+        for blob in list(self._blobs.values()):
             if not blob.committing:
                 self._finish(blob, exc)
 
     def _await_commits(self) -> None:
-        """On shutdown, let commits already handed to the hashers settle their futures."""
-        while any(blob.committing for blob in self._blobs.values()):
-            command = self._commands.get()
+        """On shutdown, let commits already handed to the hashers settle their futures, and fail
+        requests that arrived too late."""
+        while True:
+            committing = any(blob.committing for blob in self._blobs.values())
+            try:
+                command = self._commands.get(block=committing)
+            except queue.Empty:
+                return
             if command[0] == "hashed":
                 self._on_hashed(*command[1:])
             elif command[0] == "fetch":
-                command[-1].set_exception(FastpullError("fetch engine closed"))
+                command[5].set_exception(FastpullError("fetch engine closed"))
             elif command[0] == "locked" and command[2] is not None:
                 command[2].close()
 

@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # Install everything fastpull needs on Debian 12 (as root): the CNCF distribution registry
 # (tests, demo, bench) and a virtualenv in .venv with fastpull built from source.
+# With --bench, also the peers and tools of the far-registry bench (skopeo, containerd, matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench=false
+[ "${1:-}" = "--bench" ] && bench=true
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v curl >/dev/null || need+=(curl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if $bench; then
+    for tool in skopeo containerd; do command -v "$tool" >/dev/null || need+=("$tool"); done
+    [ -x /usr/bin/time ] || need+=(time)
+    command -v tc >/dev/null || need+=(iproute2)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+if $bench; then
+    .venv/bin/python -m pip install -q -e '.[test,bench]'
+else
+    .venv/bin/python -m pip install -q -e '.[test]'
+fi

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from faultserver import FaultRegistry
-from fastpull import DigestMismatch, FetchOptions, RegistryError, StoreError, TransferError, pull
+from fastpull import DigestMismatch, FastpullError, FetchOptions, RegistryError, StoreError, TransferError, pull
 from fastpull.store import ContentStore
 from fastpull.testbed.images import LayerSpec, build_image
 
@@ -181,3 +181,28 @@ def test_fetch_full_disk_is_a_clear_error_and_keeps_stored_blobs(server, image, 
     assert str(layout) in str(err.value) and "space" in str(err.value).lower()
     assert _stored(layout, small.digest).read_bytes() == image.blob_path(small.digest).read_bytes()
     assert not _stored(layout, image.layers[0].digest).exists()
+
+
+def test_fetch_engine_closed_mid_download_fails_fast_and_keeps_partial_data(server, image, layout):
+    from fastpull.fetch import FetchEngine
+    from fastpull.puller import RepositorySource
+    from fastpull.registry import RegistryClient
+
+    big = image.layers[0]
+    server.slow(big.digest, 256 * 1024)  # every range crawls: the download is mid-way when we close
+    store = ContentStore(layout)
+    source = RepositorySource(RegistryClient(server.host), "faulty/app")
+    engine = FetchEngine(FetchOptions(chunk_size=CHUNK, chunks_per_blob=4))
+    future = engine.fetch(store, source, big.digest, big.size)
+    deadline = time.monotonic() + 10
+    while not store.ingests():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    engine.close()
+    with pytest.raises(FastpullError, match="closed"):
+        future.result(timeout=5)
+    assert store.ingests() == [big.digest] and not store.has(big.digest)  # kept for a resume
+    late = engine.fetch(store, source, big.digest, big.size)
+    with pytest.raises(FastpullError, match="closed"):
+        late.result(timeout=1)
