@@ -129,7 +129,7 @@ class Tuner:
         self.adaptive = adaptive
         self.target = min(initial, cap) if adaptive else cap
         self.adapt_size = adaptive and request_bytes is None
-        self.request_bytes = request_bytes or (16 * MiB if adaptive else _FIXED_REQUEST)
+        self.request_bytes = request_bytes or (8 * MiB if adaptive else _FIXED_REQUEST)
         self._window_start: float | None = None
         self._window_bytes = 0
         self._base_rate = 0.0
