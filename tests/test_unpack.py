@@ -235,7 +235,7 @@ def _with_config(image, config: bytes, out: Path):
     """A copy of ``image`` whose config blob is replaced (and the manifest rewritten to match)."""
     import dataclasses
 
-    from fastpull.testbed.images import Descriptor
+    from fastpull.manifest import Descriptor
 
     digest = "sha256:" + hashlib.sha256(config).hexdigest()
     blobs = out / "blobs" / "sha256"

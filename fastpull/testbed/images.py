@@ -32,6 +32,7 @@ import numpy as np
 import zstandard
 
 from fastpull.errors import AuthError, DigestMismatch, RegistryError
+from fastpull.manifest import Descriptor
 
 Platform = tuple[str, str, str | None]
 """(os, architecture, variant), e.g. ``("linux", "arm64", "v8")``."""
@@ -105,19 +106,7 @@ class LayerSpec:
             raise ValueError(f"compression must be gzip, zstd or none, got {self.compression!r}")
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """An OCI content descriptor."""
-
-    media_type: str
-    digest: str
-    size: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerDescriptor(Descriptor):
     """A layer descriptor and its diffID (sha256 of the uncompressed tar)."""
 
@@ -187,8 +176,8 @@ def build_image(
             {
                 "schemaVersion": 2,
                 "mediaType": _MANIFEST_TYPES[media],
-                "config": config.to_json(),
-                "layers": [layer.to_json() for layer in layers],
+                "config": config.to_dict(),
+                "layers": [layer.to_dict() for layer in layers],
             }
         )
         manifest_digest = _write_blob(blobs, manifest)
@@ -419,7 +408,7 @@ def _write_layer(blobs: Path, media: Media, seed: int, spec: LayerSpec, index: i
         os.replace(partial, blobs / digest.removeprefix("sha256:"))
     finally:
         partial.unlink(missing_ok=True)
-    return LayerDescriptor(_LAYER_TYPES[media][spec.compression], digest, size, diff_id)
+    return LayerDescriptor(_LAYER_TYPES[media][spec.compression], digest, size, diff_id=diff_id)
 
 
 def _write_blob(blobs: Path, data: bytes) -> str:
@@ -481,8 +470,8 @@ def _save_stamp(image: BuiltImage, key: str) -> None:
         "key": key,
         "media_type": image.media_type,
         "manifest_digest": image.manifest_digest,
-        "config": image.config.to_json(),
-        "layers": [{**layer.to_json(), "diff_id": layer.diff_id} for layer in image.layers],
+        "config": image.config.to_dict(),
+        "layers": [{**layer.to_dict(), "diff_id": layer.diff_id} for layer in image.layers],
     }
     partial = image.out_dir / f"{_STAMP}.partial"
     partial.write_text(json.dumps(stamp, indent=1))
@@ -500,7 +489,7 @@ def _load_cached(out_dir: Path, key: str, platform: Platform) -> BuiltImage | No
     blobs = out_dir / "blobs" / "sha256"
     c = stamp["config"]
     config = Descriptor(c["mediaType"], c["digest"], c["size"])
-    layers = tuple(LayerDescriptor(d["mediaType"], d["digest"], d["size"], d["diff_id"]) for d in stamp["layers"])
+    layers = tuple(LayerDescriptor(d["mediaType"], d["digest"], d["size"], diff_id=d["diff_id"]) for d in stamp["layers"])
     try:
         manifest = (blobs / stamp["manifest_digest"].removeprefix("sha256:")).read_bytes()
         if any((blobs / b.digest.removeprefix("sha256:")).stat().st_size != b.size for b in (config, *layers)):
