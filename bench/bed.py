@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -69,6 +70,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class BedError(RuntimeError):
     """The bed could not be set up, or refused to (name taken, not root, not lo)."""
+
+
+@dataclass(frozen=True)
+class CurlStreams:
+    """What :meth:`ThrottledBed.curl_streams` measured: the wall of the slowest and, per stream,
+    bytes, Mbit/s and local port."""
+
+    wall: float
+    sizes: list[int]
+    mbit: list[float]
+    ports: list[int]
 
 
 class ThrottledBed:
@@ -229,6 +241,25 @@ class ThrottledBed:
         proc = subprocess.Popen([*self.prefix, *cmd], **kwargs)
         self._procs.append(proc)
         return proc
+
+    def curl_streams(self, url: str, n: int) -> CurlStreams:
+        """``n`` curl downloads of ``url`` at once inside the namespace (to /dev/null)."""
+        started = time.perf_counter()
+        fmt = "%{size_download} %{speed_download} %{local_port}"
+        procs = [self.popen(["curl", "-sf", "-o", "/dev/null", "-w", fmt, url], stdout=subprocess.PIPE, text=True)
+                 for _ in range(n)]
+        outs = [p.communicate()[0].split() for p in procs]
+        wall = time.perf_counter() - started
+        for p in procs:
+            self.forget(p)
+            if p.returncode != 0:
+                raise RuntimeError(f"curl failed ({p.returncode}) on {url}")
+        return CurlStreams(
+            wall=wall,
+            sizes=[int(o[0]) for o in outs],
+            mbit=[float(o[1]) * 8 / 1e6 for o in outs],
+            ports=[int(o[2]) for o in outs],
+        )
 
     def forget(self, proc: subprocess.Popen[Any]) -> None:
         """Stop tracking a process that was waited for."""

@@ -102,23 +102,14 @@ def bed_check(bed: ThrottledBed, url: str, size: int, streams: list[int]) -> lis
     """``n`` curl downloads of one blob at once: aggregate and per-stream Mbit/s against the caps."""
     rows = []
     for n in streams:
-        started = time.perf_counter()
-        procs = [bed.popen(["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download} %{local_port}", url],
-                           stdout=subprocess.PIPE, text=True) for _ in range(n)]
-        outs = [p.communicate()[0].split() for p in procs]
-        wall = time.perf_counter() - started
-        for p in procs:
-            bed.forget(p)
-            if p.returncode != 0:
-                raise RuntimeError(f"curl failed ({p.returncode}) on {url}")
-        each = [float(o[0]) * 8 / 1e6 for o in outs]
+        run = bed.curl_streams(url, n)
         rows.append({
             "streams": n,
             "expected": min(n * bed.per_flow_mbit, bed.link_mbit),
-            "aggregate": n * size * 8 / wall / 1e6,
-            "per_stream_median": statistics.median(each),
-            "per_stream_max": max(each),
-            "collisions": bed.collisions([int(o[1]) for o in outs]),
+            "aggregate": n * size * 8 / run.wall / 1e6,
+            "per_stream_median": statistics.median(run.mbit),
+            "per_stream_max": max(run.mbit),
+            "collisions": bed.collisions(run.ports),
         })
         log(f"bed check {n} streams: {rows[-1]['aggregate']:.0f} Mbit/s (expected {rows[-1]['expected']:.0f})")
     return rows

@@ -719,8 +719,6 @@ class FetchEngine:
         if t.sink.error is not None:
             self._finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
             return
-        if blob.mode == "probe" and status == 206:
-            blob.mode = "ranged"
         if curl_code == 0 and status in (200, 206) and t.sink.armed and t.sink.offset == t.end:
             blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
             self._on_chunk_done(blob)

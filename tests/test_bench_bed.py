@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -45,16 +44,9 @@ def _mbit(nbytes: int, seconds: float) -> float:
 
 def _streams(bed: ThrottledBed, url: str, size: int, n: int) -> tuple[float, list[float]]:
     """``n`` curl downloads of ``url`` at once inside the bed: aggregate Mbit/s and each one's Mbit/s."""
-    started = time.perf_counter()
-    procs = [bed.popen(["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download} %{speed_download}", url],
-                       stdout=subprocess.PIPE, text=True) for _ in range(n)]
-    outs = [p.communicate()[0].split() for p in procs]
-    wall = time.perf_counter() - started
-    for p in procs:
-        assert p.returncode == 0
-        bed.forget(p)
-    assert all(int(got) == size for got, _ in outs)
-    return _mbit(n * size, wall), [float(speed) * 8 / 1e6 for _, speed in outs]
+    run = bed.curl_streams(url, n)
+    assert all(got == size for got in run.sizes)
+    return _mbit(n * size, run.wall), run.mbit
 
 
 def _out(cmd: list[str]) -> str:

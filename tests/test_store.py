@@ -18,11 +18,16 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _write_all(writer, data: bytes) -> None:
-    sink = writer.sink(0, len(data), 0)
+def _land(writer, data: bytes, start: int, end: int) -> None:
+    """Bytes [start, end) of ``data`` arrive, as one ranged response (from ``start`` on)."""
+    sink = writer.sink(start, end, start)
     sink.arm()
-    for i in range(0, len(data), 1000):
-        sink(data[i : i + 1000])
+    for i in range(start, end, 64 * 1024):
+        sink(data[i : min(i + 64 * 1024, end)])
+
+
+def _write_all(writer, data: bytes) -> None:
+    _land(writer, data, 0, len(data))
 
 
 def test_store_commit_verifies_and_renames(tmp_path):
@@ -56,9 +61,7 @@ def test_store_commit_refuses_incomplete_blob(tmp_path):
     data = os.urandom(200_000)
     d = _digest(data)
     writer = store.open_writer(d, len(data), chunk_size=64 * 1024)
-    sink = writer.sink(0, 100_000, 0)
-    sink.arm()
-    sink(data[:100_000])
+    _land(writer, data, 0, 100_000)
     with pytest.raises(Exception, match="before all chunks arrived"):
         writer.commit(d)
     assert not store.has(d)
@@ -69,18 +72,14 @@ def test_store_resume_keeps_finished_chunks(tmp_path):
     data = os.urandom(1_000_000)
     d = _digest(data)
     writer = store.open_writer(d, len(data), chunk_size=100_000)
-    sink = writer.sink(0, 450_000, 0)
-    sink.arm()
-    sink(data[:450_000])
+    _land(writer, data, 0, 450_000)
     writer.close()  # killed here
 
     again = store.open_writer(d, len(data), chunk_size=4096)  # chunk size of the ingest wins
     assert again.chunk_size == 100_000
     assert again.missing_chunks() == list(range(4, 10))
     assert again.resumed_bytes == 400_000
-    sink = again.sink(400_000, 1_000_000, 400_000)
-    sink.arm()
-    sink(data[400_000:])
+    _land(again, data, 400_000, 1_000_000)
     assert again.commit(d).read_bytes() == data
 
 
@@ -89,13 +88,9 @@ def test_store_advance_digest_follows_watermark(tmp_path):
     data = os.urandom(500_000)
     d = _digest(data)
     writer = store.open_writer(d, len(data), chunk_size=100_000)
-    tail = writer.sink(300_000, 500_000, 300_000)
-    tail.arm()
-    tail(data[300_000:])
+    _land(writer, data, 300_000, 500_000)
     assert writer.advance_digest() == 0  # chunk 0 missing: nothing contiguous yet
-    head = writer.sink(0, 300_000, 0)
-    head.arm()
-    head(data[:300_000])
+    _land(writer, data, 0, 300_000)
     assert writer.advance_digest() == 500_000
     assert writer.commit(d).exists()
 
@@ -167,9 +162,7 @@ def test_store_reader_follows_a_download_in_progress(tmp_path):
     def download():
         for start in range(0, len(data), 100_000):  # in order, slowly, then commit
             time.sleep(0.02)
-            sink = writer.sink(start, start + 100_000, start)
-            sink.arm()
-            sink(data[start : start + 100_000])
+            _land(writer, data, start, start + 100_000)
         writer.commit(d)
 
     t = threading.Thread(target=download)
@@ -188,9 +181,7 @@ def test_store_reader_stops_when_download_is_abandoned(tmp_path):
     data = os.urandom(300_000)
     d = _digest(data)
     writer = store.open_writer(d, len(data), chunk_size=100_000)
-    sink = writer.sink(0, 100_000, 0)
-    sink.arm()
-    sink(data[:100_000])
+    _land(writer, data, 0, 100_000)
     reader = BlobReader(store, d, len(data))
     assert reader.read(100_000) == data[:100_000]
     threading.Timer(0.2, writer.close).start()  # the download gives up
