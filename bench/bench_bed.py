@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers
-from bed import REPO, ThrottledBed
+from bed import REPO, ThrottledBed, compile_package
 from peers import Sample
 
 from fastpull.testbed.images import BuiltImage, LayerSpec, build_image, push_image
@@ -305,10 +305,12 @@ def main() -> int:
     chunk_mib = parse_ints(args.chunk_mib or ("4,16" if quick else "4,16,64"))
     per_blob_typical = parse_ints(args.per_blob or ("1,8" if quick else "1,4,16,64"))
     per_blob_big = parse_ints(args.per_blob or ("4,16" if quick else "4,16,128"))
+    per_blob_small = parse_ints(args.per_blob or ("1,4" if quick else "1,4,16"))
     blobs = parse_ints(args.blobs or "1,8")
     concurrency = parse_ints(args.concurrency)
     concurrency_runs = args.concurrency_runs or 1
     sections = set(args.only.split(","))
+    compile_package(args.fastpull_root)
     flags = peers.fastpull_flags(args.fastpull_root)
     fixed = "--fixed" in flags  # a self-tuning engine: the sweep pins each setting
     unpack = "--snapshots" in flags
@@ -390,7 +392,9 @@ def main() -> int:
                           "Connections are capped at 64 (`max_host_connections`), whatever the product."
                           + (" Every cell runs `--fixed` (no self-tuning: the setting as given)." if fixed else ""))
                 best_peer = {r["image"]: r for r in data["shapes"] if r["tool"] in PEERS}
-                for key, per_blob_list, blob_list in (("typical", per_blob_typical, blobs), ("big", per_blob_big, [1])):
+                grids = (("typical", per_blob_typical, blobs), ("big", per_blob_big, [1]),
+                         ("small", per_blob_small, [8, 24]))
+                for key, per_blob_list, blob_list in grids:
                     image = images[key]
                     peer_rows = [r for r in data["shapes"] if r["image"] == key and r["tool"] in PEERS]
                     peer = min(peer_rows, key=lambda r: r["wall"]) if peer_rows else None
@@ -413,6 +417,12 @@ def main() -> int:
                     if peer:
                         head += f"; best peer: {peer['tool']} {peer['wall']:.2f} s"
                     md.append(head + "\n\n" + sample_table(table_rows, image.total_size, ref_sample))
+                    defaults = [r for r in data["shapes"] if r["image"] == key and r["tool"] == "fastpull"]
+                    if defaults and table_rows:
+                        top_name, top = min(table_rows, key=lambda row: row[1].wall)
+                        md.append(f"fastpull's defaults (shapes table, {defaults[0]['wall']:.2f} s) reach "
+                                  f"{top.wall / defaults[0]['wall']:.0%} of the best sweep point ({top_name}, "
+                                  f"{top.wall:.2f} s).")
                 del best_peer
 
             if "concurrency" in sections:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bed import compile_package
 from fastpull.testbed.images import BuiltImage, LayerSpec, build_image, push_image
 from fastpull.testbed.registry import LocalRegistry
 
@@ -147,6 +148,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fastpull-bench")
     args = ap.parse_args()
 
+    compile_package()
     args.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
     sizes = [int(float(x) * MB) for x in args.layers.split(",")]

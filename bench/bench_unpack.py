@@ -24,6 +24,7 @@ from pathlib import Path
 import zstandard
 from isal import isal_zlib
 
+from bed import compile_package
 from bench_fetch import MB, RESULTS, median_sample, run_fastpull
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 from fastpull.testbed.registry import LocalRegistry
@@ -79,6 +80,7 @@ def main() -> int:
                     help="run on bench/bed.py's shaped namespace, caps in Mbit/s (default: plain loopback)")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
+    compile_package()
     args.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
     report = []

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -142,6 +141,8 @@ def _entry_credentials(entry: object) -> Credentials | None:
 
 def _helper_credentials(helper: str, server: str) -> Credentials | None:
     """Ask ``docker-credential-<helper> get`` (the Docker credential helper protocol)."""
+    import subprocess  # only here: keeps every pull's start-up short
+
     try:
         done = subprocess.run(
             [f"docker-credential-{helper}", "get"], input=server.encode(), capture_output=True, timeout=30, check=False

@@ -20,7 +20,6 @@ import os
 import queue
 import random
 import selectors
-import statistics
 import threading
 import time
 from collections import deque
@@ -74,13 +73,13 @@ class FetchOptions:
     """Bytes per Range request; None: adapted to ~1 s per request, 4-64 MiB."""
     chunks_per_blob: int = 32
     """Ranged transfers in flight per blob, at most."""
-    blobs_in_flight: int = 8
+    blobs_in_flight: int = 16
     max_transfers: int = 64
     """Transfers in flight in all, at most."""
     adaptive: bool = True
     """Tune transfers in flight (and the request size, unless chunk_size is set) from the
     throughput measured during the pull; False runs at the caps."""
-    initial_transfers: int = 8
+    initial_transfers: int = 16
     max_host_connections: int = 64
     http2: bool = True
     retries: int = 6
@@ -265,6 +264,12 @@ def _content_range_start(value: str | None) -> int | None:
         return None
     first = value[6:].split("-", 1)[0].strip()
     return int(first) if first.isdigit() else None
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _put_back(blob: _Blob, chunks: list[int]) -> None:
@@ -812,7 +817,7 @@ class FetchEngine:
                 peers = [p.rate for p in blob.transfers if p is not t] + list(blob.finished_rates)
                 if len(peers) < 2 or now - t.started < opts.straggler_min_age:
                     continue
-                typical = statistics.median(peers)
+                typical = _median(peers)
                 remaining = t.end - t.sink.offset
                 if t.rate * opts.straggler_ratio < typical and remaining > t.rate * opts.straggler_min_age:
                     log.info("re-issuing slow range %d-%d of %s (%.0f B/s, typical %.0f B/s)",

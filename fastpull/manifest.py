@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform as _host
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -86,9 +86,9 @@ class Platform:
     @classmethod
     def host(cls) -> Platform:
         """The platform of this machine, normalized (x86_64 is amd64, aarch64 is arm64/v8, ...)."""
-        machine = _host.machine().lower()
+        machine = os.uname().machine.lower()
         arch, variant = _MACHINES.get(machine, (machine, None))
-        return cls(_host.system().lower(), arch, variant).normalized()
+        return cls(os.uname().sysname.lower(), arch, variant).normalized()
 
     def normalized(self) -> Platform:
         """Canonical names: ``x86_64`` -> ``amd64``, arm64 variant ``v8`` by default, arm ``v7``, ..."""

@@ -6,7 +6,6 @@ Builds on auth and transport; the distribution API (``/v2/...``) is known here o
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -196,6 +195,8 @@ def _is_loopback(host: str) -> bool:
     name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
     if name == "localhost":
         return True
+    import ipaddress  # only here: keeps every pull's start-up short
+
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:

@@ -6,7 +6,6 @@ the original host only: libcurl (>= 7.58) drops it when a redirect leads to anot
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
 import random
@@ -232,6 +231,8 @@ def _retry_after(value: str | None) -> float:
     if value.strip().isdigit():
         return float(value)
     try:
+        import email.utils  # rare: Retry-After as an HTTP date (imported here to keep start-up short)
+
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return 0.0

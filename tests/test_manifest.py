@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import platform
+import os
 from typing import Any
 
 import pytest
@@ -191,8 +191,7 @@ def test_platform_parse_rejects(spec: str) -> None:
     ],
 )
 def test_platform_host(monkeypatch: pytest.MonkeyPatch, machine: str, expected: str) -> None:
-    monkeypatch.setattr(platform, "machine", lambda: machine)
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "host", "6.1", "#1", machine)))
     assert str(Platform.host()) == expected
 
 
