@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bed import compile_package
+from procs import become_subreaper, children, reap_orphans
 from fastpull.testbed.images import BuiltImage, LayerSpec, build_image, push_image
 from fastpull.testbed.registry import LocalRegistry
 
@@ -33,7 +34,7 @@ MiB = 1 << 20
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Runs in a fresh interpreter: times only the pull (not Python start-up) and reports its rusage.
-# Unpack workers are child processes: their CPU and peak RSS are added in.
+# Unpack workers (a forkserver and its children) outlive it: run_fastpull adopts and counts them.
 DRIVER = """
 import json, resource, sys, time
 from fastpull import FetchOptions, pull
@@ -56,23 +57,33 @@ class Sample:
     bytes: int
 
 
-def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = None, rootfs: bool = False) -> Sample:
+def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = None, rootfs: bool = False,
+                 deferred: list[Path] | None = None) -> Sample:
     """One pull in a fresh process: into a fresh layout unless ``layout`` is given (kept then),
-    and unpacked into a fresh rootfs with ``rootfs``."""
+    and unpacked into a fresh rootfs with ``rootfs``. What it made is removed afterwards, or
+    added to ``deferred`` for the caller to remove later."""
     fresh = layout is None
     layout = layout or Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
     target = Path(tempfile.mkdtemp(dir=work, prefix="rootfs-")) / "root" if rootfs else None
+    become_subreaper()  # unpack workers outlive the driver's report: adopt and count them
+    before = set(children())
     try:
         out = subprocess.run(
             [sys.executable, "-c", DRIVER, ref, str(layout), json.dumps(options), str(target or "")],
             capture_output=True, text=True, check=True,
         ).stdout
-        return Sample(**json.loads(out.strip().splitlines()[-1]))
+        sample = Sample(**json.loads(out.strip().splitlines()[-1]))
+        cpu, rss = reap_orphans(before)
+        sample.cpu += cpu
+        sample.rss_mb += rss
+        return sample
     finally:
-        if fresh:
-            shutil.rmtree(layout)
-        if target is not None:
-            shutil.rmtree(target.parent)
+        made = ([layout] if fresh else []) + ([target.parent] if target is not None else [])
+        if deferred is not None:
+            deferred.extend(made)
+        else:
+            for path in made:
+                shutil.rmtree(path)
 
 
 def run_curl(registry_url: str, repo: str, image: BuiltImage, work: Path, streams_per_blob: int,

@@ -14,10 +14,8 @@ Wall time includes each tool's start-up (for fastpull, the Python interpreter's:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from bed import REPO, ThrottledBed
+from procs import become_subreaper, children, reap_orphans
 
 MiB = 1 << 20
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -72,8 +71,8 @@ def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen
     escape ``time``; this process is a child subreaper, so they are re-parented here, and their CPU
     and peak RSS are added when they are reaped (waited for up to ``_ORPHAN_WAIT`` s, then ended).
     """
-    _become_subreaper()
-    before = set(_children())
+    become_subreaper()
+    before = set(children())
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         logs = [open(Path(tmp) / f"{i}.log", "wb+") for i in range(len(commands))]  # noqa: SIM115
         usage_files = [Path(tmp) / f"{i}.usage" for i in range(len(commands))]
@@ -99,63 +98,12 @@ def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen
                 log.close()
         if failed:
             raise PeerError(f"{tool}: {len(failed)} of {len(commands)} failed\n" + "\n".join(failed))
-        cpu, rss = _reap_orphans(before)
+        cpu, rss = reap_orphans(before)
         for usage in usage_files:
             user, system, max_kib = usage.read_text().split()[-3:]
             cpu += float(user) + float(system)
             rss += int(max_kib) / 1024
     return Sample(tool, wall, cpu, rss, len(commands))
-
-
-_ORPHAN_WAIT = 15.0
-_subreaper = False
-
-
-def _become_subreaper() -> None:
-    global _subreaper
-    if not _subreaper:
-        import ctypes
-
-        if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-        _subreaper = True
-
-
-def _children() -> list[int]:
-    """PIDs whose parent is this process (zombies included)."""
-    me = os.getpid()
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                found.append(int(entry.name))
-    return found
-
-
-def _reap_orphans(known: set[int]) -> tuple[float, float]:
-    """Reap children that were not ours before a measurement (re-parented descendants): CPU s, RSS MB."""
-    cpu = rss = 0.0
-    deadline = time.monotonic() + _ORPHAN_WAIT
-    while orphans := [pid for pid in _children() if pid not in known]:
-        for pid in orphans:
-            try:
-                got, _, usage = os.wait4(pid, os.WNOHANG)
-            except ChildProcessError:
-                continue
-            if got:
-                cpu += usage.ru_utime + usage.ru_stime
-                rss += usage.ru_maxrss / 1024
-        if time.monotonic() > deadline:
-            for pid in orphans:  # descendants of the measured commands, still running: end them
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + _ORPHAN_WAIT
-        time.sleep(0.01)
-    return cpu, rss
 
 
 # ---- fastpull -------------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ class _Blob:
     size: int
     futures: list[Future] = field(default_factory=list)
     openers: list = field(default_factory=list)  # on_open callbacks not yet called
+    streamed: bool = False  # someone reads it while it downloads (on_open): favour its head
     writer: BlobWriter | None = None
     url: str = ""
     registry_netloc: str = ""
@@ -493,6 +494,7 @@ class FetchEngine:
         if blob is not None:
             blob.futures.append(future)
             if on_open is not None:
+                blob.streamed = True
                 blob.openers.append(on_open)
                 if blob.writer is not None:
                     self._call_openers(blob)
@@ -504,7 +506,8 @@ class FetchEngine:
             future.set_result(store.blob_path(digest))
             return
         url = source.blob_url(digest)
-        blob = _Blob(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc)
+        blob = _Blob(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc,
+                     streamed=on_open is not None)
         if on_open is not None:
             blob.openers.append(on_open)
         self._blobs[key] = blob
@@ -631,9 +634,19 @@ class FetchEngine:
                 return
 
     def _take_run(self, blob: _Blob) -> range:
-        """The next request of a blob: consecutive pending chunks adding up to the request size."""
+        """The next request of a blob: consecutive pending chunks adding up to the request size.
+
+        A streamed blob (one an unpacker reads as it lands) gets short requests, about 1/8 s
+        of one stream: its reader follows the contiguous watermark, which trails the requests
+        in flight by (transfers x request size), and slots going to blobs in order, the blob
+        takes the whole link and lands front to back instead of every layer crawling at once.
+        That costs more requests; a size the user fixed is kept.
+        """
         bitmap = blob.writer.bitmap
-        span = max(1, -(-self._tuner.request_bytes // bitmap.chunk_size))
+        tuner = self._tuner
+        span = max(1, -(-tuner.request_bytes // bitmap.chunk_size))
+        if blob.streamed and tuner.adapt_size:
+            span = max(1, min(span // 8, -(-bitmap.nchunks // tuner.target)))
         first = blob.pending.pop(0)
         last = first
         while (last - first + 1 < span and blob.pending and blob.pending[0] == last + 1
