@@ -10,13 +10,15 @@ Overlap works when pull+unpack takes about max(download-only, unpack-only), not 
 
 Every tree the runs make is removed only at the end: on an ext4 without a journal (as here),
 creating files soon after thousands were deleted makes the kernel scan the deleted inodes
-(``recently_deleted``), which would charge whichever run came next.
+(``recently_deleted``), which would charge whichever run came next. Each run starts after a
+``sync``, so that no run pays for writing back the pages of the one before.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import sys
@@ -117,9 +119,12 @@ def main() -> int:
             for _ in range(runs):
                 layout = Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
                 deferred.append(layout)
+                os.sync()
                 download.append(inside(run_fastpull, ref, work, {}, layout=layout))
+                os.sync()
                 unpack.append(inside(run_fastpull, ref, work, {}, layout=layout, rootfs=True,  # blobs there
                                      deferred=deferred))
+                os.sync()
                 both.append(inside(run_fastpull, ref, work, {}, rootfs=True, deferred=deferred))
                 print(f"{shape}: download {download[-1].wall:.2f}s unpack {unpack[-1].wall:.2f}s "
                       f"both {both[-1].wall:.2f}s", file=sys.stderr, flush=True)

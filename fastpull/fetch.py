@@ -636,17 +636,18 @@ class FetchEngine:
     def _take_run(self, blob: _Blob) -> range:
         """The next request of a blob: consecutive pending chunks adding up to the request size.
 
-        A streamed blob (one an unpacker reads as it lands) gets short requests, about 1/8 s
-        of one stream: its reader follows the contiguous watermark, which trails the requests
-        in flight by (transfers x request size), and slots going to blobs in order, the blob
-        takes the whole link and lands front to back instead of every layer crawling at once.
-        That costs more requests; a size the user fixed is kept.
+        A streamed blob (one an unpacker reads as it lands) gets shorter requests: about 1/8 s
+        of one stream, but no fewer than 1/64 of the blob (each request costs CPU on both
+        ends). Its reader follows the contiguous watermark, which trails the requests in
+        flight by (transfers x request size); and with slots going to blobs in order, the blob
+        takes the link and lands front to back instead of every layer crawling at once.
+        A request size the user fixed is kept.
         """
         bitmap = blob.writer.bitmap
         tuner = self._tuner
         span = max(1, -(-tuner.request_bytes // bitmap.chunk_size))
         if blob.streamed and tuner.adapt_size:
-            span = max(1, min(span // 8, -(-bitmap.nchunks // tuner.target)))
+            span = min(span, max(span // 8, -(-bitmap.nchunks // 64), 1))
         first = blob.pending.pop(0)
         last = first
         while (last - first + 1 < span and blob.pending and blob.pending[0] == last + 1

@@ -11,7 +11,7 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v curl >/dev/null || need+=(curl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if $bench; then
-    for tool in skopeo containerd; do command -v "$tool" >/dev/null || need+=("$tool"); done
+    for tool in skopeo containerd openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
     [ -x /usr/bin/time ] || need+=(time)
     command -v tc >/dev/null || need+=(iproute2)
 fi
