@@ -57,14 +57,18 @@ class Sample:
     bytes: int
 
 
-def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = None, rootfs: bool = False,
+def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = None, rootfs: bool | Path = False,
                  deferred: list[Path] | None = None) -> Sample:
     """One pull in a fresh process: into a fresh layout unless ``layout`` is given (kept then),
-    and unpacked into a fresh rootfs with ``rootfs``. What it made is removed afterwards, or
-    added to ``deferred`` for the caller to remove later."""
+    and unpacked into a fresh rootfs with ``rootfs`` (into that directory, kept, if it is a
+    path). What it made is removed afterwards, or added to ``deferred`` for the caller to remove."""
     fresh = layout is None
     layout = layout or Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
-    target = Path(tempfile.mkdtemp(dir=work, prefix="rootfs-")) / "root" if rootfs else None
+    made = [layout] if fresh else []
+    target = rootfs if isinstance(rootfs, Path) else None
+    if rootfs is True:
+        target = Path(tempfile.mkdtemp(dir=work, prefix="rootfs-")) / "root"
+        made.append(target.parent)
     become_subreaper()  # unpack workers outlive the driver's report: adopt and count them
     before = set(children())
     try:
@@ -78,7 +82,6 @@ def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = N
         sample.rss_mb += rss
         return sample
     finally:
-        made = ([layout] if fresh else []) + ([target.parent] if target is not None else [])
         if deferred is not None:
             deferred.extend(made)
         else:

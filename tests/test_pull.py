@@ -17,7 +17,11 @@ import pytest
 from conftest import blob_storage_path
 from fastpull import DigestMismatch, FetchOptions, Puller, pull
 from fastpull.core import ChunkBitmap
+from fastpull.fetch import FetchEngine
 from fastpull.layout import REF_NAME
+from fastpull.puller import RepositorySource
+from fastpull.registry import RegistryClient
+from fastpull.store import ContentStore
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 
 MiB = 1 << 20
@@ -218,3 +222,29 @@ def test_pull_cli_reports_throughput(registry, image_cache, layout):
     )
     assert bad.returncode == 1 and "pull/nope" in bad.stderr and "Traceback" not in bad.stderr
     assert os.path.exists(layout / "index.json")
+
+
+def test_streamed_layers_land_front_to_back(registry, image_cache, tmp_path):
+    """Layers an unpacker follows (``on_open``) get short requests and the transfer slots in
+    order, so the first lands before the second has much; unfollowed blobs share the slots."""
+    image, _ = _push(registry, image_cache, "pull/streamed", [LayerSpec(4 * MiB, files=1)] * 4, seed=3)
+    store = ContentStore(tmp_path / "store")
+    source = RepositorySource(RegistryClient(registry.host), "pull/streamed")
+    options = FetchOptions(initial_transfers=4, transfer_rate_limit=2 * MiB)
+
+    def chunks_of_second_when_first_lands(first, second, on_open) -> int:
+        seen = []
+
+        def landed(_future) -> None:  # in the engine's thread, as the first blob is committed
+            bitmap = store.ingest_dir / second.digest.removeprefix("sha256:") / "bitmap"
+            seen.append(ChunkBitmap(bitmap).count() if bitmap.exists() else 0)
+
+        with FetchEngine(options) as engine:
+            first_done = engine.fetch(store, source, first.digest, first.size, on_open=on_open)
+            first_done.add_done_callback(landed)
+            engine.fetch(store, source, second.digest, second.size, on_open=on_open).result()
+        return seen[0]
+
+    layers = image.layers
+    assert chunks_of_second_when_first_lands(layers[0], layers[1], on_open=lambda: None) <= 1
+    assert chunks_of_second_when_first_lands(layers[2], layers[3], on_open=None) >= 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -14,11 +13,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import zstandard
 
 from fastpull import DigestMismatch, FetchOptions, pull
 from fastpull.rootfs import OPAQUE_XATTR
 from fastpull.testbed.images import LayerSpec, build_image, push_image
+from fastpull.testbed.reference import describe, reference_rootfs
 
 MiB = 1 << 20
 ROOT = os.geteuid() == 0
@@ -114,63 +113,6 @@ def special_image(registry, image_cache):
     image = build_image(SPECS, image_cache / "special", seed=21)
     push_image(registry.url, "unpack/special", "v1", image)
     return image, f"{registry.host}/unpack/special:v1"
-
-
-def _uncompressed(image, desc) -> bytes:
-    data = image.blob_path(desc.digest).read_bytes()
-    if desc.media_type.endswith("gzip"):
-        return gzip.decompress(data)
-    if desc.media_type.endswith("zstd"):
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    return data
-
-
-def reference_rootfs(image, target: Path, scratch: Path) -> None:
-    """Apply the layers one by one with GNU tar, processing OCI whiteouts by hand."""
-    target.mkdir()
-    for i, desc in enumerate(image.layers):
-        tar_path = scratch / f"layer-{i}.tar"
-        tar_path.write_bytes(_uncompressed(image, desc))
-        names = subprocess.run(["tar", "-tf", tar_path], capture_output=True, text=True, check=True).stdout
-        for name in names.splitlines():
-            parent, base = os.path.split(name.rstrip("/"))
-            if base == ".wh..wh..opq":
-                for child in (target / parent).iterdir():
-                    subprocess.run(["rm", "-rf", child], check=True)
-            elif base.startswith(".wh."):
-                subprocess.run(["rm", "-rf", target / parent / base[4:]], check=True)
-        subprocess.run(
-            ["tar", "-xpf", tar_path, "-C", target, "--numeric-owner", "--xattrs", "--xattrs-include=*",
-             "--exclude=.wh.*"],
-            check=True,
-        )
-
-
-def describe(root: Path) -> dict:
-    """Everything the comparison looks at, by path: type, mode, owner, size, content, links, xattrs."""
-    tree: dict[str, tuple] = {}
-    inodes: dict[int, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            kind = stat.S_IFMT(st.st_mode)
-            extra = None
-            if stat.S_ISREG(st.st_mode):
-                extra = hashlib.sha256(path.read_bytes()).hexdigest()
-                inodes.setdefault(st.st_ino, []).append(rel)
-            elif stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(path)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            xattrs = {}
-            if not stat.S_ISLNK(st.st_mode):
-                xattrs = {k: os.getxattr(path, k) for k in os.listxattr(path) if k.startswith(("user.", "security."))}
-            size = st.st_size if stat.S_ISREG(st.st_mode) else None
-            tree[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, extra, xattrs)
-    groups = sorted(sorted(paths) for paths in inodes.values() if len(paths) > 1)
-    return {"tree": tree, "hardlinks": groups}
 
 
 @pytest.mark.skipif(not ROOT, reason="owners, devices and security xattrs need root")
