@@ -433,18 +433,24 @@ def main() -> int:
                           "fastpull: N `python -m fastpull pull` processes into one layout (they share each "
                           "download through the store's per-digest lock). containerd: N `ctr` clients against "
                           "one fresh daemon: `ctr image pull` (fetch + unpack to overlayfs) and `ctr content "
-                          "fetch` (fetch only). CPU and RSS are summed over all processes (and the daemon)."
+                          "fetch` (fetch only). CPU and RSS are summed over all processes (and the daemon). "
+                          "fastpull, one process: the N pulls as threads of one process sharing one `Puller` "
+                          "(the Python API, as a node prefetcher would use it): no interpreter start-up per pull."
                           + (" fastpull pull+unpack: the same with `--snapshots DIR` (one directory for all N: "
                              "overlayfs lower dirs by ChainID); compare it with `ctr image pull`." if unpack else ""))
                 lines = ["| N | setting | wall s | vs best peer | CPU s | peak RSS MB (sum) |",
                          "| ---: | --- | ---: | ---: | ---: | ---: |"]
                 for n in concurrency:
-                    rows: dict[str, list[Sample]] = {"fastpull": [], "containerd fetch": [], "containerd pull": []}
+                    rows: dict[str, list[Sample]] = {"fastpull": [], "fastpull, one process": [],
+                                                     "containerd fetch": [], "containerd pull": []}
                     if unpack:
                         rows["fastpull pull+unpack"] = []
                     for _ in range(concurrency_runs):
                         rows["fastpull"].append(bench.fastpull("concurrency", key, f"fastpull x{n}", refs[key], 1,
                                                                concurrent=n))
+                        rows["fastpull, one process"].append(bench.measure(
+                            "concurrency", key, f"fastpull one process x{n}", 1, peers.measure_fastpull_threads,
+                            refs[key], runs_dir, n, args.fastpull_root))
                         if unpack:
                             rows["fastpull pull+unpack"].append(bench.fastpull(
                                 "concurrency", key, f"fastpull pull+unpack x{n}", refs[key], 1, concurrent=n,

@@ -154,6 +154,29 @@ def measure_fastpull(bed: ThrottledBed, ref: str, work: Path, options: dict[str,
         shutil.rmtree(layout.parent, ignore_errors=True)
 
 
+_THREADS_DRIVER = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from fastpull import Puller
+ref, layout, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Puller() as puller, ThreadPoolExecutor(n) as pool:
+    for result in list(pool.map(lambda _: puller.pull(ref, layout), range(n))):
+        assert result.descriptor.digest
+"""
+
+
+def measure_fastpull_threads(bed: ThrottledBed, ref: str, work: Path, concurrent: int, root: Path = REPO) -> Sample:
+    """``concurrent`` pulls of ``ref`` as threads of one process sharing one :class:`Puller`
+    (how a node prefetcher would use the Python API): no interpreter start-up per pull."""
+    layout = Path(tempfile.mkdtemp(dir=work, prefix="fastpull-threads-"))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    try:
+        return run_at_once(bed, "fastpull threads", [[sys.executable, "-c", _THREADS_DRIVER, ref, str(layout / "oci"),
+                                                      str(concurrent)]], cwd=root, env=env)
+    finally:
+        shutil.rmtree(layout, ignore_errors=True)
+
+
 # ---- skopeo ----------------------------------------------------------------------------------------
 
 
