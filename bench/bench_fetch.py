@@ -57,11 +57,11 @@ class Sample:
     bytes: int
 
 
-def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = None, rootfs: bool | Path = False,
-                 deferred: list[Path] | None = None) -> Sample:
+def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = None,
+                 rootfs: bool | Path = False) -> Sample:
     """One pull in a fresh process: into a fresh layout unless ``layout`` is given (kept then),
     and unpacked into a fresh rootfs with ``rootfs`` (into that directory, kept, if it is a
-    path). What it made is removed afterwards, or added to ``deferred`` for the caller to remove."""
+    path). What it made is removed afterwards."""
     fresh = layout is None
     layout = layout or Path(tempfile.mkdtemp(dir=work, prefix="layout-"))
     made = [layout] if fresh else []
@@ -82,11 +82,8 @@ def run_fastpull(ref: str, work: Path, options: dict, *, layout: Path | None = N
         sample.rss_mb += rss
         return sample
     finally:
-        if deferred is not None:
-            deferred.extend(made)
-        else:
-            for path in made:
-                shutil.rmtree(path)
+        for path in made:
+            shutil.rmtree(path)
 
 
 def run_curl(registry_url: str, repo: str, image: BuiltImage, work: Path, streams_per_blob: int,
