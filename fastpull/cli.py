@@ -1,4 +1,4 @@
-"""Command line: ``fastpull pull``, ``fastpull demo``."""
+"""Command line: ``fastpull pull``, ``fastpull demo``, ``fastpull bench``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_bed.py"
+
+
+def _run_bench(bench_args: list[str]) -> int:
+    """Run the far-registry bench of the source tree with ``bench_args`` (its own options)."""
+    if not BENCH_SCRIPT.is_file():
+        print(f"fastpull: the bench comes with the source tree; {BENCH_SCRIPT} is missing", file=sys.stderr)
+        return 2
+    import subprocess
+
+    return subprocess.call([sys.executable, str(BENCH_SCRIPT), *bench_args])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpull", description="Pull OCI/Docker images fast.")
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -104,10 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, help="where the image, registry and layout go (default: a temp dir)")
     _add_fetch_arguments(p)
     p.set_defaults(func=_cmd_demo)
+
+    # Listed for --help only: main() hands everything after "bench" to the bench script.
+    sub.add_parser("bench", help="far-registry bench against skopeo and containerd (root; see `fastpull bench --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
