@@ -154,7 +154,7 @@ class Platform:
 
 
 _MACHINES: dict[str, tuple[str, str | None]] = {
-    # platform.machine() names that normalized() does not already map
+    # os.uname().machine names that normalized() does not already map
     "i686": ("386", None),
     "armv8l": ("arm", "v8"),
     "armv7l": ("arm", "v7"),
