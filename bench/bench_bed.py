@@ -449,8 +449,9 @@ def main() -> int:
                         rows["fastpull"].append(bench.fastpull("concurrency", key, f"fastpull x{n}", refs[key], 1,
                                                                concurrent=n))
                         rows["fastpull, one process"].append(bench.measure(
-                            "concurrency", key, f"fastpull one process x{n}", 1, peers.measure_fastpull_threads,
-                            refs[key], runs_dir, n, args.fastpull_root))
+                            "concurrency", key, f"fastpull one process x{n}", 1, peers.measure_fastpull, refs[key],
+                            runs_dir, concurrent=n, label="fastpull, one process", root=args.fastpull_root,
+                            one_process=True))
                         if unpack:
                             rows["fastpull pull+unpack"].append(bench.fastpull(
                                 "concurrency", key, f"fastpull pull+unpack x{n}", refs[key], 1, concurrent=n,

@@ -132,49 +132,44 @@ def fastpull_flags(root: Path = REPO) -> set[str]:
     return {word.strip("[],") for word in out.split() if word.startswith(("--", "[--"))}
 
 
-def measure_fastpull(bed: ThrottledBed, ref: str, work: Path, options: dict[str, int] | None = None,
-                     concurrent: int = 1, label: str = "fastpull", root: Path = REPO, unpack: bool = False) -> Sample:
-    """``concurrent`` ``fastpull pull`` processes of ``ref`` into one fresh layout.
-
-    ``root`` is the directory holding the ``fastpull`` package to run (this tree by default). With
-    ``unpack`` they also unpack into one fresh ``--snapshots`` directory (overlayfs lower dirs).
-    """
-    layout = Path(tempfile.mkdtemp(dir=work, prefix="fastpull-"))
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = fastpull_command(ref, layout / "oci", options)
-    if unpack:
-        cmd += ["--snapshots", str(layout / "snapshots")]
-    layout = layout / "oci"
-    try:
-        sample = run_at_once(bed, label, [cmd] * concurrent, cwd=root, env=env)
-        if not (layout / "index.json").exists():
-            raise PeerError(f"fastpull left no index.json in {layout}")
-        return sample
-    finally:
-        shutil.rmtree(layout.parent, ignore_errors=True)
-
-
-_THREADS_DRIVER = """
+# N pulls as threads of one process sharing one Puller: how a node prefetcher uses the Python API.
+_ONE_PROCESS_DRIVER = """
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from fastpull import Puller
 ref, layout, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with Puller() as puller, ThreadPoolExecutor(n) as pool:
-    for result in list(pool.map(lambda _: puller.pull(ref, layout), range(n))):
-        assert result.descriptor.digest
+    list(pool.map(lambda _: puller.pull(ref, layout), range(n)))
 """
 
 
-def measure_fastpull_threads(bed: ThrottledBed, ref: str, work: Path, concurrent: int, root: Path = REPO) -> Sample:
-    """``concurrent`` pulls of ``ref`` as threads of one process sharing one :class:`Puller`
-    (how a node prefetcher would use the Python API): no interpreter start-up per pull."""
-    layout = Path(tempfile.mkdtemp(dir=work, prefix="fastpull-threads-"))
+def measure_fastpull(bed: ThrottledBed, ref: str, work: Path, options: dict[str, int] | None = None,
+                     concurrent: int = 1, label: str = "fastpull", root: Path = REPO, unpack: bool = False,
+                     one_process: bool = False) -> Sample:
+    """``concurrent`` ``fastpull pull`` processes of ``ref`` into one fresh layout.
+
+    ``root`` is the directory holding the ``fastpull`` package to run (this tree by default). With
+    ``unpack`` they also unpack into one fresh ``--snapshots`` directory (overlayfs lower dirs). With
+    ``one_process``, the pulls are threads of one process sharing one ``Puller`` instead (default
+    options only): no interpreter start-up per pull.
+    """
+    layout = Path(tempfile.mkdtemp(dir=work, prefix="fastpull-"))
     env = {**os.environ, "PYTHONPATH": str(root)}
+    if one_process:
+        commands = [[sys.executable, "-c", _ONE_PROCESS_DRIVER, ref, str(layout / "oci"), str(concurrent)]]
+    else:
+        cmd = fastpull_command(ref, layout / "oci", options)
+        if unpack:
+            cmd += ["--snapshots", str(layout / "snapshots")]
+        commands = [cmd] * concurrent
+    layout = layout / "oci"
     try:
-        return run_at_once(bed, "fastpull threads", [[sys.executable, "-c", _THREADS_DRIVER, ref, str(layout / "oci"),
-                                                      str(concurrent)]], cwd=root, env=env)
+        sample = run_at_once(bed, label, commands, cwd=root, env=env)
+        if not (layout / "index.json").exists():
+            raise PeerError(f"fastpull left no index.json in {layout}")
+        return sample
     finally:
-        shutil.rmtree(layout, ignore_errors=True)
+        shutil.rmtree(layout.parent, ignore_errors=True)
 
 
 # ---- skopeo ----------------------------------------------------------------------------------------

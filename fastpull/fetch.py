@@ -267,12 +267,6 @@ def _content_range_start(value: str | None) -> int | None:
     return int(first) if first.isdigit() else None
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _put_back(blob: _Blob, chunks: list[int]) -> None:
     """Return chunks to a blob's sorted queue (they are fetched before later ones)."""
     for chunk in chunks:
@@ -819,6 +813,8 @@ class FetchEngine:
     def _reissue_stragglers(self, now: float) -> None:
         """Cut a ranged transfer far slower than its blob's other transfers, running or finished,
         and re-issue its remaining bytes on a fresh request."""
+        import statistics  # here, not at the top: keeps every pull's start-up short
+
         opts = self.options
         for t in self._transfers.values():
             received = t.sink.received
@@ -831,7 +827,7 @@ class FetchEngine:
                 peers = [p.rate for p in blob.transfers if p is not t] + list(blob.finished_rates)
                 if len(peers) < 2 or now - t.started < opts.straggler_min_age:
                     continue
-                typical = _median(peers)
+                typical = statistics.median(peers)
                 remaining = t.end - t.sink.offset
                 if t.rate * opts.straggler_ratio < typical and remaining > t.rate * opts.straggler_min_age:
                     log.info("re-issuing slow range %d-%d of %s (%.0f B/s, typical %.0f B/s)",
