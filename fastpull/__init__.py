@@ -5,37 +5,45 @@
 
 ``Puller`` runs many pulls over one fetch engine; ``fastpull.core.BACKEND`` says
 whether the compiled core (``"cy"``) or its pure-Python reference (``"py"``) is active.
+
+The names below are imported on first use: ``import fastpull`` (and so every ``fastpull``
+command) stays cheap until the engine is needed.
 """
 
-from fastpull.errors import (
-    AuthError,
-    DigestMismatch,
-    FastpullError,
-    InvalidReference,
-    ManifestError,
-    PlatformNotFound,
-    RegistryError,
-    StoreError,
-    TransferError,
-    UnsafeArchive,
-)
-from fastpull.fetch import FetchEngine, FetchOptions
-from fastpull.puller import PullResult, Puller, pull
+TYPE_CHECKING = False  # typing itself costs start-up time; checkers know this name
+if TYPE_CHECKING:
+    from fastpull.errors import (
+        AuthError,
+        DigestMismatch,
+        FastpullError,
+        InvalidReference,
+        ManifestError,
+        PlatformNotFound,
+        RegistryError,
+        StoreError,
+        TransferError,
+        UnsafeArchive,
+    )
+    from fastpull.fetch import FetchEngine, FetchOptions
+    from fastpull.puller import PullResult, Puller, pull
 
-__all__ = [
-    "AuthError",
-    "DigestMismatch",
-    "FastpullError",
-    "FetchEngine",
-    "FetchOptions",
-    "InvalidReference",
-    "ManifestError",
-    "PlatformNotFound",
-    "PullResult",
-    "Puller",
-    "RegistryError",
-    "StoreError",
-    "TransferError",
-    "UnsafeArchive",
-    "pull",
-]
+_MODULES = {
+    "fastpull.errors": ("AuthError", "DigestMismatch", "FastpullError", "InvalidReference", "ManifestError",
+                        "PlatformNotFound", "RegistryError", "StoreError", "TransferError", "UnsafeArchive"),
+    "fastpull.fetch": ("FetchEngine", "FetchOptions"),
+    "fastpull.puller": ("PullResult", "Puller", "pull"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> object:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastpull' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

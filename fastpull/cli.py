@@ -1,20 +1,36 @@
-"""Command line: ``fastpull pull``, ``fastpull demo``, ``fastpull bench``."""
+"""Command line: ``fastpull pull``, ``fastpull demo``, ``fastpull bench``.
+
+Start-up matters here: a node may start many ``fastpull pull`` processes at once, and an identical
+pull that is already in flight is joined (:mod:`fastpull.singleflight`) before the engine is even
+imported. So this module imports the engine, the registry client and ``logging`` only where used.
+"""
 
 from __future__ import annotations
 
-import argparse
-import logging
+import json
+import os
 import sys
-import tempfile
-from pathlib import Path
-
 from fastpull.errors import FastpullError
-from fastpull.fetch import MiB, FetchOptions
-from fastpull.manifest import Platform
-from fastpull.puller import PullResult, Puller
+
+TYPE_CHECKING = False  # not typing's: importing typing costs start-up time
+if TYPE_CHECKING:
+    import argparse
+
+    from fastpull.fetch import FetchOptions
+    from fastpull.puller import PullResult
+    from fastpull.singleflight import Outcome
+
+MiB = 1 << 20
+PULL_LOCKS = os.path.join(".fastpull", "pulls")
+"""Where in a layout identical ``fastpull pull`` commands meet (see :func:`_cmd_pull`)."""
+
+_REQUEST_ENVIRONMENT = ("HOME", "DOCKER_CONFIG", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "FASTPULL_NO_EXTENSIONS")
+"""Environment variables that can change what a pull does: part of what makes two pulls identical."""
 
 
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:
+    from fastpull.fetch import FetchOptions
+
     defaults = FetchOptions()
     return FetchOptions(
         adaptive=not args.fixed,
@@ -37,9 +53,22 @@ def _add_fetch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-transfers", type=int, metavar="N", help="transfers (connections) in flight in all")
     g.add_argument("--http1", action="store_true", help="never negotiate HTTP/2")
     g.add_argument("--durable", action="store_true", help="fdatasync every blob before committing it")
-    g.add_argument("--platform", type=Platform.parse, help="os/arch[/variant] (default: this host)")
+    g.add_argument("--platform", type=_platform, help="os/arch[/variant] (default: this host)")
     g.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
                    help="use plain HTTP for this registry (loopback hosts always do)")
+
+
+def _platform(spec: str) -> str:
+    """Check ``--platform`` (kept as text: it is part of a pull's key; see :func:`_pull_key`)."""
+    import argparse
+
+    from fastpull.manifest import Platform
+
+    try:
+        Platform.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def _report(result: PullResult) -> str:
@@ -54,20 +83,62 @@ def _report(result: PullResult) -> str:
     )
 
 
+def _pull_key(args: argparse.Namespace) -> str:
+    """What makes two ``fastpull pull`` commands identical: their options (paths made absolute;
+    not ``-v``, which changes only the log) and the environment a pull reads."""
+    options = {k: os.path.abspath(v) if k in ("layout", "rootfs", "snapshots") and v else v
+               for k, v in vars(args).items() if k not in ("func", "verbose")}
+    environment = {k: os.environ.get(k) for k in _REQUEST_ENVIRONMENT}
+    proxies = {k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}
+    return json.dumps([options, environment, proxies], sort_keys=True)
+
+
 def _cmd_pull(args: argparse.Namespace) -> int:
+    """Pull, or join an identical pull already in flight (another process with the same command,
+    layout and environment) and report its outcome."""
+    from fastpull.singleflight import run_once
+
+    def lead() -> Outcome:
+        try:
+            return {"exit": 0, "stdout": _pull(args) + "\n", "stderr": ""}
+        except FastpullError as exc:
+            return {"exit": 1, "stdout": "", "stderr": f"fastpull: {exc}\n"}
+
+    try:
+        outcome, leader = run_once(os.path.join(args.layout, PULL_LOCKS), _pull_key(args), lead)
+    except OSError:  # no lock directory (unwritable layout...): the pull itself says what is wrong
+        outcome, leader = lead(), None
+    if leader is not None and outcome["exit"] == 0:
+        outcome["stdout"] += f"  shared with process {leader}, which pulled it at the same time\n"
+    sys.stdout.write(outcome["stdout"])
+    sys.stderr.write(outcome["stderr"])
+    return outcome["exit"]
+
+
+def _pull(args: argparse.Namespace) -> str:
+    from fastpull.manifest import Platform
+    from fastpull.puller import Puller
+
+    _log_to_stderr(args.verbose)
     with Puller(
         _fetch_options(args), insecure_registries=args.insecure_registry,
-        platform=args.platform, durable=args.durable, unpack_workers=args.unpack_workers,
+        platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
+        unpack_workers=args.unpack_workers,
     ) as puller:
-        print(_report(puller.pull(args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots)))
-    return 0
+        return _report(puller.pull(args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Start a local registry, push a generated image, pull it with fastpull."""
+    import tempfile
+    from pathlib import Path
+
+    from fastpull.manifest import Platform
+    from fastpull.puller import Puller
     from fastpull.testbed.images import LayerSpec, build_image, push_image
     from fastpull.testbed.registry import LocalRegistry
 
+    _log_to_stderr(args.verbose)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fastpull-demo-"))
     layer_bytes = int(args.size_mb * 1e6 / args.layers)
     print(f"building a {args.layers}-layer image of {args.size_mb} MB in {work / 'image'} ...", flush=True)
@@ -77,35 +148,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         push_image(registry.url, "demo/big", "latest", image)
         ref = f"{registry.host}/demo/big:latest"
         layout = work / "layout"
-        with Puller(_fetch_options(args), platform=args.platform, durable=args.durable) as puller:
+        platform = Platform.parse(args.platform) if args.platform else None
+        with Puller(_fetch_options(args), platform=platform, durable=args.durable) as puller:
             print(_report(puller.pull(ref, layout)))
     return 0
 
 
-BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_bed.py"
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bench", "bench_bed.py")
+
+
+def _log_to_stderr(verbose: int) -> None:
+    import logging
+
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def _run_bench(bench_args: list[str]) -> int:
     """Run the far-registry bench of the source tree with ``bench_args`` (its own options)."""
-    if not BENCH_SCRIPT.is_file():
+    if not os.path.isfile(BENCH_SCRIPT):
         print(f"fastpull: the bench comes with the source tree; {BENCH_SCRIPT} is missing", file=sys.stderr)
         return 2
     import subprocess
 
-    return subprocess.call([sys.executable, str(BENCH_SCRIPT), *bench_args])
+    return subprocess.call([sys.executable, BENCH_SCRIPT, *bench_args])
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="fastpull", description="Pull OCI/Docker images fast.")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="pull an image into an OCI image layout")
     p.add_argument("reference", help="[host[:port]/]name[:tag][@digest]")
-    p.add_argument("--layout", required=True, type=Path, help="OCI image layout directory (shared by images)")
+    p.add_argument("--layout", required=True, help="OCI image layout directory (shared by images)")
     unpack = p.add_mutually_exclusive_group()
-    unpack.add_argument("--rootfs", type=Path, help="also unpack the image into this (absent or empty) directory")
-    unpack.add_argument("--snapshots", type=Path,
+    unpack.add_argument("--rootfs", help="also unpack the image into this (absent or empty) directory")
+    unpack.add_argument("--snapshots",
                         help="also unpack each layer into SNAPSHOTS/sha256/<chainid> (overlayfs lower dirs)")
     p.add_argument("--unpack-workers", type=int, metavar="N", help="unpack worker processes (default: CPUs)")
     _add_fetch_arguments(p)
@@ -114,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start a local registry, push a generated image, pull it")
     p.add_argument("--size-mb", type=float, default=300, help="image size in MB (default 300)")
     p.add_argument("--layers", type=int, default=5)
-    p.add_argument("--workdir", type=Path, help="where the image, registry and layout go (default: a temp dir)")
+    p.add_argument("--workdir", help="where the image, registry and layout go (default: a temp dir)")
     _add_fetch_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -128,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except FastpullError as exc:

@@ -1,9 +1,18 @@
-"""The command line's dispatch (pulling through the CLI is tested in test_pull.py)."""
+"""The command line: dispatch, and identical ``fastpull pull`` commands joining one pull (the
+pull itself through the CLI is tested in test_pull.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
+
+from fastpull.testbed.images import LayerSpec, build_image, push_image
+from test_singleflight import blocked_on, wait_until
+
+MiB = 1 << 20
 
 
 def _fastpull(*args: str) -> subprocess.CompletedProcess[str]:
@@ -25,3 +34,60 @@ def test_help_lists_the_commands():
 def test_unknown_command_is_refused():
     done = _fastpull("push")
     assert done.returncode == 2 and "invalid choice: 'push'" in done.stderr
+
+
+def test_a_bad_platform_is_refused_before_anything_is_fetched(tmp_path):
+    done = _fastpull("pull", "127.0.0.1:1/x:y", "--layout", str(tmp_path / "l"), "--platform", "linux")
+    assert done.returncode == 2 and "invalid platform 'linux'" in done.stderr
+    assert not (tmp_path / "l").exists()
+
+
+def _holders(lock_dir: Path) -> set[int]:
+    """Pids holding (not waiting for) a flock on a lock file in ``lock_dir``."""
+    inodes = {p.stat().st_ino for p in lock_dir.glob("*.lock")}
+    holders = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and int(fields[5].split(":")[2]) in inodes:
+            holders.add(int(fields[4]))
+    return holders
+
+
+def test_identical_pulls_in_flight_are_joined_not_repeated(registry, image_cache, tmp_path):
+    """Three ``fastpull pull`` processes that start while an identical one is in flight wait for
+    it and print its result: the registry sees one manifest request, not four."""
+    image = build_image([LayerSpec(2 * MiB), LayerSpec(MiB)], image_cache / "cli-joined")
+    push_image(registry.url, "cli/joined", "v1", image)
+    ref = f"{registry.host}/cli/joined:v1"
+    layout = tmp_path / "layout"
+    command = [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(layout)]
+    registry.clear_served()
+    leader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock_dir = layout / ".fastpull" / "pulls"
+    waiters: list[subprocess.Popen[str]] = []
+    try:
+        wait_until(lambda: lock_dir.is_dir() and leader.pid in _holders(lock_dir), "the first pull leads")
+        os.kill(leader.pid, signal.SIGSTOP)  # keep it in flight until the others wait
+        waiters = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for _ in range(3)]
+        wait_until(lambda: blocked_on(lock_dir) == 3, "three identical pulls wait")
+        os.kill(leader.pid, signal.SIGCONT)
+        out, err = leader.communicate(timeout=60)
+        assert leader.returncode == 0, err
+        assert image.manifest_digest in out and "shared with" not in out
+        for w in waiters:
+            w_out, w_err = w.communicate(timeout=60)
+            assert w.returncode == 0, w_err
+            assert w_out == out + f"  shared with process {leader.pid}, which pulled it at the same time\n"
+    finally:
+        for proc in [leader, *waiters]:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.communicate()
+    manifest_gets = [r for r in registry.served() if r.method == "GET" and "/cli/joined/manifests/" in r.path]
+    assert len(manifest_gets) == 1, manifest_gets
+
+    # Once that flight has landed, the same command pulls again (the blobs are already there).
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "shared with" not in again.stdout and "0.0 MB fetched" in again.stdout
