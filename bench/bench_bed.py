@@ -430,8 +430,10 @@ def main() -> int:
                 image = images[key]
                 md.append(f"## Concurrent pulls of {key} ({image.total_size / MB:.0f} MB): wall of the slowest, "
                           f"median of {concurrency_runs} run(s)\n\n"
-                          "fastpull: N `python -m fastpull pull` processes into one layout (they share each "
-                          "download through the store's per-digest lock). containerd: N `ctr` clients against "
+                          "fastpull: N identical `python -m fastpull pull` processes into one layout: the "
+                          "first leads, the others wait for it and print its result (`fastpull.singleflight`). "
+                          "fastpull, no join: the same with `--no-join`: each process resolves and pulls, "
+                          "sharing only each blob's download through the store's per-digest lock. containerd: N `ctr` clients against "
                           "one fresh daemon: `ctr image pull` (fetch + unpack to overlayfs) and `ctr content "
                           "fetch` (fetch only). CPU and RSS are summed over all processes (and the daemon). "
                           "fastpull, one process: the N pulls as threads of one process sharing one `Puller` "
@@ -441,13 +443,20 @@ def main() -> int:
                 lines = ["| N | setting | wall s | vs best peer | CPU s | peak RSS MB (sum) |",
                          "| ---: | --- | ---: | ---: | ---: | ---: |"]
                 for n in concurrency:
-                    rows: dict[str, list[Sample]] = {"fastpull": [], "fastpull, one process": [],
-                                                     "containerd fetch": [], "containerd pull": []}
+                    rows: dict[str, list[Sample]] = {"fastpull": []}
+                    if "--no-join" in flags:
+                        rows["fastpull, no join"] = []
+                    rows |= {"fastpull, one process": [], "containerd fetch": [], "containerd pull": []}
                     if unpack:
                         rows["fastpull pull+unpack"] = []
                     for _ in range(concurrency_runs):
                         rows["fastpull"].append(bench.fastpull("concurrency", key, f"fastpull x{n}", refs[key], 1,
                                                                concurrent=n))
+                        if "--no-join" in flags:
+                            rows["fastpull, no join"].append(bench.measure(
+                                "concurrency", key, f"fastpull no join x{n}", 1, peers.measure_fastpull, refs[key],
+                                runs_dir, {"join": False}, concurrent=n, label="fastpull, no join",
+                                root=args.fastpull_root))
                         rows["fastpull, one process"].append(bench.measure(
                             "concurrency", key, f"fastpull one process x{n}", 1, peers.measure_fastpull, refs[key],
                             runs_dir, concurrent=n, label="fastpull, one process", root=args.fastpull_root,

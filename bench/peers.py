@@ -111,13 +111,13 @@ def run_at_once(bed: ThrottledBed, tool: str, commands: list[list[str]], **popen
 
 def fastpull_command(ref: str, layout: Path, options: dict[str, int] | None = None) -> list[str]:
     """``python -m fastpull pull`` with FetchOptions given as a dict (bytes for chunk_size;
-    ``adaptive: False`` becomes ``--fixed``)."""
+    ``adaptive: False`` becomes ``--fixed``; ``join: False``, not a FetchOption, ``--no-join``)."""
     cmd = [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(layout)]
     flags = {"chunk_size": "--chunk-size", "chunks_per_blob": "--chunks-per-blob",
              "blobs_in_flight": "--blobs-in-flight", "max_transfers": "--max-transfers"}
     for key, value in (options or {}).items():
-        if key == "adaptive":
-            cmd += [] if value else ["--fixed"]
+        if key in ("adaptive", "join"):
+            cmd += [] if value else ["--fixed" if key == "adaptive" else "--no-join"]
         elif key in flags:
             cmd += [flags[key], str(value / MiB if key == "chunk_size" else value)]
         else:

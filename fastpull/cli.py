@@ -98,16 +98,25 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     layout and environment) and report its outcome."""
     from fastpull.singleflight import run_once
 
+    started = False
+
     def lead() -> Outcome:
+        nonlocal started
+        started = True
         try:
             return {"exit": 0, "stdout": _pull(args) + "\n", "stderr": ""}
         except FastpullError as exc:
             return {"exit": 1, "stdout": "", "stderr": f"fastpull: {exc}\n"}
 
-    try:
-        outcome, leader = run_once(os.path.join(args.layout, PULL_LOCKS), _pull_key(args), lead)
-    except OSError:  # no lock directory (unwritable layout...): the pull itself says what is wrong
+    if not args.join:
         outcome, leader = lead(), None
+    else:
+        try:
+            outcome, leader = run_once(os.path.join(args.layout, PULL_LOCKS), _pull_key(args), lead)
+        except OSError:
+            if started:
+                raise
+            outcome, leader = lead(), None  # no lock file (unwritable layout...): the pull says what is wrong
     if leader is not None and outcome["exit"] == 0:
         outcome["stdout"] += f"  shared with process {leader}, which pulled it at the same time\n"
     sys.stdout.write(outcome["stdout"])
@@ -189,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     unpack.add_argument("--snapshots",
                         help="also unpack each layer into SNAPSHOTS/sha256/<chainid> (overlayfs lower dirs)")
     p.add_argument("--unpack-workers", type=int, metavar="N", help="unpack worker processes (default: CPUs)")
+    p.add_argument("--no-join", dest="join", action="store_false",
+                   help="pull even if an identical pull is in flight (default: wait for it and share its "
+                        "result); each blob is still fetched once")
     _add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 

@@ -42,7 +42,8 @@ def run_once(directory: str, key: str, lead: Callable[[], Outcome]) -> tuple[Out
     """Run ``lead`` unless an identical command (same ``key``) is in flight; then share its outcome.
 
     Returns the outcome and the pid of the process whose outcome it is (``None`` if this one led).
-    Raises OSError if ``directory`` cannot be created or written.
+    Raises OSError, before ``lead`` runs, if the lock file cannot be made in ``directory``; exceptions
+    from ``lead`` propagate unchanged.
     """
     os.makedirs(directory, exist_ok=True)
     name = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -57,9 +58,12 @@ def run_once(directory: str, key: str, lead: Callable[[], Outcome]) -> tuple[Out
         outcome = lead()
         record = {"key": key, "flight": f"{os.getpid()}.{time.time_ns()}", "pid": os.getpid(), "outcome": outcome}
         tmp = f"{result_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, result_path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, result_path)
+        except OSError:  # e.g. a full disk: the outcome stands; whoever waits finds no result and leads
+            _unlink(tmp)
         return outcome, None
     finally:
         os.close(fd)  # releases the lock: the waiters wake
@@ -73,3 +77,10 @@ def _read(path: str, key: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

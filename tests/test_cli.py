@@ -91,3 +91,20 @@ def test_identical_pulls_in_flight_are_joined_not_repeated(registry, image_cache
     # Once that flight has landed, the same command pulls again (the blobs are already there).
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "shared with" not in again.stdout and "0.0 MB fetched" in again.stdout
+
+
+def test_no_join_pulls_without_meeting_other_commands(registry, image_cache, tmp_path):
+    image = build_image([LayerSpec(MiB)], image_cache / "cli-no-join")
+    push_image(registry.url, "cli/nojoin", "v1", image)
+    layout = tmp_path / "layout"
+    done = _fastpull("pull", f"{registry.host}/cli/nojoin:v1", "--layout", str(layout), "--no-join")
+    assert done.returncode == 0, done.stderr
+    assert image.manifest_digest in done.stdout
+    assert not (layout / ".fastpull" / "pulls").exists()
+
+
+def test_a_layout_where_nothing_can_be_written_is_named_in_the_error(registry, image_cache):
+    image = build_image([LayerSpec(MiB)], image_cache / "cli-no-join")
+    push_image(registry.url, "cli/unwritable", "v1", image)
+    done = _fastpull("pull", f"{registry.host}/cli/unwritable:v1", "--layout", "/proc/fastpull-layout")
+    assert done.returncode == 1 and "/proc/fastpull-layout" in done.stderr and "Traceback" not in done.stderr
