@@ -152,7 +152,8 @@ def plot_all(data: dict[str, Any], out: Path, prefix: str = "bed") -> list[Path]
     import matplotlib.pyplot as plt
 
     written = []
-    colors = {"fastpull": "#1f77b4", "fastpull pull+unpack": "#9467bd", "skopeo": "#ff7f0e", "containerd fetch": "#2ca02c",
+    colors = {"fastpull": "#1f77b4", "fastpull, no join": "#17becf", "fastpull, one process": "#8c564b",
+              "fastpull pull+unpack": "#9467bd", "skopeo": "#ff7f0e", "containerd fetch": "#2ca02c",
               "containerd pull": "#d62728"}
     caps = f"per flow {data['per_flow_mbit']:g} Mbit/s, link {data['link_mbit']:g} Mbit/s, RTT {data['rtt_ms']:g} ms"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+
 from fastpull.errors import FastpullError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs start-up time
