@@ -3,7 +3,7 @@ download) of the same image in the same run, and decompression throughput of ISA
 and zstd on this machine.
 
     python bench/bench_unpack.py            # a 1 GB image and a typical multi-layer one
-    python bench/bench_unpack.py --quick    # small images, one run: a smoke test
+    python bench/bench_unpack.py --quick    # small images, one run: a smoke test (unpack-quick.md)
     python bench/bench_unpack.py --bed 200,1000   # on the far-registry bed (root): per-flow, link Mbit/s
     python bench/bench_unpack.py --verify   # also check each rootfs against GNU tar, layer by layer
 
@@ -150,7 +150,8 @@ def main() -> int:
                               + decompression_table(sample, runs))
     text = "\n\n".join(report) + "\n"
     print(text)
-    (RESULTS / ("unpack-bed.md" if args.bed else "unpack.md")).write_text(text)
+    name = ("unpack-bed" if args.bed else "unpack") + ("-quick" if args.quick else "")
+    (RESULTS / f"{name}.md").write_text(text)  # a smoke run never replaces a full run's tables
     return 0
 
 
