@@ -134,8 +134,41 @@ def _pull(args: argparse.Namespace) -> str:
         _fetch_options(args), insecure_registries=args.insecure_registry,
         platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
         unpack_workers=args.unpack_workers,
-    ) as puller:
-        return _report(puller.pull(args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots))
+    ) as puller, _ProgressBar(f"pulling {args.reference}") as bar:
+        return _report(puller.pull(args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots,
+                                   progress=bar.update if bar.shown else None))
+
+
+class _ProgressBar:
+    """Download progress on stderr while the pull runs, if stderr is a terminal (``rich``,
+    imported only then); erased when the pull ends, so the report stands alone."""
+
+    def __init__(self, description: str):
+        self.shown = sys.stderr.isatty()
+        self._description = description
+        self._task = None
+        if self.shown:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                      TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                                      transient=True)
+
+    def update(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task(self._description, total=total)
+        self._progress.update(self._task, completed=done, total=total)
+
+    def __enter__(self) -> _ProgressBar:
+        if self.shown:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.shown:
+            self._progress.stop()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -159,8 +192,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         ref = f"{registry.host}/demo/big:latest"
         layout = work / "layout"
         platform = Platform.parse(args.platform) if args.platform else None
-        with Puller(_fetch_options(args), platform=platform, durable=args.durable) as puller:
-            print(_report(puller.pull(ref, layout)))
+        with Puller(_fetch_options(args), platform=platform, durable=args.durable) as puller, \
+                _ProgressBar(f"pulling {ref}") as bar:
+            result = puller.pull(ref, layout, progress=bar.update if bar.shown else None)
+        print(_report(result))
     return 0
 
 

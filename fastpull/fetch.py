@@ -303,6 +303,7 @@ class FetchEngine:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._hash_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._received_so_far = 0  # published by the loop for received_bytes()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._hashers: list[threading.Thread] = []
@@ -331,6 +332,11 @@ class FetchEngine:
         self._ensure_started()
         self._post(("fetch", store, source, digest, size, future, on_open))
         return future
+
+    def received_bytes(self) -> int:
+        """Bytes received over the engine's life, transfers still running included (those are
+        counted twice a second, by the loop). Safe from any thread; it only grows."""
+        return max(self._received_so_far, self.stats.bytes_received)
 
     def close(self) -> None:
         """Stop the loop; unfinished fetches fail, partial data stays for a resume."""
@@ -606,6 +612,7 @@ class FetchEngine:
 
     def _tune(self, now: float) -> None:
         received = self.stats.bytes_received + sum(t.sink.received for t in self._transfers.values())
+        self._received_so_far = received
         self._tuner.observe(now, received, len(self._transfers))
 
     def _schedule(self) -> None:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,9 @@ class RepositorySource:
     def reauthorize(self, challenge: str, failed: str | None) -> str | None:
         return self.client.reauthorize(self.repository, challenge, failed)
 
+
+_PROGRESS_INTERVAL_S = 0.5
+"""How often ``Puller.pull`` reports progress: as often as the engine counts running transfers."""
 
 NON_DISTRIBUTABLE = frozenset({OCI_LAYER_NONDIST, OCI_LAYER_NONDIST_GZIP, OCI_LAYER_NONDIST_ZSTD, DOCKER_FOREIGN_LAYER})
 
@@ -145,12 +148,17 @@ class Puller:
         platform: Platform | None = None,
         rootfs: str | os.PathLike[str] | None = None,
         snapshots: str | os.PathLike[str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> PullResult:
         """Pull ``ref`` into the OCI layout at ``layout`` and tag it there by its full name.
 
         With ``rootfs``, also unpack the image into that (absent or empty) directory; with
         ``snapshots``, into one directory per layer keyed by ChainID under that root. Layers
         unpack while they download; nothing is made visible before its digests are checked.
+
+        ``progress(done, total)`` is called in this thread about twice a second while blobs
+        download, and once more at the end: ``total`` is the bytes of the blobs missing from the
+        layout, ``done`` the bytes the engine received since (all of the engine's pulls count).
         """
         if rootfs is not None and snapshots is not None:
             raise ValueError("give rootfs or snapshots, not both")
@@ -166,7 +174,8 @@ class Puller:
         manifest = resolved.manifest
         layers = [d for d in manifest.layers if d.media_type not in NON_DISTRIBUTABLE]
         blobs = [manifest.config, *layers]
-        fetched = sum(d.size for d in blobs if not store.has(d.digest, d.size))
+        missing = sum(d.size for d in blobs if not store.has(d.digest, d.size))
+        fetched = missing
         for desc, body in resolved.documents:
             if not store.has(desc.digest, desc.size):
                 fetched += desc.size
@@ -195,14 +204,19 @@ class Puller:
             return self.engine.fetch(store, source, desc.digest, desc.size,
                                      on_open=on_open if unpack is not None else None)
 
+        received_before = self.engine.received_bytes() + self.engine.stats.bytes_resumed
         futures = [fetch(manifest.config, None)] + [fetch(d, u) for d, u in zip(layers, unpacks)]
         try:
             # Let every fetch and unpack settle before reporting the first failure.
-            wait(futures)
+            while wait(futures, timeout=None if progress is None else _PROGRESS_INTERVAL_S).not_done:
+                landed = self.engine.received_bytes() + self.engine.stats.bytes_resumed - received_before
+                progress(min(landed, missing), missing)
             layer_futures = [u.future for u in unpacks if u is not None and u.future is not None]
             wait(layer_futures)
             for future in futures + layer_futures:
                 future.result()
+            if progress is not None:
+                progress(missing, missing)
             if snapshots is not None:
                 _commit_snapshots(unpacks, snapshot_paths)
             if work is not None:
@@ -327,8 +341,9 @@ def pull(
     rootfs: str | os.PathLike[str] | None = None,
     snapshots: str | os.PathLike[str] | None = None,
     unpack_workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PullResult:
     """Pull one image into an OCI layout directory (and unpack it); see :class:`Puller` for many pulls."""
     with Puller(options, insecure_registries=insecure_registries, platform=platform,
                 unpack_workers=unpack_workers) as puller:
-        return puller.pull(ref, layout, rootfs=rootfs, snapshots=snapshots)
+        return puller.pull(ref, layout, rootfs=rootfs, snapshots=snapshots, progress=progress)

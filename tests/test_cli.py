@@ -4,6 +4,7 @@ pull itself through the CLI is tested in test_pull.py)."""
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -108,3 +109,37 @@ def test_a_layout_where_nothing_can_be_written_is_named_in_the_error(registry, i
     push_image(registry.url, "cli/unwritable", "v1", image)
     done = _fastpull("pull", f"{registry.host}/cli/unwritable:v1", "--layout", "/proc/fastpull-layout")
     assert done.returncode == 1 and "/proc/fastpull-layout" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_terminal_sees_a_progress_bar_that_gives_way_to_the_report(registry, image_cache, tmp_path):
+    image = build_image([LayerSpec(2 * MiB)], image_cache / "cli-progress")
+    push_image(registry.url, "cli/progress", "v1", image)
+    ref = f"{registry.host}/cli/progress:v1"
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(tmp_path / "l")],
+                                stdout=subprocess.PIPE, stderr=secondary, text=True,
+                                env={**os.environ, "COLUMNS": "160"})
+        os.close(secondary)
+        secondary = -1
+        terminal = b""
+        while chunk := _read_pty(primary):
+            terminal += chunk
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(primary)
+        if secondary != -1:
+            os.close(secondary)
+    assert proc.returncode == 0 and image.manifest_digest in out
+    screen = terminal.decode(errors="replace")
+    mb = f"{image.total_size / 1e6:.1f}"
+    last_frame = screen.rindex(f"{mb}/{mb} MB")  # every byte landed
+    assert f"pulling {ref}" in screen and "\x1b[2K" in screen[last_frame:]  # then the bar is erased
+
+
+def _read_pty(fd: int) -> bytes:
+    """The next bytes from a pty, or b"" once the other side has closed (Linux raises EIO)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""

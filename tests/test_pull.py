@@ -70,6 +70,20 @@ def test_pull_multi_layer_image_into_valid_layout(registry, image_cache, layout,
     assert not list((layout / ".fastpull" / "ingest").iterdir())  # no ingest left behind
 
 
+def test_progress_counts_up_to_the_missing_blobs(registry, image_cache, layout):
+    image, ref = _push(registry, image_cache, "pull/progress", [LayerSpec(3 * MiB), LayerSpec(MiB)], seed=5)
+    calls: list[tuple[int, int]] = []
+    pull(ref, layout, options=SMALL_CHUNKS, progress=lambda done, total: calls.append((done, total)))
+    missing = image.total_size  # config and layers: every blob the engine fetches
+    assert calls[-1] == (missing, missing)
+    assert all(total == missing and 0 <= done <= missing for done, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+    calls.clear()
+    pull(ref, layout, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 0)]  # nothing was missing
+
+
 def test_pull_again_fetches_nothing_and_layouts_share_blobs(registry, image_cache, layout):
     shared = LayerSpec(2 * MiB)
     image_a, ref_a = _push(registry, image_cache, "pull/share-a", [shared, LayerSpec(MiB)], seed=1)
@@ -211,11 +225,12 @@ def test_pull_killed_midway_resumes_only_missing_chunks(registry, image_cache, l
 
 def test_pull_cli_reports_throughput(registry, image_cache, layout):
     image, ref = _push(registry, image_cache, "pull/cli", [LayerSpec(MiB)], seed=7)
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(layout), "--chunk-size", "0.25"],
         capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    assert image.manifest_digest in out and "MB/s" in out
+    )
+    assert image.manifest_digest in done.stdout and "MB/s" in done.stdout
+    assert done.stderr == ""  # no progress bar unless stderr is a terminal
     bad = subprocess.run(
         [sys.executable, "-m", "fastpull", "pull", f"{registry.host}/pull/nope:v1", "--layout", str(layout)],
         capture_output=True, text=True, timeout=60,
