@@ -113,7 +113,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         outcome, leader = lead(), None
     else:
         try:
-            outcome, leader = run_once(os.path.join(args.layout, PULL_LOCKS), _pull_key(args), lead)
+            outcome, leader = run_once(os.path.join(args.layout, PULL_LOCKS), _pull_key(args), lead,
+                                       on_wait=_say_waiting if sys.stderr.isatty() else None)
         except OSError:
             if started:
                 raise
@@ -123,6 +124,10 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     sys.stdout.write(outcome["stdout"])
     sys.stderr.write(outcome["stderr"])
     return outcome["exit"]
+
+
+def _say_waiting() -> None:
+    print("fastpull: an identical pull is in flight; waiting for it to finish", file=sys.stderr, flush=True)
 
 
 def _pull(args: argparse.Namespace) -> str:

@@ -38,8 +38,12 @@ if TYPE_CHECKING:
         stderr: str
 
 
-def run_once(directory: str, key: str, lead: Callable[[], Outcome]) -> tuple[Outcome, int | None]:
+def run_once(
+    directory: str, key: str, lead: Callable[[], Outcome], on_wait: Callable[[], None] | None = None
+) -> tuple[Outcome, int | None]:
     """Run ``lead`` unless an identical command (same ``key``) is in flight; then share its outcome.
+
+    ``on_wait`` is called before blocking, if an identical command holds the lock.
 
     Returns the outcome and the pid of the process whose outcome it is (``None`` if this one led).
     Raises OSError, before ``lead`` runs, if the lock file cannot be made in ``directory``; exceptions
@@ -51,7 +55,12 @@ def run_once(directory: str, key: str, lead: Callable[[], Outcome]) -> tuple[Out
     fd = os.open(os.path.join(directory, name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         seen = _read(result_path, key)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         latest = _read(result_path, key)
         if latest is not None and (seen is None or latest["flight"] != seen["flight"]):
             return latest["outcome"], latest["pid"]

@@ -46,6 +46,7 @@ class Flight:
     def __init__(self, directory: Path, key: str, result: dict | None = None, fail: bool = False):
         self.release = threading.Event()
         self.led = False
+        self.waited = False
         self.returned: tuple[dict, int | None] | None = None
         self.error: BaseException | None = None
 
@@ -58,7 +59,7 @@ class Flight:
 
         def run() -> None:
             try:
-                self.returned = run_once(str(directory), key, lead)
+                self.returned = run_once(str(directory), key, lead, on_wait=lambda: setattr(self, "waited", True))
             except BaseException as e:  # noqa: BLE001 - handed to the test
                 self.error = e
 
@@ -83,7 +84,8 @@ def test_waiters_share_the_outcome_of_the_flight_in_progress(tmp_path):
     assert leader.join() == (outcome("pulled x\n"), None)
     for w in waiters:
         assert w.join() == (outcome("pulled x\n"), os.getpid())
-        assert not w.led
+        assert not w.led and w.waited
+    assert not leader.waited
 
 
 def test_an_error_outcome_is_shared_too(tmp_path):
