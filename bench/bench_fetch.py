@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bed import compile_package
 from procs import become_subreaper, children, reap_orphans
+
 from fastpull.testbed.images import BuiltImage, LayerSpec, build_image, push_image
 from fastpull.testbed.registry import LocalRegistry
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,10 +30,10 @@ import zlib
 from pathlib import Path
 
 import zstandard
-from isal import isal_zlib
-
 from bed import compile_package
 from bench_fetch import MB, RESULTS, median_sample, run_fastpull
+from isal import isal_zlib
+
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 from fastpull.testbed.reference import describe, reference_rootfs, uncompressed_layer
 from fastpull.testbed.registry import LocalRegistry

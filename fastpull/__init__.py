@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         UnsafeArchive,
     )
     from fastpull.fetch import FetchEngine, FetchOptions
-    from fastpull.puller import PullResult, Puller, pull
+    from fastpull.puller import Puller, PullResult, pull
 
 _MODULES = {
     "fastpull.errors": ("AuthError", "DigestMismatch", "FastpullError", "InvalidReference", "ManifestError",
@@ -35,7 +35,23 @@ _MODULES = {
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
-__all__ = sorted(_HOME)
+__all__ = [
+    "AuthError",
+    "DigestMismatch",
+    "FastpullError",
+    "FetchEngine",
+    "FetchOptions",
+    "InvalidReference",
+    "ManifestError",
+    "PlatformNotFound",
+    "PullResult",
+    "Puller",
+    "RegistryError",
+    "StoreError",
+    "TransferError",
+    "UnsafeArchive",
+    "pull",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastpull.fetch import FetchEngine, FetchOptions
 from fastpull.errors import ManifestError, StoreError
+from fastpull.fetch import FetchEngine, FetchOptions
 from fastpull.layout import ImageLayout
 from fastpull.manifest import (
     DOCKER_FOREIGN_LAYER,
@@ -29,7 +29,7 @@ from fastpull.manifest import (
 from fastpull.reference import Reference, check_digest, parse_reference
 from fastpull.registry import RegistryClient
 from fastpull.rootfs import assemble, inherit_implied
-from fastpull.snapshots import SnapshotWriter, Snapshotter, chain_ids
+from fastpull.snapshots import Snapshotter, SnapshotWriter, chain_ids
 from fastpull.store import ContentStore
 from fastpull.transport import default_ca_file
 

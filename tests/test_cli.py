@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastpull.testbed.images import LayerSpec, build_image, push_image
 from test_singleflight import blocked_on, wait_until
+
+from fastpull.testbed.images import LayerSpec, build_image, push_image
 
 MiB = 1 << 20
 

@@ -214,8 +214,8 @@ def test_core_bitmap_abandoned_wakes_waiters(core, tmp_path):
 def test_core_sink_as_libcurl_write_callback(core, tmp_path, data_fd):
     """The compiled sink attaches to libcurl as a C callback; the reference declines."""
     import pycurl
-
     from faultserver import FaultRegistry
+
     from fastpull.core import C_WRITE_CALLBACK
 
     body = os.urandom(300_000)

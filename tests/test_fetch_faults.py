@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from faultserver import FaultRegistry
+
 from fastpull import DigestMismatch, FastpullError, FetchOptions, RegistryError, StoreError, TransferError, pull
 from fastpull.store import ContentStore
 from fastpull.testbed.images import LayerSpec, build_image

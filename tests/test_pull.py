@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import blob_storage_path
+
 from fastpull import DigestMismatch, FetchOptions, Puller, pull
 from fastpull.core import ChunkBitmap
 from fastpull.fetch import FetchEngine
