@@ -193,6 +193,7 @@ class _Blob:
     futures: list[Future] = field(default_factory=list)
     openers: list = field(default_factory=list)  # on_open callbacks not yet called
     streamed: bool = False  # someone reads it while it downloads (on_open): favour its head
+    on_downloaded: Callable[[], None] | None = None  # of the request that created it
     writer: BlobWriter | None = None
     url: str = ""
     registry_netloc: str = ""
@@ -279,7 +280,7 @@ def _call_safely(callback: Callable[[], None]) -> None:
     try:
         callback()
     except Exception:  # a caller's bug must not stop the loop
-        log.exception("on_open callback failed")
+        log.exception("fetch callback failed")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -318,19 +319,24 @@ class FetchEngine:
         size: int,
         *,
         on_open: Callable[[], None] | None = None,
+        on_downloaded: Callable[[], None] | None = None,
     ) -> Future:
         """Fetch one blob into ``store`` unless it is there; the Future gives its path.
 
         ``on_open`` is called (from the engine's thread; keep it short) as soon as the blob can
         be followed with :class:`fastpull.store.BlobReader`: when its ingest is opened here, or
         when it is found committed. It is not called if the fetch fails first.
+
+        ``on_downloaded`` is called (from the engine's thread, before the Future is settled) if
+        this request is the one that downloaded the blob and it was committed: not when the blob
+        was already there, another process committed it, or an earlier request shares it.
         """
         future: Future = Future()
         if self._closed:
             future.set_exception(FastpullError("fetch engine is closed"))
             return future
         self._ensure_started()
-        self._post(("fetch", store, source, digest, size, future, on_open))
+        self._post(("fetch", store, source, digest, size, future, on_open, on_downloaded))
         return future
 
     def received_bytes(self) -> int:
@@ -487,7 +493,8 @@ class FetchEngine:
     # ---- blob life cycle --------------------------------------------------------------
 
     def _on_fetch(
-        self, store: ContentStore, source: BlobSource, digest: str, size: int, future: Future, on_open
+        self, store: ContentStore, source: BlobSource, digest: str, size: int, future: Future, on_open,
+        on_downloaded,
     ) -> None:
         key = (str(store.root), digest)
         blob = self._blobs.get(key)
@@ -507,7 +514,7 @@ class FetchEngine:
             return
         url = source.blob_url(digest)
         blob = _Blob(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc,
-                     streamed=on_open is not None)
+                     streamed=on_open is not None, on_downloaded=on_downloaded)
         if on_open is not None:
             blob.openers.append(on_open)
         self._blobs[key] = blob
@@ -815,6 +822,8 @@ class FetchEngine:
         blob.writer = None  # commit() closed it, whatever the outcome
         if not isinstance(result, BaseException):
             self.stats.blobs_fetched += 1
+            if blob.on_downloaded is not None:
+                _call_safely(blob.on_downloaded)
         self._finish(blob, result)
 
     def _reissue_stragglers(self, now: float) -> None:

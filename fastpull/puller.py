@@ -73,7 +73,9 @@ class PullResult:
     total_bytes: int
     """Size of every blob of the image (config, layers, manifest documents)."""
     fetched_bytes: int
-    """Bytes that were not in the layout before this pull (includes resumed partial blobs)."""
+    """Bytes of the blobs this pull downloaded (a resumed blob counts whole); not those that were
+    already in the layout, that another process committed while this pull waited, or that a
+    concurrent pull over the same engine was already fetching."""
     seconds: float
     rootfs: Path | None = None
     snapshots: tuple[Path, ...] = ()
@@ -175,17 +177,18 @@ class Puller:
         layers = [d for d in manifest.layers if d.media_type not in NON_DISTRIBUTABLE]
         blobs = [manifest.config, *layers]
         missing = sum(d.size for d in blobs if not store.has(d.digest, d.size))
-        fetched = missing
+        downloaded: list[int] = []  # sizes of the blobs this pull's requests downloaded
         for desc, body in resolved.documents:
             if not store.has(desc.digest, desc.size):
-                fetched += desc.size
+                downloaded.append(desc.size)
                 store.put_bytes(desc.digest, body)
 
         unpacks: list[_LayerUnpack | None] = [None] * len(layers)  # by position in ``layers``
         work: Path | None = None
         snapshot_paths: tuple[Path, ...] = ()
         if rootfs is not None or snapshots is not None:
-            config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size).result()
+            config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size,
+                                            on_downloaded=lambda: downloaded.append(manifest.config.size)).result()
             diff_ids = [i for d, i in zip(manifest.layers, _diff_ids(config_path, manifest))
                         if d.media_type not in NON_DISTRIBUTABLE]
             if rootfs is not None:
@@ -202,7 +205,8 @@ class Puller:
             def on_open() -> None:  # in the engine's thread, as soon as the layer can be read
                 unpack.future = unpacker.submit(unpack.job)
             return self.engine.fetch(store, source, desc.digest, desc.size,
-                                     on_open=on_open if unpack is not None else None)
+                                     on_open=on_open if unpack is not None else None,
+                                     on_downloaded=lambda: downloaded.append(desc.size))
 
         received_before = self.engine.received_bytes() + self.engine.stats.bytes_resumed
         futures = [fetch(manifest.config, None)] + [fetch(d, u) for d, u in zip(layers, unpacks)]
@@ -238,7 +242,7 @@ class Puller:
             manifest=manifest,
             layout=image_layout.root,
             total_bytes=total,
-            fetched_bytes=fetched,
+            fetched_bytes=sum(downloaded),
             seconds=time.monotonic() - started,
             rootfs=Path(rootfs) if rootfs is not None else None,
             snapshots=snapshot_paths,

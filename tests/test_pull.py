@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import blob_storage_path
+from test_singleflight import blocked_on, wait_until
 
 from fastpull import DigestMismatch, FetchOptions, Puller, pull
 from fastpull.core import ChunkBitmap
@@ -82,6 +83,25 @@ def test_progress_counts_up_to_the_missing_blobs(registry, image_cache, layout):
     calls.clear()
     pull(ref, layout, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(0, 0)]  # nothing was missing
+
+
+def test_a_blob_another_writer_commits_is_not_counted_as_fetched(registry, image_cache, layout):
+    image, ref = _push(registry, image_cache, "pull/counted", [LayerSpec(2 * MiB), LayerSpec(MiB)], seed=9)
+    theirs = image.layers[0]
+    store = ContentStore(layout)
+    writer = store.open_writer(theirs.digest, theirs.size, SMALL_CHUNKS.chunk_size)  # another writer's lock
+    results = []
+    puller = threading.Thread(target=lambda: results.append(pull(ref, layout, options=SMALL_CHUNKS)))
+    try:
+        puller.start()
+        wait_until(lambda: blocked_on(store.ingest_dir) == 1, "the pull waits for the other writer")
+        store.put_bytes(theirs.digest, image.blob_path(theirs.digest).read_bytes())
+    finally:
+        writer.close()
+        puller.join(30)
+    (result,) = results
+    assert result.fetched_bytes == image.total_size - theirs.size + len(image.manifest)
+    _assert_valid_layout(layout, ref, image)
 
 
 def test_pull_again_fetches_nothing_and_layouts_share_blobs(registry, image_cache, layout):
