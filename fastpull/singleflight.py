@@ -79,13 +79,22 @@ def run_once(
 
 
 def _read(path: str, key: str) -> dict | None:
-    """The recorded flight for ``key``, or None (none yet, unreadable, or another key's hash twin)."""
+    """The recorded flight for ``key``, or None (none yet, unreadable, malformed, or another key's
+    hash twin)."""
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("key") == key else None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    outcome = record.get("outcome")
+    well_formed = (
+        isinstance(record.get("flight"), str) and isinstance(record.get("pid"), int)
+        and isinstance(outcome, dict) and isinstance(outcome.get("exit"), int)
+        and isinstance(outcome.get("stdout"), str) and isinstance(outcome.get("stderr"), str)
+    )
+    return record if well_formed else None
 
 
 def _unlink(path: str) -> None:

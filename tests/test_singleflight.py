@@ -160,3 +160,18 @@ def test_a_result_recorded_under_another_key_is_not_adopted(tmp_path):
     finally:
         os.close(fd)
     assert waiter.join() == (outcome("mine\n"), None)
+
+
+def test_a_malformed_record_is_not_adopted(tmp_path):
+    run_once(str(tmp_path), "pull m", lambda: outcome("m\n"))
+    (lock,) = tmp_path.glob("*.lock")
+    (result,) = tmp_path.glob("*.json")
+    fd = os.open(lock, os.O_RDWR)  # a writer of the same key, in flight, that records garbage
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        waiter = Flight(tmp_path, "pull m", outcome("mine\n"))
+        wait_until(lambda: blocked_on(tmp_path) == 1, "the command waits")
+        result.write_text(json.dumps({"key": "pull m", "flight": "2.2", "pid": "?", "outcome": {"exit": "0"}}))
+    finally:
+        os.close(fd)
+    assert waiter.join() == (outcome("mine\n"), None)
