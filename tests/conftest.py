@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,32 @@ def _no_fd_leaks():
     # Session-wide fixtures (the registry's log files, pycurl's pools) may open descriptors
     # on first use; only files under a test's own tmp tree count as leaks.
     assert not [t for t in targets if "/pytest-" in t and "registry" not in t], targets
+
+
+def flocks(directory: Path) -> list[tuple[int, bool]]:
+    """``(pid, waiting)`` for each flock on a ``*.lock`` file in ``directory``, from /proc/locks
+    (a waiter's line reads ``N: -> FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...``)."""
+    inodes = {p.stat().st_ino for p in directory.glob("*.lock")}
+    found = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        waiting = fields[1] == "->"
+        if waiting:
+            del fields[1]
+        if fields[1] == "FLOCK" and int(fields[5].split(":")[2]) in inodes:
+            found.append((int(fields[4]), waiting))
+    return found
+
+
+def blocked_on(directory: Path) -> int:
+    """How many flock waiters are blocked on a lock file in ``directory``."""
+    return sum(waiting for _, waiting in flocks(directory))
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    """Re-check ``condition`` every 10 ms; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)

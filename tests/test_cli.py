@@ -8,9 +8,8 @@ import pty
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-from test_singleflight import blocked_on, wait_until
+from conftest import blocked_on, flocks, wait_until
 
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 
@@ -44,17 +43,6 @@ def test_a_bad_platform_is_refused_before_anything_is_fetched(tmp_path):
     assert not (tmp_path / "l").exists()
 
 
-def _holders(lock_dir: Path) -> set[int]:
-    """Pids holding (not waiting for) a flock on a lock file in ``lock_dir``."""
-    inodes = {p.stat().st_ino for p in lock_dir.glob("*.lock")}
-    holders = set()
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == "FLOCK" and int(fields[5].split(":")[2]) in inodes:
-            holders.add(int(fields[4]))
-    return holders
-
-
 def test_identical_pulls_in_flight_are_joined_not_repeated(registry, image_cache, tmp_path):
     """Three ``fastpull pull`` processes that start while an identical one is in flight wait for
     it and print its result: the registry sees one manifest request, not four."""
@@ -68,7 +56,7 @@ def test_identical_pulls_in_flight_are_joined_not_repeated(registry, image_cache
     lock_dir = layout / ".fastpull" / "pulls"
     waiters: list[subprocess.Popen[str]] = []
     try:
-        wait_until(lambda: lock_dir.is_dir() and leader.pid in _holders(lock_dir), "the first pull leads")
+        wait_until(lambda: lock_dir.is_dir() and (leader.pid, False) in flocks(lock_dir), "the first pull leads")
         os.kill(leader.pid, signal.SIGSTOP)  # keep it in flight until the others wait
         waiters = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for _ in range(3)]

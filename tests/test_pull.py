@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import blob_storage_path
-from test_singleflight import blocked_on, wait_until
+from conftest import blob_storage_path, blocked_on, wait_until
 
 from fastpull import DigestMismatch, FetchOptions, Puller, pull
 from fastpull.core import ChunkBitmap

@@ -13,27 +13,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import blocked_on, wait_until
 
 from fastpull.singleflight import run_once
-
-
-def blocked_on(directory: Path) -> int:
-    """How many flock waiters are blocked on a lock file in ``directory``."""
-    inodes = {p.stat().st_ino for p in directory.glob("*.lock")}
-    lines = Path("/proc/locks").read_text().splitlines()
-    return sum(1 for line in lines if " -> " in line and int(line.split()[6].split(":")[2]) in inodes)
-
-
-def wait_until(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.01)
 
 
 def outcome(text: str, code: int = 0) -> dict:
