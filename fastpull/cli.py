@@ -131,17 +131,23 @@ def _say_waiting() -> None:
 
 
 def _pull(args: argparse.Namespace) -> str:
+    _log_to_stderr(args.verbose)
+    return _pull_and_report(args, args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots,
+                            unpack_workers=args.unpack_workers)
+
+
+def _pull_and_report(args: argparse.Namespace, ref: str, layout: str, *, unpack_workers: int | None = None,
+                     **unpack: str | None) -> str:
+    """Pull ``ref`` with the fetch options in ``args``, a progress bar on a terminal; the report."""
     from fastpull.manifest import Platform
     from fastpull.puller import Puller
 
-    _log_to_stderr(args.verbose)
     with Puller(
         _fetch_options(args), insecure_registries=args.insecure_registry,
         platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
-        unpack_workers=args.unpack_workers,
-    ) as puller, _ProgressBar(f"pulling {args.reference}") as bar:
-        return _report(puller.pull(args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots,
-                                   progress=bar.update if bar.shown else None))
+        unpack_workers=unpack_workers,
+    ) as puller, _ProgressBar(f"pulling {ref}") as bar:
+        return _report(puller.pull(ref, layout, progress=bar.update if bar.shown else None, **unpack))
 
 
 class _ProgressBar:
@@ -170,7 +176,7 @@ class _ProgressBar:
     def update(self, done: int, total: int) -> None:
         if self._task is None:
             self._task = self._progress.add_task(self._description, total=total)
-        self._progress.update(self._task, completed=done, total=total)
+        self._progress.update(self._task, completed=done)
 
     def __enter__(self) -> _ProgressBar:
         if self.shown:
@@ -187,8 +193,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from fastpull.manifest import Platform
-    from fastpull.puller import Puller
     from fastpull.testbed.images import LayerSpec, build_image, push_image
     from fastpull.testbed.registry import LocalRegistry
 
@@ -200,13 +204,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with LocalRegistry(work / "registry") as registry:
         print(f"registry at {registry.url}; pushing ...", flush=True)
         push_image(registry.url, "demo/big", "latest", image)
-        ref = f"{registry.host}/demo/big:latest"
-        layout = work / "layout"
-        platform = Platform.parse(args.platform) if args.platform else None
-        with Puller(_fetch_options(args), platform=platform, durable=args.durable) as puller, \
-                _ProgressBar(f"pulling {ref}") as bar:
-            result = puller.pull(ref, layout, progress=bar.update if bar.shown else None)
-        print(_report(result))
+        print(_pull_and_report(args, f"{registry.host}/demo/big:latest", str(work / "layout")))
     return 0
 
 

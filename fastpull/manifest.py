@@ -86,9 +86,10 @@ class Platform:
     @classmethod
     def host(cls) -> Platform:
         """The platform of this machine, normalized (x86_64 is amd64, aarch64 is arm64/v8, ...)."""
-        machine = os.uname().machine.lower()
+        host = os.uname()
+        machine = host.machine.lower()
         arch, variant = _MACHINES.get(machine, (machine, None))
-        return cls(os.uname().sysname.lower(), arch, variant).normalized()
+        return cls(host.sysname.lower(), arch, variant).normalized()
 
     def normalized(self) -> Platform:
         """Canonical names: ``x86_64`` -> ``amd64``, arm64 variant ``v8`` by default, arm ``v7``, ..."""
