@@ -304,14 +304,27 @@ class ThrottledBed:
         return box["value"]
 
     @contextmanager
-    def registry(self, storage_dir: Path, **kwargs: Any) -> Iterator[BedRegistry]:
+    def registry(self, storage_dir: Path, *, tls: bool = False, **kwargs: Any) -> Iterator[BedRegistry]:
         """A ``docker-registry`` serving ``storage_dir`` inside the bed, started and probed from inside.
 
         ``LocalRegistry`` probes readiness from the calling process, so ``start()`` runs through
         :meth:`call`. With ``rtt_ms`` the registry listens on ``BACKEND_PORT`` behind the delay proxy,
-        and the yielded ``.url`` / ``.host`` name the proxy.
+        and the yielded ``.url`` / ``.host`` name the proxy. With ``tls`` it serves HTTPS (HTTP/2 by
+        ALPN, as distribution does) with a self-signed certificate for 127.0.0.1: the yielded
+        ``.ca_file`` verifies it (the proxy passes TLS through untouched).
         """
         port = BACKEND_PORT if self.rtt_ms else REGISTRY_PORT
+        ca_file = None
+        if tls:
+            from fastpull.testbed.tls import server_certificate
+
+            cert_dir = Path(storage_dir).resolve().parent / "tls"
+            cert_dir.mkdir(parents=True, exist_ok=True)
+            cert, key = server_certificate(cert_dir)
+            ca_file = str(cert)
+            extra = kwargs.pop("extra_config", None) or {}
+            kwargs["extra_config"] = {**extra, "http": {**extra.get("http", {}),
+                                                          "tls": {"certificate": str(cert), "key": str(key)}}}
         reg = LocalRegistry(storage_dir, host="127.0.0.1", port=port, command_prefix=self.prefix, **kwargs)
         self.call(reg.start)
         proxy = None
@@ -326,7 +339,7 @@ class ThrottledBed:
                 assert proxy.stdout is not None
                 if proxy.stdout.readline().strip() != "ready":
                     raise BedError("delay proxy did not start")
-            yield BedRegistry(self, reg, f"127.0.0.1:{REGISTRY_PORT}")
+            yield BedRegistry(self, reg, f"127.0.0.1:{REGISTRY_PORT}", ca_file)
         finally:
             if proxy is not None:
                 _end(proxy)
@@ -337,11 +350,13 @@ class ThrottledBed:
 class BedRegistry:
     """A registry inside a bed: ``host``/``url`` as clients inside reach it; ``local`` is the process."""
 
-    def __init__(self, bed: ThrottledBed, local: LocalRegistry, host: str):
+    def __init__(self, bed: ThrottledBed, local: LocalRegistry, host: str, ca_file: str | None = None):
         self.bed = bed
         self.local = local
         self.host = host
-        self.url = f"http://{host}"
+        self.ca_file = ca_file
+        """The CA bundle that verifies an HTTPS registry; None when it speaks plain HTTP."""
+        self.url = f"{'https' if ca_file else 'http'}://{host}"
 
     @property
     def pid(self) -> int | None:

@@ -1,7 +1,8 @@
 """The fetch engine: one pycurl ``CurlMulti`` loop drives every ranged transfer of every pull.
 
-Each blob larger than a chunk is fetched as bounded ``Range: bytes=a-b`` requests on
-kept-alive (or HTTP/2-multiplexed) connections. Bytes go straight from libcurl's buffer
+Each blob larger than a chunk is fetched as bounded ``Range: bytes=a-b`` requests spread over
+many kept-alive connections (HTTP/2 streams share a connection only as far as the tuner finds
+that costs no throughput). Bytes go straight from libcurl's buffer
 to their offset in the preallocated ingest file (``RangeSink``); nothing chunk-sized is
 held in memory. A pool of hasher threads follows each blob's contiguous-finished
 watermark with sha256 while later chunks still arrive, then commits.
@@ -34,12 +35,19 @@ import pycurl
 
 from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
 from fastpull.store import BlobWriter, ContentStore
+from fastpull.transport import (
+    MAX_REDIRECTS,
+    REDIRECT_STATUSES,
+    RETRY_STATUSES,
+    THROTTLE_STATUSES,
+    USER_AGENT,
+    configure_tls,
+    retry_after,
+)
 
 log = logging.getLogger("fastpull.fetch")
 
 MiB = 1 << 20
-_RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-_MAX_REDIRECTS = 5
 _HOUSEKEEPING_S = 0.5
 _BITMAP_CHUNK = MiB
 _FIXED_REQUEST = 16 * MiB  # request size when not adaptive and no chunk_size is given
@@ -60,6 +68,11 @@ class BlobSource(Protocol):
     @property
     def ca_file(self) -> str | None:
         """CA bundle to verify HTTPS servers with (None: libcurl's default)."""
+
+    @property
+    def tls_verify(self) -> bool:
+        """Whether the registry's certificate is checked (False: an insecure registry). A redirect
+        target on another host is always checked."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,9 @@ class FetchOptions:
     initial_transfers: int = 16
     max_host_connections: int = 64
     http2: bool = True
+    """Offer HTTP/2 over TLS (ALPN); transfers then may share connections as streams."""
+    streams_per_connection: int | None = None
+    """HTTP/2 streams one connection carries at most; None: tuned, starting from one."""
     retries: int = 6
     backoff_base: float = 0.25
     backoff_max: float = 15.0
@@ -95,8 +111,8 @@ class FetchOptions:
 
     def __post_init__(self) -> None:
         for name in ("chunks_per_blob", "blobs_in_flight", "max_transfers", "initial_transfers",
-                     "max_host_connections", "buffer_size", "hasher_threads"):
-            if getattr(self, name) <= 0:
+                     "max_host_connections", "buffer_size", "hasher_threads", "streams_per_connection"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be greater than zero")
         if self.retries < 0 or self.transfer_rate_limit < 0:
             raise ValueError("retries and transfer_rate_limit must not be negative")
@@ -110,30 +126,46 @@ class FetchOptions:
 
 
 class Tuner:
-    """Chooses transfers in flight and request size from the throughput measured while pulling.
+    """Chooses transfers in flight, streams per connection and request size from the throughput
+    measured while pulling.
 
-    Hill-climbing: while every allowed transfer is busy, step the number of transfers up by
-    half; keep a step that raised throughput by 10% or more, undo one that did not and hold for
-    a while. A 429/503 from the registry halves it. The request size follows the throughput of
-    one stream, so that a request lasts about a second (4-64 MiB).
+    Hill-climbing, one step per window: while every allowed transfer is busy, step the number of
+    transfers up by half; keep a step that raised throughput by 10% or more, undo one that did not
+    and hold for a while. Once the transfers have settled and the transfers share HTTP/2
+    connections, try twice the streams per connection (half the connections: fewer handshakes,
+    less CPU): keep it while throughput stays within 5% of the best seen, else undo and hold.
+    Connections matter more than streams: registries and CDNs cap each TCP connection, and
+    every stream of one connection shares its congestion window, so sharing starts at one stream
+    per connection. A 429/503 from the registry halves the transfers. The request size follows the
+    throughput of one stream, so that a request lasts about a second (4-64 MiB).
     """
 
     WINDOW_S = 1.0
     HOLD_S = 5.0
     THROTTLE_HOLD_S = 10.0
+    SHARING_HOLD_S = 30.0
+    MAX_STREAMS_PER_CONNECTION = 8
 
-    def __init__(self, initial: int, cap: int, request_bytes: int | None, *, adaptive: bool = True):
-        """``request_bytes`` None adapts the request size; ``adaptive=False`` pins both."""
+    def __init__(self, initial: int, cap: int, request_bytes: int | None, *, adaptive: bool = True,
+                 streams_per_connection: int | None = None):
+        """``request_bytes`` or ``streams_per_connection`` None adapt them; ``adaptive=False`` pins all
+        (one stream per connection unless given)."""
         self.cap = cap
         self.adaptive = adaptive
         self.target = min(initial, cap) if adaptive else cap
         self.adapt_size = adaptive and request_bytes is None
         self.request_bytes = request_bytes or (8 * MiB if adaptive else _FIXED_REQUEST)
+        self.adapt_sharing = adaptive and streams_per_connection is None
+        self.streams_per_connection = streams_per_connection or 1
+        self.multiplexed = False
+        """Set by the engine once a transfer ran over HTTP/2: only then can connections be shared."""
         self._window_start: float | None = None
         self._window_bytes = 0
         self._base_rate = 0.0
-        self._stepped_from: int | None = None
+        self._peak_rate = 0.0
+        self._step: tuple[str, int] | None = None  # ("transfers" | "sharing", the value before the step)
         self._hold_until = 0.0
+        self._sharing_hold_until = 0.0
 
     def observe(self, now: float, total_bytes: int, in_flight: int) -> None:
         """Feed the engine's byte counter; call it often (it decides once per window)."""
@@ -150,24 +182,39 @@ class Tuner:
         if self.adapt_size and in_flight:
             per_stream = int(rate / in_flight)
             self.request_bytes = min(64 * MiB, max(4 * MiB, per_stream // MiB * MiB))
-        if self._stepped_from is not None:  # judge the last step up
-            if rate >= self._base_rate * 1.10:
-                self._stepped_from, self._base_rate = None, rate
-            else:
-                self.target, self._stepped_from = self._stepped_from, None
-                self._hold_until = now + self.HOLD_S
-                return
+        if self._step is not None and not self._judge(now, rate):
+            return
         self._base_rate = rate
+        self._peak_rate = max(self._peak_rate, rate)
         if in_flight >= self.target and now >= self._hold_until and self.target < self.cap:
-            self._stepped_from = self.target
+            self._step = ("transfers", self.target)
             self.target = min(self.cap, self.target + max(1, self.target // 2))
+        elif (self.adapt_sharing and self.multiplexed and now >= self._sharing_hold_until
+              and self.streams_per_connection < self.MAX_STREAMS_PER_CONNECTION):
+            self._step = ("sharing", self.streams_per_connection)
+            self.streams_per_connection *= 2
+
+    def _judge(self, now: float, rate: float) -> bool:
+        """Keep or undo the last step after a window of it; False if it was undone."""
+        assert self._step is not None
+        (kind, before), self._step = self._step, None
+        if kind == "transfers" and rate < self._base_rate * 1.10:
+            self.target, self._hold_until = before, now + self.HOLD_S
+            return False
+        if kind == "sharing" and rate < self._peak_rate * 0.95:
+            self.streams_per_connection, self._sharing_hold_until = before, now + self.SHARING_HOLD_S
+            return False
+        return True
 
     def throttled(self, now: float) -> None:
         """The registry asked us to slow down (429/503): halve, and hold."""
         if not self.adaptive:
             return
         self.target = max(1, self.target // 2)
-        self._stepped_from = None
+        if self._step is not None and self._step[0] == "sharing":
+            self.streams_per_connection = self._step[1]
+        self._step = None
+        self._peak_rate = 0.0
         self._hold_until = now + self.THROTTLE_HOLD_S
 
 
@@ -182,6 +229,8 @@ class FetchStats:
     blobs_fetched: int = 0
     blobs_skipped: int = 0
     bytes_resumed: int = 0
+    connections: int = 0
+    """Connections opened (TCP, with TLS where used); the rest of the requests reused one."""
 
 
 @dataclass(eq=False)
@@ -228,10 +277,12 @@ class _Transfer:
     headers: dict = field(default_factory=dict)
     window_bytes: int = 0
     rate: float = 0.0
+    http2: bool = False
 
     def on_header(self, line: bytes) -> None:
         text = line.decode("latin-1").strip()
         if text.startswith("HTTP/"):
+            self.http2 = text.startswith("HTTP/2")
             parts = text.split()
             self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
             self.headers = {}
@@ -281,12 +332,6 @@ def _call_safely(callback: Callable[[], None]) -> None:
         callback()
     except Exception:  # a caller's bug must not stop the loop
         log.exception("fetch callback failed")
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
 
 
 class FetchEngine:
@@ -398,7 +443,9 @@ class FetchEngine:
         self._running = True
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
         cap = min(opts.max_transfers, opts.chunks_per_blob * opts.blobs_in_flight)
-        self._tuner = Tuner(opts.initial_transfers, cap, opts.chunk_size, adaptive=opts.adaptive)
+        self._tuner = Tuner(opts.initial_transfers, cap, opts.chunk_size, adaptive=opts.adaptive,
+                            streams_per_connection=opts.streams_per_connection)
+        self._streams_per_connection = 0  # as set on the multi handle
 
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
@@ -406,6 +453,7 @@ class FetchEngine:
         self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, opts.max_host_connections)
         self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, opts.max_transfers)
         self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX if opts.http2 else 0)
+        self._apply_sharing()
         try:
             while self._running:
                 self._run_once()
@@ -621,6 +669,15 @@ class FetchEngine:
         received = self.stats.bytes_received + sum(t.sink.received for t in self._transfers.values())
         self._received_so_far = received
         self._tuner.observe(now, received, len(self._transfers))
+        self._apply_sharing()
+
+    def _apply_sharing(self) -> None:
+        """Hand the tuner's streams per connection to libcurl: a new transfer joins an HTTP/2
+        connection that carries fewer streams, else libcurl opens another connection."""
+        streams = self._tuner.streams_per_connection
+        if streams != self._streams_per_connection:
+            self._multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, streams)
+            self._streams_per_connection = streams
 
     def _schedule(self) -> None:
         """Hand free transfer slots to blobs in the order they were asked for.
@@ -695,8 +752,8 @@ class FetchEngine:
         c.setopt(pycurl.PIPEWAIT, 1)
         if opts.transfer_rate_limit:
             c.setopt(pycurl.MAX_RECV_SPEED_LARGE, opts.transfer_rate_limit)
-        if blob.source.ca_file:
-            c.setopt(pycurl.CAINFO, blob.source.ca_file)
+        c.setopt(pycurl.USERAGENT, USER_AGENT)
+        configure_tls(c, blob.source.ca_file, blob.source.tls_verify or urlsplit(blob.url).netloc != blob.registry_netloc)
         self._transfers[c] = transfer
         blob.transfers.add(transfer)
         self.stats.requests += 1
@@ -708,6 +765,7 @@ class FetchEngine:
         self._transfers.pop(c, None)
         transfer.blob.transfers.discard(transfer)
         self.stats.bytes_received += transfer.sink.received
+        self.stats.connections += c.getinfo(pycurl.NUM_CONNECTS)
         c.reset()
         self._free_curls.append(c)
 
@@ -741,6 +799,7 @@ class FetchEngine:
         blob = t.blob
         status = t.status
         self._release(t)
+        self._tuner.multiplexed |= t.http2
         if blob.writer is None:
             return
         if t.sink.error is not None:
@@ -750,21 +809,32 @@ class FetchEngine:
             blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
             self._on_chunk_done(blob)
             return
-        if status in (429, 503):
+        if status in THROTTLE_STATUSES:
             self._tuner.throttled(time.monotonic())
-        if curl_code == 0 and status in (301, 302, 303, 307, 308) and "location" in t.headers:
+        if curl_code == 0 and status in REDIRECT_STATUSES and "location" in t.headers:
             blob.redirects += 1
-            if blob.redirects > _MAX_REDIRECTS:
-                self._finish(blob, TransferError(blob.url, "too many redirects"))
+            if blob.redirects > MAX_REDIRECTS:
+                self._finish(blob, TransferError(blob.url, f"more than {MAX_REDIRECTS} redirects"))
                 return
             blob.url = urljoin(blob.url, t.headers["location"])  # reused for all its chunks
             self._requeue(t, delay=0)
             return
+        elsewhere = urlsplit(blob.url).netloc != blob.registry_netloc
+        if curl_code == 0 and elsewhere and status in (400, 401, 403):
+            # A signed redirect target (CDN, S3) that expired or refuses us: ask the registry for a
+            # fresh one; the chunks already written stay. Bounded, in case it never works.
+            blob.redirects = 0
+            blob.attempts["resolve"] = tries = blob.attempts.get("resolve", 0) + 1
+            if tries > self.options.retries:
+                self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
+                return
+            log.info("%s answered HTTP %d for %s: resolving its redirect again", urlsplit(blob.url).netloc,
+                     status, blob.digest)
+            blob.url = blob.source.blob_url(blob.digest)
+            self._requeue(t, delay=0)
+            return
         if curl_code == 0 and status in (401, 403):
-            if urlsplit(blob.url).netloc != blob.registry_netloc:
-                # A presigned redirect target expired or refused: ask the registry again.
-                blob.url = blob.source.blob_url(blob.digest)
-            elif status == 401 and t.headers.get("www-authenticate") and blob.attempts.get("auth", 0) < 2:
+            if status == 401 and t.headers.get("www-authenticate") and blob.attempts.get("auth", 0) < 2:
                 blob.attempts["auth"] = blob.attempts.get("auth", 0) + 1
                 try:
                     blob.auth = blob.source.reauthorize(t.headers["www-authenticate"], blob.auth)
@@ -776,7 +846,7 @@ class FetchEngine:
                 return
             self._requeue(t, delay=0)
             return
-        if curl_code == 0 and status and status not in _RETRYABLE_STATUS and not (200 <= status < 300):
+        if curl_code == 0 and status and status not in RETRY_STATUSES and not (200 <= status < 300):
             self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
             return
         # Transient: connection reset, stall, timeout, 408/429/5xx, short or mismatched body.
@@ -790,9 +860,7 @@ class FetchEngine:
         self.stats.retries += 1
         delay = min(self.options.backoff_max, self.options.backoff_base * 2 ** (tries - 1))
         delay *= random.uniform(0.5, 1.0)
-        after = _retry_after(t.headers.get("retry-after"))
-        if after is not None:
-            delay = max(delay, min(after, self.options.backoff_max * 4))
+        delay = max(delay, min(retry_after(t.headers.get("retry-after")), self.options.backoff_max * 4))
         log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, delay, message or status)
         self._requeue(t, delay)
 

@@ -31,19 +31,20 @@ from fastpull.registry import RegistryClient
 from fastpull.rootfs import assemble, inherit_implied
 from fastpull.snapshots import Snapshotter, SnapshotWriter, chain_ids
 from fastpull.store import ContentStore
-from fastpull.transport import default_ca_file
 
 if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: imported when used
     from fastpull.unpack import LayerJob, Unpacker
 
 
 class RepositorySource:
-    """The fetch engine's view of one repository: blob URLs and Authorization values."""
+    """The fetch engine's view of one repository: blob URLs, Authorization values and the
+    client's TLS settings."""
 
     def __init__(self, client: RegistryClient, repository: str):
         self.client = client
         self.repository = repository
-        self.ca_file = default_ca_file()
+        self.ca_file = client.ca_file
+        self.tls_verify = client.tls_verify
 
     def blob_url(self, digest: str) -> str:
         return self.client.blob_url(self.repository, digest)

@@ -6,12 +6,13 @@ Builds on auth and transport; the distribution API (``/v2/...``) is known here o
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Literal
 
 from fastpull.auth import Authenticator, Challenge, Credentials, load_docker_credentials, parse_www_authenticate
-from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError
+from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError, TransferError
 from fastpull.manifest import (
     ACCEPT,
     MAX_MANIFEST_BYTES,
@@ -24,10 +25,15 @@ from fastpull.manifest import (
     select_platform,
 )
 from fastpull.reference import DEFAULT_TAG, DOCKER_HUB, DOCKER_HUB_API_HOST, Reference
-from fastpull.transport import Response, Transport
+from fastpull.transport import SSL_CONNECT_ERROR, Response, Transport
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 _MAX_ERROR_BODY = 64 << 10
+_SCHEMES: dict[tuple[str, bool], str] = {}
+"""The scheme a registry answered on, per (API host, verified), learned once per process."""
+_SCHEMES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,11 @@ class RegistryClient:
     """Talks to one registry host. Thread-safe.
 
     ``host`` is a reference's registry (``docker.io`` is served by ``registry-1.docker.io``).
-    Plain HTTP is used for loopback hosts, or when ``insecure`` says so. ``credentials`` are read
-    from the Docker config by default; None pulls anonymously.
+    HTTPS, verified, by default. As Docker does, a loopback host is tried with HTTPS first and
+    plain HTTP when it does not speak TLS; ``insecure=True`` does the same for any host and accepts
+    any certificate; ``insecure=False`` allows verified HTTPS only. The scheme that answered is
+    remembered for the life of the process. ``credentials`` are read from the Docker config by
+    default; None pulls anonymously.
     """
 
     def __init__(
@@ -68,9 +77,13 @@ class RegistryClient:
         if timeout <= 0:
             raise ValueError("timeout must be greater than zero")
         self.host = host
-        api_host = DOCKER_HUB_API_HOST if host == DOCKER_HUB else host
-        plain = _is_loopback(api_host) if insecure is None else insecure
-        self.base_url = f"{'http' if plain else 'https'}://{api_host}"
+        self.api_host = DOCKER_HUB_API_HOST if host == DOCKER_HUB else host
+        self.tls_verify = insecure is not True
+        """Whether the registry's certificate is checked."""
+        may_be_plain = insecure is True or (insecure is None and _is_loopback(self.api_host))
+        self.schemes = ("https", "http") if may_be_plain else ("https",)
+        """The schemes tried, in order, until one answers."""
+        self._base_url: str | None = None
         self.timeout = timeout
         self._transport = transport or Transport()
         if credentials == "docker-config":
@@ -81,6 +94,18 @@ class RegistryClient:
         self._known = False  # whether _challenge has been learned
         self._challenge: Challenge | None = None
         self._scopes: dict[str, str] = {}
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA bundle HTTPS is verified with (None: libcurl's default)."""
+        return self._transport.ca_file
+
+    @property
+    def base_url(self) -> str:
+        """``scheme://host``: the first use learns which scheme the registry speaks (``GET /v2/``)."""
+        self._ping()
+        assert self._base_url is not None
+        return self._base_url
 
     def blob_url(self, repository: str, digest: str) -> str:
         """The URL of a blob (the registry may redirect it elsewhere)."""
@@ -141,12 +166,43 @@ class RegistryClient:
             raise DigestMismatch(f"manifest {where} (Docker-Content-Digest)", claimed, actual)
         return response.body, response.headers.get("content-type")
 
+    def _probe(self) -> Response:
+        """``GET /v2/`` on the first of ``schemes`` that speaks to us; sets ``_base_url``."""
+        key = (self.api_host, self.tls_verify)
+        with _SCHEMES_LOCK:
+            known = _SCHEMES.get(key)
+        schemes = (known,) if known in self.schemes else self.schemes
+        for i, scheme in enumerate(schemes):
+            url = f"{scheme}://{self.api_host}/v2/"
+            fallback = i + 1 < len(schemes)
+            try:
+                # When plain HTTP may follow, one try tells a server that does not speak TLS.
+                response = self._request(url, _MAX_ERROR_BODY, attempts=1 if fallback else None)
+            except TransferError as exc:
+                if not fallback:
+                    raise
+                if exc.curl_code != SSL_CONNECT_ERROR:
+                    response = self._request(url, _MAX_ERROR_BODY)  # the usual retries, same scheme
+                else:
+                    log.info("%s does not speak TLS (%s): using plain HTTP", self.api_host, exc)
+                    continue
+            self._base_url = f"{scheme}://{self.api_host}"
+            with _SCHEMES_LOCK:
+                _SCHEMES[key] = scheme
+            return response
+        raise AssertionError("unreachable: the last scheme raises or returns")
+
+    def _request(self, url: str, max_body: int, headers: dict[str, str] | None = None,
+                 attempts: int | None = None) -> Response:
+        return self._transport.request("GET", url, headers, max_body=max_body, timeout=self.timeout,
+                                       verify=self.tls_verify, attempts=attempts)
+
     def _get(self, repository: str, url: str, headers: dict[str, str], max_body: int) -> Response:
         """GET with the repository's authorization, answering one 401 with a fresh one."""
 
         def send(authorization: str | None) -> Response:
             sent = dict(headers, Authorization=authorization) if authorization else headers
-            return self._transport.request("GET", url, sent, max_body=max_body, timeout=self.timeout)
+            return self._request(url, max_body, sent)
 
         authorization = self.authorization(repository)
         response = send(authorization)
@@ -159,13 +215,13 @@ class RegistryClient:
         return response
 
     def _ping(self) -> None:
-        """Learn the registry's challenge from ``GET /v2/``, once."""
+        """Learn the registry's scheme and challenge from ``GET /v2/``, once."""
         with self._ping_lock:
             with self._lock:
                 if self._known:
                     return
-            url = f"{self.base_url}/v2/"
-            response = self._transport.request("GET", url, max_body=_MAX_ERROR_BODY, timeout=self.timeout)
+            response = self._probe()
+            url = response.url
             if response.status == 401:
                 challenge = _pick_challenge(", ".join(response.headers.get_all("www-authenticate")), url)
             elif 200 <= response.status < 300:

@@ -1,7 +1,10 @@
-"""Small synchronous HTTP(S) over pycurl easy handles, one per thread, with bounded retries.
+"""Small synchronous HTTP(S) over pycurl easy handles, one per thread, with bounded retries; and
+the HTTP policy every request of fastpull follows (what is retried, how long to wait, how many
+redirects), shared with the fetch engine.
 
-Knows nothing of OCI or registries. HTTPS is verified. A custom ``Authorization`` header goes to
-the original host only: libcurl (>= 7.58) drops it when a redirect leads to another host or port.
+Knows nothing of OCI or registries. HTTPS is verified unless a caller turns it off for one
+request. A custom ``Authorization`` header goes to the original host only: libcurl (>= 7.58) drops
+it when a redirect leads to another host or port.
 """
 
 from __future__ import annotations
@@ -22,9 +25,16 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "fastpull/0.1"
 MAX_REDIRECTS = 10
+"""Redirects followed for one request (or, by the fetch engine, for one blob)."""
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""Statuses that say "try again later": retried with backoff, honouring ``Retry-After``."""
+THROTTLE_STATUSES = frozenset({429, 503})
+"""Statuses that ask the client to slow down (the fetch engine halves its transfers)."""
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+SSL_CONNECT_ERROR = pycurl.E_SSL_CONNECT_ERROR
+"""What libcurl reports when the server does not speak TLS (its reply is not a TLS record)."""
 
-_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_RETRY_CURL_CODES = frozenset(
+RETRY_CURL_CODES = frozenset(
     {
         pycurl.E_COULDNT_CONNECT,
         pycurl.E_HTTP2,
@@ -126,26 +136,30 @@ class Transport:
         max_body: int,
         timeout: float,
         follow_redirects: bool = True,
+        verify: bool = True,
+        attempts: int | None = None,
     ) -> Response:
         """Perform one request, retrying transient failures of GET and HEAD.
 
         Returns the final response whatever its status. Raises TransferError when the transfer
         itself fails after the retries, RegistryError when the body exceeds ``max_body`` bytes.
+        ``verify=False`` accepts any certificate (an insecure registry); ``attempts`` overrides
+        the retry policy's number of tries.
         """
-        attempts = self.retry.attempts if method in _IDEMPOTENT else 1
+        attempts = (attempts or self.retry.attempts) if method in _IDEMPOTENT else 1
         attempt = 1
         while True:
             try:
-                response = self._perform(method, url, headers or {}, max_body, timeout, follow_redirects)
+                response = self._perform(method, url, headers or {}, max_body, timeout, follow_redirects, verify)
             except _CurlFailure as e:
-                if attempt == attempts or e.code not in _RETRY_CURL_CODES:
+                if attempt == attempts or e.code not in RETRY_CURL_CODES:
                     raise TransferError(url, e.message, e.code) from None
                 delay = self.retry.backoff(attempt)
                 log.debug("%s %s: %s; retry %d in %.2fs", method, url, e.message, attempt, delay)
             else:
-                if attempt == attempts or response.status not in _RETRY_STATUSES:
+                if attempt == attempts or response.status not in RETRY_STATUSES:
                     return response
-                delay = max(self.retry.backoff(attempt), _retry_after(response.headers.get("retry-after")))
+                delay = max(self.retry.backoff(attempt), retry_after(response.headers.get("retry-after")))
                 if delay > self.retry.max_delay:
                     return response
                 log.debug("%s %s: HTTP %d; retry %d in %.2fs", method, url, response.status, attempt, delay)
@@ -153,7 +167,8 @@ class Transport:
             attempt += 1
 
     def _perform(
-        self, method: str, url: str, headers: Mapping[str, str], max_body: int, timeout: float, follow: bool
+        self, method: str, url: str, headers: Mapping[str, str], max_body: int, timeout: float, follow: bool,
+        verify: bool,
     ) -> Response:
         curl = self._handle()
         body = bytearray()
@@ -187,8 +202,7 @@ class Transport:
         curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
         curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.USERAGENT, USER_AGENT)
-        if self.ca_file:
-            curl.setopt(pycurl.CAINFO, self.ca_file)
+        configure_tls(curl, self.ca_file, verify)
         if method == "HEAD":
             curl.setopt(pycurl.NOBODY, 1)
         elif method != "GET":
@@ -224,7 +238,17 @@ class _CurlFailure(Exception):
         self.message = message
 
 
-def _retry_after(value: str | None) -> float:
+def configure_tls(curl: pycurl.Curl, ca_file: str | None, verify: bool) -> None:
+    """Set how ``curl`` checks an HTTPS server: against ``ca_file`` (libcurl's default if None), or
+    not at all."""
+    if not verify:
+        curl.setopt(pycurl.SSL_VERIFYPEER, 0)
+        curl.setopt(pycurl.SSL_VERIFYHOST, 0)
+    elif ca_file:
+        curl.setopt(pycurl.CAINFO, ca_file)
+
+
+def retry_after(value: str | None) -> float:
     """Seconds asked by a ``Retry-After`` header (delta-seconds or HTTP date); 0 if absent or bad."""
     if not value:
         return 0.0

@@ -57,3 +57,44 @@ def test_tuner_fixed_settings_never_move():
     pinned = Tuner(initial=4, cap=48, request_bytes=2 * MiB)
     _drive(pinned, lambda n: n * 50e6, seconds=10)
     assert pinned.request_bytes == 2 * MiB
+
+
+def _drive_connections(tuner: Tuner, per_connection: float, link: float, seconds: float = 120.0) -> list[int]:
+    """Run the tuner where each TCP connection gets at most ``per_connection`` bytes/s and all of
+    them ``link``: HTTP/2 streams of one connection share its cap. Returns streams per connection."""
+    now, total, sharing = 0.0, 0.0, []
+    while now < seconds:
+        connections = -(-tuner.target // tuner.streams_per_connection)
+        total += min(connections * per_connection, link) * 0.5
+        now += 0.5
+        tuner.observe(now, int(total), tuner.target)
+        sharing.append(tuner.streams_per_connection)
+    return sharing
+
+
+def test_tuner_shares_connections_only_while_the_link_stays_full():
+    # 25 MB/s per connection, 125 MB/s link: 5 connections fill it.
+    tuner = Tuner(initial=16, cap=64, request_bytes=None)
+    tuner.multiplexed = True
+    sharing = _drive_connections(tuner, 25e6, 125e6)
+    connections = -(-tuner.target // tuner.streams_per_connection)
+    assert max(sharing) > 1  # it tried fewer connections
+    assert connections >= 5  # and kept enough of them to fill the link
+    assert sharing[-1] <= tuner.target // 5
+
+
+def test_tuner_keeps_one_stream_per_connection_when_each_connection_is_capped():
+    # The link is never full: every connection given up costs throughput.
+    tuner = Tuner(initial=8, cap=8, request_bytes=None)
+    tuner.multiplexed = True
+    sharing = _drive_connections(tuner, 25e6, 10e9)
+    # Tried now and then (once per hold), each time undone after one window.
+    assert sharing[-1] == 1 and 0 < sharing.count(2) <= len(sharing) * 0.05
+
+
+def test_tuner_never_shares_without_http2_or_when_pinned():
+    plain = Tuner(initial=16, cap=64, request_bytes=None)
+    assert set(_drive_connections(plain, 25e6, 125e6)) == {1}
+    pinned = Tuner(initial=16, cap=64, request_bytes=None, streams_per_connection=4)
+    pinned.multiplexed = True
+    assert set(_drive_connections(pinned, 25e6, 125e6)) == {4}

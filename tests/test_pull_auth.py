@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 
 import pytest
 
 from fastpull import AuthError, FetchOptions, Puller, pull
 from fastpull.manifest import Platform
-from fastpull.registry import RegistryClient
 from fastpull.testbed.images import LayerSpec, build_image, build_index, push_image, push_index
 from fastpull.testbed.registry import LocalRegistry
 from fastpull.testbed.tls import server_certificate
@@ -63,22 +64,41 @@ def test_pull_with_basic_auth(tmp_path, image_cache, monkeypatch):
         _blobs_ok(tmp_path / "layout", image)
 
 
-def test_pull_over_https_multiplexes_http2(tmp_path, image_cache, monkeypatch):
+def test_pull_over_https_spreads_http2_ranges_over_connections(tmp_path, image_cache, monkeypatch):
     cert, key = server_certificate(tmp_path)
     image = build_image([LayerSpec(4 * MiB), LayerSpec(2 * MiB)], image_cache / "tls", seed=33)
     tls = {"http": {"tls": {"certificate": str(cert), "key": str(key)}}}
     with LocalRegistry(tmp_path / "storage", extra_config=tls) as registry:
         monkeypatch.setenv("CURL_CA_BUNDLE", str(cert))
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-        https_url = registry.url.replace("http://", "https://")
-        push_image(https_url, "team/tls", "v1", image)
+        push_image(registry.url, "team/tls", "v1", image)
         ref = f"{registry.host}/team/tls:v1"
-        # A loopback registry is plain HTTP unless its client says otherwise.
-        with Puller(OPTS, clients=[RegistryClient(registry.host, insecure=False)]) as puller:
+        # A loopback registry: HTTPS is tried first, with no flag or client of the caller's.
+        with Puller(OPTS) as puller:
             puller.pull(ref, tmp_path / "layout")
+            stats = puller.engine.stats
         _blobs_ok(tmp_path / "layout", image)
         gets = [line for line in registry.access_log.read_text().splitlines() if '"GET /v2/team/tls/blobs/' in line]
         assert len(gets) > len(image.blobs) and all('HTTP/2.0"' in line for line in gets)
+        # Ranges in flight at once went over connections of their own, not as streams of one.
+        assert stats.connections >= OPTS.chunks_per_blob
+
+
+def test_cli_pulls_from_https_and_plain_loopback_registries_without_flags(tmp_path, image_cache, registry,
+                                                                            monkeypatch):
+    cert, key = server_certificate(tmp_path)
+    image = build_image([LayerSpec(MiB)], image_cache / "cli-tls", seed=36)
+    tls = {"http": {"tls": {"certificate": str(cert), "key": str(key)}}}
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the CA, as a user of curl or Docker gives it
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    push_image(registry.url, "team/plain", "v1", image)
+    with LocalRegistry(tmp_path / "storage", extra_config=tls) as secure:
+        push_image(secure.url, "team/tls", "v1", image)
+        for host, name in ((secure.host, "tls"), (registry.host, "plain")):
+            done = subprocess.run([sys.executable, "-m", "fastpull", "pull", f"{host}/team/{name}:v1",
+                                   "--layout", str(tmp_path / name)], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            _blobs_ok(tmp_path / name, image)
 
 
 def test_pull_index_selects_platform(registry, image_cache, tmp_path):

@@ -30,7 +30,7 @@ from fastpull.registry import RegistryClient
 from fastpull.testbed.registry import LocalRegistry
 from fastpull.testbed.tls import server_certificate
 from fastpull.testbed.tokenserver import TokenServer
-from fastpull.transport import RetryPolicy, Transport
+from fastpull.transport import SSL_CONNECT_ERROR, RetryPolicy, Transport
 
 AMD64 = Platform.parse("linux/amd64")
 Reply = tuple[int, dict[str, str] | list[tuple[str, str]], bytes]
@@ -83,6 +83,10 @@ class Scripted:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                scripted.seen.append((f"<unparsed request: {code}>", None))  # e.g. a TLS hello on plain HTTP
+                super().send_error(code, message, explain)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -308,22 +312,48 @@ def anonymous(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Anonymous]:
         yield Anonymous(registry, pusher, docs)
 
 
-def test_registry_client_scheme_and_urls() -> None:
+def test_registry_client_schemes_and_urls() -> None:
+    """HTTPS first everywhere; plain HTTP as a fallback for loopback and insecure hosts only."""
     cases = {
-        RegistryClient("localhost:5000", credentials=None): "http://localhost:5000",
-        RegistryClient("127.0.0.2", credentials=None): "http://127.0.0.2",
-        RegistryClient("[::1]:5000", credentials=None): "http://[::1]:5000",
-        RegistryClient("ghcr.io", credentials=None): "https://ghcr.io",
-        RegistryClient("ghcr.io:8443", insecure=True, credentials=None): "http://ghcr.io:8443",
-        RegistryClient("127.0.0.1:5000", insecure=False, credentials=None): "https://127.0.0.1:5000",
-        RegistryClient("docker.io", credentials=None): "https://registry-1.docker.io",
+        RegistryClient("localhost:5000", credentials=None): (("https", "http"), True),
+        RegistryClient("127.0.0.2", credentials=None): (("https", "http"), True),
+        RegistryClient("[::1]:5000", credentials=None): (("https", "http"), True),
+        RegistryClient("ghcr.io", credentials=None): (("https",), True),
+        RegistryClient("ghcr.io:8443", insecure=True, credentials=None): (("https", "http"), False),
+        RegistryClient("127.0.0.1:5000", insecure=False, credentials=None): (("https",), True),
     }
-    for client, base in cases.items():
-        assert client.base_url == base
-    digest = "sha256:" + "0" * 64
-    assert RegistryClient("docker.io", credentials=None).blob_url("library/ubuntu", digest) == (
-        f"https://registry-1.docker.io/v2/library/ubuntu/blobs/{digest}"
-    )
+    for client, (schemes, verify) in cases.items():
+        assert (client.schemes, client.tls_verify) == (schemes, verify), client.host
+    assert RegistryClient("docker.io", credentials=None).api_host == "registry-1.docker.io"
+
+
+def test_registry_client_uses_https_on_loopback_when_served(serve: Callable[..., Scripted], tmp_path: Path) -> None:
+    context, cert = _tls_server_context(tmp_path)
+    server = serve(ok(b"{}"), tls=context)
+    host = f"127.0.0.1:{server.httpd.server_address[1]}"
+    client = RegistryClient(host, credentials=None, transport=Transport(ca_file=str(cert)))
+    assert client.base_url == f"https://{host}"
+    assert client.blob_url("a/b", "sha256:" + "0" * 64).startswith(f"https://{host}/v2/a/b/blobs/")
+    # Unverifiable: an error (never a silent fall back to plain HTTP), unless the host is insecure.
+    with pytest.raises(TransferError, match="certificate"):
+        RegistryClient(host, credentials=None).authorization("a/b")
+    assert RegistryClient(host, credentials=None, insecure=True).base_url == f"https://{host}"
+
+
+def test_registry_client_falls_back_to_plain_http_once(serve: Callable[..., Scripted]) -> None:
+    server = serve(ok(b"{}"))
+    port = server.httpd.server_address[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert RegistryClient(host, credentials=None).base_url == f"http://{host}"
+    assert [path for path, _ in server.seen] == ["<unparsed request: 400>", "/v2/"] * 2  # a TLS hello, then HTTP
+    # Learned for the life of the process: the next client of the host goes straight to HTTP.
+    assert RegistryClient(f"127.0.0.1:{port}", credentials=None).base_url == f"http://127.0.0.1:{port}"
+    assert [path for path, _ in server.seen[4:]] == ["/v2/"]
+    with pytest.raises(TransferError) as e:
+        RegistryClient(f"127.0.0.1:{port}", insecure=False, credentials=None).authorization("a/b")
+    assert e.value.curl_code == SSL_CONNECT_ERROR
+
+
     with pytest.raises(ValueError, match="timeout"):
         RegistryClient("ghcr.io", timeout=0)
 
