@@ -273,6 +273,7 @@ class _Transfer:
     curl: pycurl.Curl
     sink: object
     started: float
+    url: str
     status: int = 0
     headers: dict = field(default_factory=dict)
     window_bytes: int = 0
@@ -734,7 +735,7 @@ class FetchEngine:
             start = blob.resume_at.pop(chunks[0], valid_from)
         sink = writer.sink(start, end, valid_from)
         c = self._free_curls.pop() if self._free_curls else pycurl.Curl()
-        transfer = _Transfer(blob, chunks, start, end, c, sink, time.monotonic())
+        transfer = _Transfer(blob, chunks, start, end, c, sink, time.monotonic(), blob.url)
         ranged = chunks is not None
         extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
         c.setopt(pycurl.URL, blob.url)
@@ -807,6 +808,7 @@ class FetchEngine:
             return
         if curl_code == 0 and status in (200, 206) and t.sink.armed and t.sink.offset == t.end:
             blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
+            blob.attempts.pop("resolve", None)  # its redirect works
             self._on_chunk_done(blob)
             return
         if status in THROTTLE_STATUSES:
@@ -819,10 +821,14 @@ class FetchEngine:
             blob.url = urljoin(blob.url, t.headers["location"])  # reused for all its chunks
             self._requeue(t, delay=0)
             return
-        elsewhere = urlsplit(blob.url).netloc != blob.registry_netloc
+        elsewhere = urlsplit(t.url).netloc != blob.registry_netloc
         if curl_code == 0 and elsewhere and status in (400, 401, 403):
             # A signed redirect target (CDN, S3) that expired or refuses us: ask the registry for a
-            # fresh one; the chunks already written stay. Bounded, in case it never works.
+            # fresh one; the chunks already written stay. Bounded: resolutions in a row that
+            # bring no chunk home.
+            if t.url != blob.url:  # another transfer of the blob has resolved it again already
+                self._requeue(t, delay=0)
+                return
             blob.redirects = 0
             blob.attempts["resolve"] = tries = blob.attempts.get("resolve", 0) + 1
             if tries > self.options.retries:

@@ -116,6 +116,7 @@ class _Plan:
     """What one request for one digest gets, decided atomically when it arrives."""
 
     redirect: str | None = None
+    signature: int | None = None
     fail: tuple[int, int | str | None] | None = None
     ignore_range: bool = False
     corrupt: bool = False
@@ -225,9 +226,16 @@ class _Handler(BaseHTTPRequestHandler):
             code = "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN"
             self._send_error(404, f"{kind[:-1]} {ref} unknown to repository {repo}", code=code)
             return
+        if kind == "blobs" and not reg._take_signature(urlsplit(self.path).query):
+            # As S3 answers a presigned URL past its expiry.
+            body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            record = self._begin(403, {"Content-Type": "application/xml"}, len(body), content.digest)
+            self._write(record, body)
+            return
         plan = reg._take_plan(content.digest, kind == "blobs", self.command == "GET")
         if plan.redirect is not None:
-            headers = {"Location": f"{plan.redirect}/v2/{repo}/blobs/{content.digest}"}
+            signed = "" if plan.signature is None else f"?X-Amz-Signature={plan.signature}"
+            headers = {"Location": f"{plan.redirect}/v2/{repo}/blobs/{content.digest}{signed}"}
             self._send_json(307, {}, headers, content.digest)
             return
         if plan.fail is not None:
@@ -357,6 +365,9 @@ class FaultRegistry:
         self._token_base: str | None = None
         self._token_generation = 0
         self._token_requests = 0
+        self._signatures_issued = 0
+        self._signed_uses: int | None = None  # blob requests only with a signature, honoured this often
+        self._signature_uses: dict[str, int] = {}
         self._httpd = _Server((host, port), self)
         self.host = f"{host}:{self._httpd.server_address[1]}"
         """``host:port`` as it appears in image references."""
@@ -463,15 +474,23 @@ class FaultRegistry:
             knobs = self._knobs(digest)
             knobs.stall_bytes, knobs.stall_left = nbytes, first
 
-    def redirect_to(self, digest: str, other: FaultRegistry | None) -> None:
-        """Answer blob GET and HEAD with 307 to the same path on ``other``, which then serves the blob (``None`` lifts it)."""
+    def redirect_to(self, digest: str, other: FaultRegistry | None, signed_uses: int | None = None) -> None:
+        """Answer blob GET and HEAD with 307 to the same path on ``other``, which then serves the blob (``None`` lifts it).
+
+        With ``signed_uses``, each redirect carries a fresh signature (``?X-Amz-Signature=N``) that
+        ``other`` honours for that many blob requests, then answers 403 "Request has expired", as
+        a presigned S3/CDN URL does once it expires.
+        """
         if other is self:
             raise ValueError("a registry cannot redirect to itself")
+        if signed_uses is not None and signed_uses < 1:
+            raise ValueError(f"signed_uses must be at least 1, got {signed_uses}")
         if other is not None:
             with self._lock:
                 content = self._content(digest)
             with other._lock:
                 other._contents.setdefault(digest, content)
+                other._signed_uses = signed_uses
         with self._lock:
             self._knobs(digest).redirect = other
 
@@ -575,7 +594,9 @@ class FaultRegistry:
             if k is None:
                 return _Plan()
             if blob and k.redirect is not None:
-                return _Plan(redirect=k.redirect.url)
+                self._signatures_issued += 1
+                signed = k.redirect._signed_uses is not None
+                return _Plan(redirect=k.redirect.url, signature=self._signatures_issued if signed else None)
             if k.fail_left:
                 k.fail_left -= 1
                 return _Plan(fail=(k.fail_status, k.retry_after))
@@ -596,6 +617,18 @@ class FaultRegistry:
                 slow_rate=k.slow_rate,
                 slow_starts=k.slow_starts,
             )
+
+    def _take_signature(self, query: str) -> bool:
+        """Whether a blob request with ``query`` may be served: always, unless signatures are
+        required; then its signature must be present and not used up (each use counts)."""
+        with self._lock:
+            if self._signed_uses is None:
+                return True
+            signature = dict(p.partition("=")[::2] for p in query.split("&")).get("X-Amz-Signature")
+            if signature is None or self._signature_uses.get(signature, 0) >= self._signed_uses:
+                return False
+            self._signature_uses[signature] = self._signature_uses.get(signature, 0) + 1
+            return True
 
     def _log_request(self, record: Served) -> None:
         with self._lock:

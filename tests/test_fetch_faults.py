@@ -127,6 +127,33 @@ def test_fetch_redirect_is_resolved_once_and_drops_authorization(server, image, 
     assert all(r.authorization for r in server.log if r.path.startswith("/v2/faulty") and r.status != 401)
 
 
+def test_fetch_expired_signed_redirect_is_resolved_again_mid_blob(server, image, layout):
+    big = image.layers[0]
+    with FaultRegistry(host="127.0.0.2") as cdn:
+        # Each signed URL serves 5 requests, then answers 403 "Request has expired" (as S3 does).
+        server.redirect_to(big.digest, cdn, signed_uses=5)
+        pull(_ref(server), layout, options=FetchOptions(**FAST_RETRIES))
+        _assert_pulled(layout, image)
+        chunks = -(-big.size // CHUNK)
+        expired = [r for r in cdn.requests_for(big.digest) if r.status == 403]
+        assert expired, "the signed URL never expired: the test proves nothing"
+        resolved = [r for r in server.requests_for(big.digest) if r.method == "GET"]
+        assert len(resolved) >= -(-chunks // 5)  # a fresh redirect for every 5 requests
+        # The chunks written before an expiry were kept: every byte came from the CDN once.
+        assert cdn.bytes_served(big.digest) == big.size
+
+
+def test_fetch_redirect_that_never_works_fails_with_the_cdn_status(server, image, layout):
+    big = image.layers[0]
+    with FaultRegistry(host="127.0.0.2") as cdn:
+        server.redirect_to(big.digest, cdn, signed_uses=1)
+        cdn.fail_first(big.digest, 1000, status=403)
+        with pytest.raises(RegistryError, match="127.0.0.2.* -> HTTP 403") as e:
+            pull(_ref(server), layout, options=FetchOptions(**FAST_RETRIES))
+        assert e.value.status == 403
+        assert not _stored(layout, big.digest).exists()
+
+
 def test_fetch_expired_token_is_refreshed(server, image, layout):
     server.require_bearer("t0")
     big = image.layers[0]
