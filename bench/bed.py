@@ -62,6 +62,8 @@ REGISTRY_PORT = 5000
 """Where clients reach the registry inside the bed (the proxy's port when ``rtt_ms`` > 0)."""
 BACKEND_PORT = 5001
 """The registry's own port behind the delay proxy (unshaped: only the proxy's replies are)."""
+REDIRECTOR_HOST = "127.0.0.2"
+"""Where the redirecting front listens (port ``REGISTRY_PORT``: its replies are shaped too)."""
 BUCKETS = 256
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _CLONE_NEWNET = 0x40000000
@@ -347,6 +349,45 @@ class ThrottledBed:
             reg.stop()
 
 
+    @contextmanager
+    def redirector(self, registry: BedRegistry, host: str = REDIRECTOR_HOST) -> Iterator[BedRedirector]:
+        """A registry front on ``host``:5000 that answers every blob GET/HEAD with a 307 to
+        ``registry`` (as Docker Hub, GHCR and ECR send blobs to a CDN or S3 on another host, with a
+        signed URL) and passes everything else to it. Speaks TLS when ``registry`` does; its replies
+        are shaped like the registry's and wait ``rtt_ms`` each (the delay proxy is not in front)."""
+        cmd = [sys.executable, str(Path(__file__).resolve()), "redirect", "--listen", f"{host}:{REGISTRY_PORT}",
+               "--origin", registry.url, "--delay-ms", str(self.rtt_ms)]
+        ca_file = None
+        if registry.ca_file:
+            from fastpull.testbed.tls import server_certificate
+
+            cert_dir = Path(registry.ca_file).parent / "redirector"
+            cert_dir.mkdir(exist_ok=True)
+            cert, key = server_certificate(cert_dir, host)
+            bundle = cert_dir / "ca-bundle.pem"
+            bundle.write_bytes(Path(registry.ca_file).read_bytes() + cert.read_bytes())
+            ca_file = str(bundle)
+            cmd += ["--cert", str(cert), "--key", str(key)]
+        proc = self.popen(cmd, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise BedError("redirector did not start")
+            yield BedRedirector(f"{host}:{REGISTRY_PORT}", registry, ca_file)
+        finally:
+            _end(proc)
+            self.forget(proc)
+
+
+@dataclass(frozen=True)
+class BedRedirector:
+    """A redirecting registry front: clients pull ``host``; ``ca_file`` verifies it and its target."""
+
+    host: str
+    target: BedRegistry
+    ca_file: str | None
+
+
 class BedRegistry:
     """A registry inside a bed: ``host``/``url`` as clients inside reach it; ``local`` is the process."""
 
@@ -503,6 +544,76 @@ def _serve_proxy(listen: str, target: str, delay_s: float) -> None:
     asyncio.run(main())
 
 
+# ---- the redirecting front (``python bench/bed.py redirect ...``, run inside the namespace) ---------
+
+
+def _serve_redirector(listen: str, origin: str, delay_s: float, cert: str | None, key: str | None) -> None:
+    """Answer blob GET/HEAD with 307 to ``origin`` (a fresh signature in the query each time, which
+    the distribution registry ignores); forward every other request to ``origin`` and relay its answer."""
+    import http.client
+    import itertools
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    target = urlsplit(origin)
+    signatures = itertools.count(1)
+    forwarded = ("Accept", "Authorization", "Range")
+    relayed = ("Content-Type", "Docker-Content-Digest", "Docker-Distribution-Api-Version", "Www-Authenticate",
+               "Location")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else a delayed ACK holds each small answer ~40 ms
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(delay_s)
+            if re.match(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$", self.path):
+                self.send_response(307)
+                self.send_header("Location", f"{origin}{self.path}?X-Amz-Signature={next(signatures)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if target.scheme == "https":
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    target.netloc, context=ssl._create_unverified_context(), timeout=30)
+            else:
+                conn = http.client.HTTPConnection(target.netloc, timeout=30)
+            headers = {k: v for k in forwarded if (v := self.headers.get(k))}
+            conn.request(self.command, self.path, headers=headers)
+            reply = conn.getresponse()
+            body = reply.read()
+            conn.close()
+            self.send_response(reply.status)
+            for name in relayed:
+                for value in reply.headers.get_all(name) or ():
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else
+                                                   reply.headers.get("Content-Length", "0")))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # the default 5 drops SYNs of a burst of connections: 1 s retransmits
+
+    host, port = listen.rsplit(":", 1)
+    server = Server((host, int(port)), Handler)
+    if cert and key:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print("ready", flush=True)
+    server.serve_forever()
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -512,5 +623,14 @@ if __name__ == "__main__":
     p.add_argument("--listen", required=True)
     p.add_argument("--target", required=True)
     p.add_argument("--delay-ms", type=float, required=True, help="one-way delay added to each direction")
+    r = sub.add_parser("redirect", help="registry front that redirects blobs (run inside the namespace)")
+    r.add_argument("--listen", required=True)
+    r.add_argument("--origin", required=True, help="URL of the registry behind it (and the redirects' target)")
+    r.add_argument("--delay-ms", type=float, default=0, help="wait before each answer (a round trip)")
+    r.add_argument("--cert")
+    r.add_argument("--key")
     args = ap.parse_args()
-    _serve_proxy(args.listen, args.target, args.delay_ms / 1000)
+    if args.command == "proxy":
+        _serve_proxy(args.listen, args.target, args.delay_ms / 1000)
+    else:
+        _serve_redirector(args.listen, args.origin, args.delay_ms / 1000, args.cert, args.key)

@@ -268,12 +268,18 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: images / 10, small grid, 1 run")
+def bed_arguments(description: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """A parser with the options every bed bench shares: --quick, the caps and the RTT."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--per-flow", type=float, default=200, help="Mbit/s per TCP connection (default 200)")
     ap.add_argument("--link", type=float, default=1000, help="Mbit/s for all connections (default 1000)")
     ap.add_argument("--rtt", type=float, default=0, help="added round-trip ms (userspace delay proxy)")
+    return ap
+
+
+def main() -> int:
+    ap = bed_arguments(__doc__, "smoke run: images / 10, small grid, 1 run")
     ap.add_argument("--runs", type=int, help="runs per comparison cell, median (default 3; quick 1)")
     ap.add_argument("--sweep-runs", type=int, help="runs per sweep cell, median (default 1)")
     ap.add_argument("--chunk-mib", help="sweep chunk sizes, MiB (default 4,16,64)")

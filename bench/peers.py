@@ -114,7 +114,8 @@ def fastpull_command(ref: str, layout: Path, options: dict[str, int] | None = No
     ``adaptive: False`` becomes ``--fixed``; ``join: False``, not a FetchOption, ``--no-join``)."""
     cmd = [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(layout)]
     flags = {"chunk_size": "--chunk-size", "chunks_per_blob": "--chunks-per-blob",
-             "blobs_in_flight": "--blobs-in-flight", "max_transfers": "--max-transfers"}
+             "blobs_in_flight": "--blobs-in-flight", "max_transfers": "--max-transfers",
+             "streams_per_connection": "--streams-per-connection"}
     for key, value in (options or {}).items():
         if key in ("adaptive", "join"):
             cmd += [] if value else ["--fixed" if key == "adaptive" else "--no-join"]
@@ -267,6 +268,17 @@ class Containerd:
         self._log.flush()
         return (self.workdir / "containerd.log").read_text(errors="replace")[-2000:]
 
+    def https_hosts(self, ref: str) -> list[str]:
+        """ctr flags for HTTPS to ``ref``'s host without verification: ctr 1.6 speaks plain HTTP
+        to loopback hosts unless a ``hosts.toml`` names an https server."""
+        host = ref.split("/", 1)[0]
+        hosts_dir = self.workdir / "certs.d"
+        (hosts_dir / host).mkdir(parents=True, exist_ok=True)
+        (hosts_dir / host / "hosts.toml").write_text(
+            f'server = "https://{host}"\n\n[host."https://{host}"]\n'
+            '  capabilities = ["pull", "resolve"]\n  skip_verify = true\n')
+        return ["--hosts-dir", str(hosts_dir), "--skip-verify"]
+
     def ctr_command(self, *args: str) -> list[str]:
         return ["ctr", "--address", str(self.address), "--namespace", "bench", *args]
 
@@ -290,12 +302,14 @@ class Containerd:
         return 0.0
 
 
-def measure_containerd(bed: ThrottledBed, ref: str, work: Path, concurrent: int = 1, unpack: bool = True) -> Sample:
-    """``concurrent`` ``ctr image pull --plain-http`` (or ``ctr content fetch`` if not ``unpack``)
-    of ``ref`` against a fresh daemon; the daemon's CPU and peak RSS are added to the clients'."""
+def measure_containerd(bed: ThrottledBed, ref: str, work: Path, concurrent: int = 1, unpack: bool = True,
+                       tls: bool = False) -> Sample:
+    """``concurrent`` ``ctr image pull --plain-http`` (or ``ctr content fetch`` if not ``unpack``;
+    ``--skip-verify`` instead of ``--plain-http`` with ``tls``) of ``ref`` against a fresh daemon;
+    the daemon's CPU and peak RSS are added to the clients'."""
     with Containerd(bed, work) as daemon:
         verb = ["images", "pull"] if unpack else ["content", "fetch"]
-        cmd = daemon.ctr_command(*verb, "--plain-http", ref)
+        cmd = daemon.ctr_command(*verb, *(daemon.https_hosts(ref) if tls else ["--plain-http"]), ref)
         before = daemon.cpu_seconds()
         label = "containerd pull" if unpack else "containerd fetch"
         sample = run_at_once(bed, label, [cmd] * concurrent)

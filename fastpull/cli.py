@@ -40,6 +40,7 @@ def _fetch_options(args: argparse.Namespace) -> FetchOptions:
         blobs_in_flight=args.blobs_in_flight or defaults.blobs_in_flight,
         max_transfers=args.max_transfers or defaults.max_transfers,
         http2=not args.http1,
+        streams_per_connection=args.streams_per_connection,
     )
 
 
@@ -53,10 +54,13 @@ def _add_fetch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blobs-in-flight", type=int, metavar="N", help="blobs fetched at once")
     g.add_argument("--max-transfers", type=int, metavar="N", help="transfers (connections) in flight in all")
     g.add_argument("--http1", action="store_true", help="never negotiate HTTP/2")
+    g.add_argument("--streams-per-connection", type=int, metavar="N",
+                   help="HTTP/2 streams one connection carries at most (default: tuned, from 1)")
     g.add_argument("--durable", action="store_true", help="fdatasync every blob before committing it")
     g.add_argument("--platform", type=_platform, help="os/arch[/variant] (default: this host)")
     g.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
-                   help="use plain HTTP for this registry (loopback hosts always do)")
+                   help="accept any certificate from this registry, or plain HTTP if it does not speak TLS "
+                        "(loopback hosts may be plain HTTP too, but their certificates are checked)")
 
 
 def _platform(spec: str) -> str:
