@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import subprocess
 import time
@@ -62,9 +63,12 @@ def test_fetch_server_ignoring_range_falls_back_to_one_stream(server, image, lay
     assert sum("ignores Range" in r.message for r in caplog.records) == 1
 
 
-def test_fetch_retries_503_honouring_retry_after(server, image, layout):
+@pytest.mark.parametrize("as_date", [False, True], ids=["seconds", "http-date"])
+def test_fetch_retries_503_honouring_retry_after(server, image, layout, as_date):
     big = image.layers[0]
-    server.fail_first(big.digest, 2, status=503, retry_after=1)
+    # An HTTP date has whole seconds: 2 s ahead is at least 1 s ahead.
+    retry_after = email.utils.formatdate(time.time() + 2, usegmt=True) if as_date else 1
+    server.fail_first(big.digest, 2, status=503, retry_after=retry_after)
     started = time.monotonic()
     pull(_ref(server), layout, options=FetchOptions(**FAST_RETRIES))
     assert time.monotonic() - started >= 1.0  # waited as told, although backoff_max is 0.5 s

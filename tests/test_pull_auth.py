@@ -11,10 +11,12 @@ import pytest
 
 from fastpull import AuthError, FetchOptions, Puller, pull
 from fastpull.manifest import Platform
+from fastpull.registry import RegistryClient
 from fastpull.testbed.images import LayerSpec, build_image, build_index, push_image, push_index
 from fastpull.testbed.registry import LocalRegistry
 from fastpull.testbed.tls import server_certificate
 from fastpull.testbed.tokenserver import TokenServer
+from fastpull.transport import Transport
 
 MiB = 1 << 20
 OPTS = FetchOptions(chunk_size=256 * 1024, chunks_per_blob=4)
@@ -111,3 +113,19 @@ def test_pull_index_selects_platform(registry, image_cache, tmp_path):
     assert result.descriptor.digest == arm.manifest_digest
     _blobs_ok(tmp_path / "layout", arm)
     assert not (tmp_path / "layout" / "blobs" / "sha256" / amd.layers[0].digest.split(":")[1]).exists()
+
+
+def test_pull_blobs_use_the_ca_of_their_registry_client(tmp_path, image_cache, monkeypatch):
+    """A CA given through the API verifies the blob downloads too, not only the manifests."""
+    cert, key = server_certificate(tmp_path)
+    image = build_image([LayerSpec(2 * MiB)], image_cache / "tls-ca", seed=37)
+    tls = {"http": {"tls": {"certificate": str(cert), "key": str(key)}}}
+    with LocalRegistry(tmp_path / "storage", extra_config=tls) as registry:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        push_image(registry.url, "team/ca", "v1", image)
+        for var in ("SSL_CERT_FILE", "CURL_CA_BUNDLE"):  # the process default does not know the CA
+            monkeypatch.delenv(var, raising=False)
+        client = RegistryClient(registry.host, transport=Transport(ca_file=str(cert)))
+        with Puller(OPTS, clients=[client]) as puller:
+            puller.pull(f"{registry.host}/team/ca:v1", tmp_path / "layout")
+        _blobs_ok(tmp_path / "layout", image)
