@@ -264,6 +264,12 @@ def _save(fig: Any, path: Path) -> Path:
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def results_name(args: Any) -> str:
+    """``bed``, then ``-tls``, ``-rttN`` and ``-quick`` as the run's options say."""
+    return ("bed" + ("-tls" if args.tls else "") + (f"-rtt{args.rtt:g}" if args.rtt else "")
+            + ("-quick" if args.quick else ""))
+
+
 def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -281,6 +287,8 @@ def bed_arguments(description: str | None, quick_help: str) -> argparse.Argument
 def main() -> int:
     ap = bed_arguments(__doc__, "smoke run: images / 10, small grid, 1 run")
     ap.add_argument("--runs", type=int, help="runs per comparison cell, median (default 3; quick 1)")
+    ap.add_argument("--tls", action="store_true",
+                    help="the registry serves HTTPS with HTTP/2 (fastpull verifies it; peers skip verification)")
     ap.add_argument("--sweep-runs", type=int, help="runs per sweep cell, median (default 1)")
     ap.add_argument("--chunk-mib", help="sweep chunk sizes, MiB (default 4,16,64)")
     ap.add_argument("--per-blob", help="sweep chunks per blob (default 1,4,16,64 typical; 4,16,128 big)")
@@ -299,7 +307,7 @@ def main() -> int:
 
     RESULTS.mkdir(exist_ok=True)
     if args.replot:
-        name = "bed-quick" if args.quick else "bed"
+        name = results_name(args)
         data = json.loads((RESULTS / f"{name}.json").read_text())
         for p in plot_all(data, RESULTS, name):
             print(p)
@@ -350,7 +358,9 @@ def main() -> int:
     md: list[str] = []
 
     with ThrottledBed(args.per_flow, args.link, rtt_ms=args.rtt, name=args.name) as bed:
-        with bed.registry(storage) as registry:
+        with bed.registry(storage, tls=args.tls) as registry:
+            if registry.ca_file:  # fastpull, curl and the pusher verify with it
+                os.environ["SSL_CERT_FILE"] = os.environ["CURL_CA_BUNDLE"] = registry.ca_file
             for key, image in images.items():
                 bed.call(push_image, registry.url, f"bench/{key}", "latest", image)
             refs = {key: f"{registry.host}/bench/{key}:latest" for key in images}
@@ -384,7 +394,7 @@ def main() -> int:
                                                             refs[key], runs_dir))
                         rows["containerd fetch"].append(bench.measure(
                             "shapes", key, "containerd fetch", 1, peers.measure_containerd, refs[key], runs_dir,
-                            unpack=False))
+                            unpack=False, tls=args.tls))
                     table_rows = [(name, peers.median(samples)) for name, samples in rows.items()]
                     top = best(table_rows, PEERS)
                     for name, s in table_rows:
@@ -474,10 +484,10 @@ def main() -> int:
                                 unpack=True))
                         rows["containerd fetch"].append(bench.measure(
                             "concurrency", key, f"containerd fetch x{n}", 1, peers.measure_containerd, refs[key],
-                            runs_dir, concurrent=n, unpack=False))
+                            runs_dir, concurrent=n, unpack=False, tls=args.tls))
                         rows["containerd pull"].append(bench.measure(
                             "concurrency", key, f"containerd pull x{n}", 1, peers.measure_containerd, refs[key],
-                            runs_dir, concurrent=n))
+                            runs_dir, concurrent=n, tls=args.tls))
                     table_rows = [(name, peers.median(samples)) for name, samples in rows.items()]
                     top = best(table_rows, PEERS)
                     for name, s in table_rows:
@@ -490,7 +500,9 @@ def main() -> int:
     if "ceiling" in sections:
         # Where the 2-core machine saturates: the same fastpull with caps far above what it can reach.
         with ThrottledBed(100_000, 100_000, name=args.name) as bed:
-            with bed.registry(storage) as registry:
+            with bed.registry(storage, tls=args.tls) as registry:
+                if registry.ca_file:
+                    os.environ["SSL_CERT_FILE"] = os.environ["CURL_CA_BUNDLE"] = registry.ca_file
                 bench = Bench(bed, runs_dir, args.fastpull_root)
                 lines = ["| image | setting | wall s | MB/s | CPU s | CPU s / wall s |",
                          "| --- | --- | ---: | ---: | ---: | ---: |"]
@@ -506,12 +518,12 @@ def main() -> int:
 
     elapsed = time.monotonic() - started
     header = (f"# Far-registry bench: per flow {args.per_flow:g} Mbit/s, link {args.link:g} Mbit/s, "
-              f"RTT {args.rtt:g} ms{' (quick)' if quick else ''}\n\n"
+              f"RTT {args.rtt:g} ms, {'TLS with HTTP/2' if args.tls else 'plain HTTP'}{' (quick)' if quick else ''}\n\n"
               f"fastpull {data['fastpull']}; " + "; ".join(f"{k} {v}" for k, v in data["versions"].items()
                                                             if k not in ("pycurl",))
               + f"; {os.cpu_count()} CPUs; bench took {elapsed / 60:.1f} min.")
     text = header + "\n\n" + "\n\n".join(md) + "\n"
-    name = "bed-quick" if quick else "bed"
+    name = results_name(args)
     (RESULTS / f"{name}.md").write_text(text)
     data["elapsed_s"] = elapsed
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))

@@ -90,3 +90,25 @@ def test_bed_hash_buckets_follow_linux_port_steps():
     # Ephemeral ports to one destination advance in steps of 2: bits 1..8 keep 256 of them apart.
     assert ThrottledBed.collisions(list(range(40000, 40512, 2))) == 0
     assert ThrottledBed.bucket(40000) == ThrottledBed.bucket(40512)
+
+
+def test_bed_serves_tls_and_redirects_blobs_to_the_registry(tmp_path, monkeypatch):
+    image = build_image([LayerSpec(1_000_000)], tmp_path / "image")
+    blob = image.layers[0]
+    with ThrottledBed(PER_FLOW, LINK, name=NAME) as bed:
+        with bed.registry(tmp_path / "storage", tls=True) as registry, bed.redirector(registry) as front:
+            assert registry.url.startswith("https://") and front.ca_file
+            monkeypatch.setenv("SSL_CERT_FILE", registry.ca_file)  # the pusher verifies the registry
+            bed.call(push_image, registry.url, "bed/tls", "latest", image)
+            got = bed.run(["curl", "-sf", "--cacert", front.ca_file, "-L", "-o", str(tmp_path / "blob"),
+                           "-w", "%{num_redirects} %{url_effective} %{http_version}",
+                           f"https://{front.host}/v2/bed/tls/blobs/{blob.digest}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+            assert got[0] == "1" and got[1].startswith(registry.url + "/") and "X-Amz-Signature=" in got[1]
+            assert got[2] == "2"  # the registry negotiated HTTP/2
+            assert (tmp_path / "blob").read_bytes() == image.blob_path(blob.digest).read_bytes()
+            manifest = bed.run(["curl", "-sf", "--cacert", front.ca_file, "-H",
+                                f"Accept: {image.media_type}", f"https://{front.host}/v2/bed/tls/manifests/latest"],
+                               capture_output=True, check=True).stdout
+            assert manifest == image.manifest  # everything but blobs is passed through
+
