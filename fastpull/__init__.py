@@ -17,19 +17,22 @@ if TYPE_CHECKING:
         DigestMismatch,
         FastpullError,
         InvalidReference,
+        MalformedArchive,
         ManifestError,
         PlatformNotFound,
         RegistryError,
         StoreError,
         TransferError,
+        UnpackError,
         UnsafeArchive,
     )
     from fastpull.fetch import FetchEngine, FetchOptions
     from fastpull.puller import Puller, PullResult, pull
 
 _MODULES = {
-    "fastpull.errors": ("AuthError", "DigestMismatch", "FastpullError", "InvalidReference", "ManifestError",
-                        "PlatformNotFound", "RegistryError", "StoreError", "TransferError", "UnsafeArchive"),
+    "fastpull.errors": ("AuthError", "DigestMismatch", "FastpullError", "InvalidReference", "MalformedArchive",
+                        "ManifestError", "PlatformNotFound", "RegistryError", "StoreError", "TransferError",
+                        "UnpackError", "UnsafeArchive"),
     "fastpull.fetch": ("FetchEngine", "FetchOptions"),
     "fastpull.puller": ("PullResult", "Puller", "pull"),
 }
@@ -42,6 +45,7 @@ __all__ = [
     "FetchEngine",
     "FetchOptions",
     "InvalidReference",
+    "MalformedArchive",
     "ManifestError",
     "PlatformNotFound",
     "PullResult",
@@ -49,6 +53,7 @@ __all__ = [
     "RegistryError",
     "StoreError",
     "TransferError",
+    "UnpackError",
     "UnsafeArchive",
     "pull",
 ]

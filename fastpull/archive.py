@@ -15,8 +15,13 @@ is rooted at ``root``; a ``..`` that climbs out of it is refused); every parent 
 is resolved with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)``, so symlinks,
 including absolute ones planted by earlier entries or layers, resolve inside ``root`` as
 they would inside the container; the final component is created or changed through its
-parent's descriptor and never followed. A refused entry raises ``UnsafeArchive``; the
-partial tree is left for the caller to discard.
+parent's descriptor and never followed. A refused entry raises ``UnsafeArchive``; a
+malformed or unsupported header ``MalformedArchive`` (naming its byte offset). The partial tree
+is left for the caller to discard.
+
+Formats: what Go's archive/tar (containerd's reader) reads: v7, ustar, PAX (``x``, Solaris
+``X``; global headers ignored), GNU and old GNU (long names, base-256 numbers, dumpdirs as
+directories), sparse files in old GNU, PAX 0.0, 0.1 and 1.0 form (holes stay holes).
 
 Memory: file contents go through one reused 1 MiB buffer; what is kept across entries is
 per directory (64 cached descriptors, modes and times set at the end) plus, in "apply" mode,
@@ -42,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from fastpull.errors import StoreError, UnsafeArchive
+from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
 
 __all__ = ["ApplyStats", "LayerStream", "apply_layer"]
 
@@ -90,7 +95,8 @@ def apply_layer(
 
     Owners, device nodes and privileged xattrs are applied when running as root; otherwise
     they are skipped and counted in ``ApplyStats.skipped``. Raises ``UnsafeArchive`` for a
-    refused or malformed entry and ``StoreError`` when the target filesystem fails.
+    refused entry, ``MalformedArchive`` for a malformed one and ``UnpackError`` when the target
+    filesystem fails.
     """
     if whiteouts not in ("overlay", "apply"):
         raise ValueError(f"whiteouts must be 'overlay' or 'apply', not {whiteouts!r}")
@@ -103,12 +109,12 @@ def apply_layer(
             applier.apply(entry)
         applier.finish()
     except EOFError:
-        raise UnsafeArchive(layer, applier.entry, "the stream ends inside this entry") from None
+        raise MalformedArchive(layer, source.entry_at, "the archive ends inside this entry") from None
     except OSError as err:
         why = err.strerror or str(err)
         if err.errno in _ARCHIVE_ERRNOS:
             raise UnsafeArchive(layer, applier.entry, why) from err
-        raise StoreError(os.path.join(root, applier.entry.lstrip("/")), why) from err
+        raise UnpackError(os.path.join(root, applier.entry.lstrip("/")), why) from err
     finally:
         applier.close()
     return applier.stats
@@ -173,7 +179,7 @@ class _Input:
     Raises ``EOFError`` where the tar needs bytes the stream no longer has.
     """
 
-    __slots__ = ("_at", "_buf", "_chunk", "_read", "_readinto", "pos")
+    __slots__ = ("_at", "_buf", "_chunk", "_read", "_readinto", "entry_at", "pos")
 
     def __init__(self, stream: LayerStream):
         self._read = stream.read
@@ -183,6 +189,8 @@ class _Input:
         self._chunk: memoryview | None = None
         self.pos = 0
         """Offset in the tar of the next unread byte."""
+        self.entry_at = 0
+        """Offset of the header of the entry being read."""
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the stream."""
@@ -285,6 +293,9 @@ _ZERO_BLOCK = bytes(_BLOCK)
 _USTAR = b"ustar\x0000"
 _REGULAR, _LINK, _SYMLINK, _CHAR, _BLOCKDEV, _DIR, _FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 _GLOBAL = b"g"
+_TRAILING = b"x"
+"""Extension headers that no entry follows: the archive ended."""
+_NO_OWNER = 0xFFFFFFFF
 _NO_DATA = frozenset((_LINK, _SYMLINK, _CHAR, _BLOCKDEV, _DIR, _FIFO))
 _XATTR = b"SCHILY.xattr."
 
@@ -321,25 +332,29 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
     """The tar's members in order, read the way Go's archive/tar (containerd, moby) does.
 
     After each entry is yielded, whatever the consumer left of its data is skipped. Global
-    PAX headers are yielded as ``_GLOBAL`` entries and not merged (Go ignores them too).
-    The stream is read to its end.
+    PAX headers are yielded as ``_GLOBAL`` entries and not merged (Go ignores them too), and
+    extension headers that the end of the archive follows as one ``_TRAILING`` entry (Go reads
+    such an archive as empty). ``source.entry_at`` follows the header being read. The stream
+    is read to its end.
     """
     pax: dict[bytes, bytes] = {}
     long_name = long_link = None
     while True:
-        at = source.pos
+        at = source.entry_at = source.pos
         block = source.read(_BLOCK)
         if len(block) < _BLOCK or block == _ZERO_BLOCK:
             if 0 < len(block) < _BLOCK:
                 raise EOFError
-            if pax or long_name is not None or long_link is not None:
-                raise _corrupt(layer, at, "the archive ends after an extension header")
             if block:  # like Go: a second block, if any, must be zeros too; the rest is not read
                 second = source.read(_BLOCK)
                 if 0 < len(second) < _BLOCK:
                     raise EOFError
                 if second and second != _ZERO_BLOCK:
-                    raise _corrupt(layer, at, "a lone zero block inside the archive")
+                    raise MalformedArchive(layer, at, "a lone zero block inside the archive")
+            if pax or long_name is not None or long_link is not None:
+                e = _Entry()
+                e.type, e.name = _TRAILING, ""
+                yield e
             source.drain()
             return
         try:
@@ -347,14 +362,14 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
             if not _checksum_ok(block, _num(fields[6])):
                 raise ValueError("header checksum mismatch")
             typ, size = fields[7], _num(fields[4])
-            if typ in (b"x", _GLOBAL, b"L", b"K"):
+            if typ in (b"x", b"X", _GLOBAL, b"L", b"K"):
                 if not 0 <= size <= _MAX_META:
-                    raise ValueError(f"extension header of {size} bytes")
+                    raise ValueError(f"extension header of {size} bytes (at most {_MAX_META} accepted)")
                 data = source.read(size)
                 if len(data) < size:
                     raise EOFError
                 source.skip(-size % _BLOCK)
-                if typ == b"x":
+                if typ in (b"x", b"X"):  # X: Solaris tar's older name for it (GNU tar reads it too)
                     pax = _parse_pax(data)
                 elif typ == b"L":
                     long_name = data.partition(b"\0")[0]
@@ -367,7 +382,7 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
                 continue
             e, end = _member(block, fields, pax, long_name, long_link, source)
         except ValueError as err:
-            raise _corrupt(layer, at, str(err)) from None
+            raise MalformedArchive(layer, at, str(err)) from None
         pax = {}
         long_name = long_link = None
         yield e
@@ -416,13 +431,18 @@ def _member(
     if long_link is not None:
         raw_link = long_link
     if phys < 0:
-        raise ValueError("negative size")
-    if not (0 <= e.uid < 0xFFFFFFFF and 0 <= e.gid < 0xFFFFFFFF):
-        raise ValueError("owner out of range")
+        raise ValueError(f"negative size {phys}")
+    for what, owner in (("uid", e.uid), ("gid", e.gid)):
+        if not 0 <= owner <= _NO_OWNER:  # the largest, (uid_t)-1, makes chown leave the owner as is
+            raise ValueError(f"{what} {owner} out of range")
     if typ == b"\0":
         typ = _DIR if raw_name.endswith(b"/") else _REGULAR
     elif typ in (b"7", b"S"):
         typ = _REGULAR
+    if typ in _NO_DATA:
+        phys = 0
+    elif typ == b"D":  # a GNU dumpdir: a directory; its data (a listing for incremental restores) is skipped
+        typ = _DIR
     e.type = typ
     e.mode = _num(mode) & 0o7777
     e.mtime_ns = _bound_time(mtime_ns)
@@ -431,8 +451,6 @@ def _member(
         e.devmajor, e.devminor = _num(devmajor), _num(devminor)
         if not (0 <= e.devmajor < 1 << 32 and 0 <= e.devminor < 1 << 32):
             raise ValueError("device number out of range")
-    if typ in _NO_DATA:
-        phys = 0
     e.size = phys
     e.sparse = None
     if block[156:157] == b"S":
@@ -450,10 +468,6 @@ def _member(
     e.name = os.fsdecode(raw_name)
     e.linkname = os.fsdecode(raw_link)
     return e, data_start + phys + (-phys % _BLOCK)
-
-
-def _corrupt(layer: str, offset: int, why: str) -> UnsafeArchive:
-    return UnsafeArchive(layer, f"<header at byte {offset}>", f"malformed tar: {why}")
 
 
 def _checksum_ok(block: bytes, stored: int) -> bool:
@@ -658,7 +672,7 @@ class _Applier:
             why = err.strerror or str(err)
             if err.errno == errno.ENOSYS:
                 why = "openat2 is unavailable (Linux >= 5.6 needed; a seccomp filter may block it)"
-            raise StoreError(str(root), why) from err
+            raise UnpackError(str(root), why) from err
         except BaseException:
             os.close(self._root)
             raise
@@ -679,6 +693,8 @@ class _Applier:
         t = e.type
         if t == _GLOBAL:
             return self._skip("PAX global header (ignored, as containerd does)")
+        if t == _TRAILING:
+            return self._skip("extension header that the end of the archive follows (ignored, as containerd does)")
         if t != _REGULAR and t not in _NO_DATA:
             return self._skip(f"unsupported entry type {t.decode('latin-1')!r}")
         name = self._clean(e.name)
@@ -777,7 +793,7 @@ class _Applier:
 
     def _symlink(self, pfd: int, base: str, e: _Entry) -> None:
         if "\0" in e.linkname or not e.linkname:
-            raise UnsafeArchive(self.layer, self.entry, "empty symlink target or NUL byte in it")
+            raise self._malformed("empty symlink target or NUL byte in it")
         try:
             os.symlink(e.linkname, base, dir_fd=pfd)
         except FileExistsError:
@@ -810,7 +826,7 @@ class _Applier:
                 os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             why = f"hardlink target {e.linkname!r} does not exist"
-            raise UnsafeArchive(self.layer, self.entry, why) from None
+            raise self._malformed(why) from None
         except PermissionError as err:  # EPERM: the target is a directory
             why = f"cannot hardlink to {e.linkname!r}: {err.strerror}"
             raise UnsafeArchive(self.layer, self.entry, why) from None
@@ -848,7 +864,7 @@ class _Applier:
     def _set_xattrs(self, target: int | str, xattrs: dict[str, bytes], *, follow: bool = True) -> None:
         for key, value in xattrs.items():
             if "\0" in key:
-                raise UnsafeArchive(self.layer, self.entry, "NUL byte in an xattr name")
+                raise self._malformed("NUL byte in an xattr name")
             if key.startswith(_OVERLAY_XATTRS):
                 self._skip("xattr trusted.overlay.* from the archive")
                 continue
@@ -866,7 +882,7 @@ class _Applier:
             return self._skip("AUFS metadata")
         hidden = base[4:]
         if hidden in ("", ".", ".."):
-            raise UnsafeArchive(self.layer, self.entry, "whiteout names no file in its directory")
+            raise self._malformed("whiteout names no file in its directory")
         pfd, pcanon = self._dir(parent)
         if base == ".wh..wh..opq":
             if self._overlay:
@@ -951,7 +967,7 @@ class _Applier:
     def _clean(self, raw: str) -> str:
         """The entry name relative to the root ("" for the root itself)."""
         if "\0" in raw:
-            raise UnsafeArchive(self.layer, self.entry, "NUL byte in a name")
+            raise self._malformed("NUL byte in a name")
         if raw.startswith("/"):  # rooted at the root; ".." stops there
             return posixpath.normpath("/" + raw.lstrip("/")).lstrip("/")
         if raw.startswith(".") or raw.endswith("/") or "//" in raw or "/." in raw:
@@ -983,7 +999,7 @@ class _Applier:
     def _canon(self, fd: int) -> str:
         real = os.readlink(f"/proc/self/fd/{fd}") + "/"
         if not real.startswith(self._root_prefix):
-            raise StoreError(real, f"resolved outside the root {self._root_prefix}")
+            raise UnpackError(real, f"resolved outside the root {self._root_prefix}")
         return real[len(self._root_prefix) : -1]
 
     def _make_dirs(self, rel: str) -> tuple[int, str]:
@@ -1094,12 +1110,15 @@ class _Applier:
     def _skip(self, reason: str) -> None:
         self.stats.skipped[reason] += 1
 
+    def _malformed(self, why: str) -> MalformedArchive:
+        return MalformedArchive(self.layer, self._in.entry_at, why, self.entry)
+
 
 def _open_dir(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
-        raise StoreError(str(path), err.strerror or str(err)) from err
+        raise UnpackError(str(path), err.strerror or str(err)) from err
 
 
 def _join(parent: str, name: str) -> str:

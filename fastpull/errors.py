@@ -96,8 +96,31 @@ class StoreError(FastpullError):
         self.path = path
 
 
+class UnpackError(FastpullError):
+    """The unpacked tree (rootfs, snapshot) cannot be written at a path: full disk, permissions,
+    a filesystem that lacks a feature."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"unpack error at {path}: {why}")
+        self.path = path
+
+
+class MalformedArchive(FastpullError):
+    """A layer tar that is malformed or uses a form that is not supported: names the byte offset
+    of the header at fault (and the entry, once its name is known)."""
+
+    def __init__(self, layer: str, offset: int, why: str, entry: str | None = None):
+        where = f"header at byte {offset}" if entry is None else f"entry {entry!r} (header at byte {offset})"
+        super().__init__(f"malformed tar in layer {layer}, {where}: {why}")
+        self.layer = layer
+        self.offset = offset
+        self.entry = entry
+
+
 class UnsafeArchive(FastpullError):
-    """A layer tar entry that would write outside the target root or is otherwise refused."""
+    """A layer tar entry refused for path safety: it would write outside the target root, or
+    through or onto something an entry must not (a symlink loop, a file as a parent, a
+    hardlink to a directory)."""
 
     def __init__(self, layer: str, entry: str, why: str):
         super().__init__(f"unsafe entry {entry!r} in layer {layer}: {why}")

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from test_archive import entry, layer
 
 from fastpull.archive import apply_layer
-from fastpull.errors import StoreError, UnsafeArchive
+from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confining the applier needs root")
 
@@ -86,7 +86,8 @@ class Sandbox:
 
     def run(self, *layers: bytes, whiteouts: str = "apply", user: int | None = None) -> list[list]:
         """Apply ``layers`` in order in a confined child; one outcome per layer applied:
-        ``["ok", skipped]``, ``["unsafe", message]``, ``["store", message]`` or ``["error", ...]``."""
+        ``["ok", skipped]``, ``["unsafe", message]``, ``["malformed", message]``, ``["unpack", message]``
+        or ``["error", ...]``."""
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through the pipe and always exits
@@ -115,8 +116,10 @@ class Sandbox:
                     )
                 except UnsafeArchive as err:
                     return [*outcomes, ["unsafe", str(err)]]
-                except StoreError as err:
-                    return [*outcomes, ["store", str(err)]]
+                except MalformedArchive as err:
+                    return [*outcomes, ["malformed", str(err)]]
+                except UnpackError as err:
+                    return [*outcomes, ["unpack", str(err)]]
                 outcomes.append(["ok", dict(stats.skipped)])
         except Exception as err:  # noqa: BLE001 - anything else is reported as a failure
             outcomes.append(["error", f"{type(err).__name__}: {err}"])
@@ -170,7 +173,7 @@ def test_hostile_absolute_names_are_rooted(sandbox):
 def test_hostile_nul_in_a_name_is_refused(sandbox):
     ti, _ = entry("ok")
     ti.pax_headers = {"path": "a\0/../../outside/secret"}
-    assert kinds(sandbox.run(layer((ti, b"")))) == ["unsafe"] and sandbox.unchanged()
+    assert kinds(sandbox.run(layer((ti, b"")))) == ["malformed"] and sandbox.unchanged()
 
 
 # --- symlinks in the parent path ---------------------------------------------------------
@@ -247,7 +250,7 @@ def test_hostile_symlink_loop_and_file_parents_are_refused(sandbox):
 )
 def test_hostile_hardlinks_never_reach_outside(sandbox, prelude, target):
     outcomes = sandbox.run(layer(*prelude, entry("h", "hardlink", link=target)))
-    assert kinds(outcomes) == ["unsafe"]  # no such target inside the root, or '..' refused
+    assert kinds(outcomes) in (["malformed"], ["unsafe"])  # no such target inside the root, or '..' refused
     assert sandbox.unchanged()
 
 
@@ -297,7 +300,7 @@ def test_hostile_entries_replace_symlinks_instead_of_writing_through(sandbox, re
 @pytest.mark.parametrize("whiteouts", ["apply", "overlay"])
 def test_hostile_whiteouts_naming_no_file_are_refused(sandbox, name, whiteouts):
     (sandbox.root / "keep").write_text("k")
-    assert kinds(sandbox.run(layer(entry(name)), whiteouts=whiteouts)) == ["unsafe"]
+    assert kinds(sandbox.run(layer(entry(name)), whiteouts=whiteouts)) == ["malformed"]
     assert sandbox.unchanged() and (sandbox.root / "keep").exists()
 
 
@@ -357,7 +360,7 @@ def test_hostile_device_nodes_are_skipped_when_not_root(sandbox):
 def test_hostile_oversized_extension_header_is_refused(sandbox):
     ti, _ = entry("x")
     ti.pax_headers = {"comment": "x" * (2 << 20)}
-    assert kinds(sandbox.run(layer((ti, b"")))) == ["unsafe"]
+    assert kinds(sandbox.run(layer((ti, b"")))) == ["malformed"]
 
 
 def test_hostile_negative_size_is_refused(sandbox):
@@ -365,7 +368,7 @@ def test_hostile_negative_size_is_refused(sandbox):
     block[124:136] = b"\xff" * 12  # base-256 -1
     block[148:156] = b"        "
     block[148:155] = f"{sum(block):06o}\0".encode()
-    assert kinds(sandbox.run(bytes(block) + bytes(1024))) == ["unsafe"]
+    assert kinds(sandbox.run(bytes(block) + bytes(1024))) == ["malformed"]
 
 
 # --- random archives ------------------------------------------------------------------------
@@ -401,7 +404,7 @@ def test_hostile_random_archives_change_nothing_outside_the_root(tmp_path, layer
     try:
         sandbox = Sandbox(box)
         outcomes = sandbox.run(*layers, whiteouts=whiteouts)
-        assert all(kind in ("ok", "unsafe") for kind in kinds(outcomes)), outcomes
+        assert all(kind in ("ok", "unsafe", "malformed") for kind in kinds(outcomes)), outcomes
         assert sandbox.unchanged()
         assert os.path.isdir(sandbox.root) and not os.path.islink(sandbox.root)
     finally:
