@@ -1,11 +1,14 @@
 """Apply one uncompressed layer tar, read as a forward-only stream, to a directory.
 
 ``apply_layer(stream, root, layer=..., whiteouts=...)`` reads ``stream`` to its end and
-recreates the tar's entries under ``root``, in one of two whiteout modes:
+recreates the tar's entries under ``root``, in one of three whiteout modes:
 
 - ``"overlay"``: build a snapshot usable as an overlayfs lower dir, laid out like
   containerd's overlayfs snapshotter: ``dir/.wh.NAME`` becomes a 0/0 character device
-  ``dir/NAME`` and ``dir/.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on ``dir``.
+  ``dir/NAME`` and ``dir/.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on ``dir``
+  (``user.overlay.opaque`` when unprivileged: see ``fastpull.rootfs``).
+- ``"keep"``: build one layer of a rootfs that ``fastpull.rootfs`` merges: whiteouts stay
+  empty files with the tar's names, applied when the layers are merged.
 - ``"apply"``: apply the layer in place on a rootfs holding the layers below. Whiteouts
   remove what lower layers put there and keep what this layer writes, wherever the marker
   sits in the tar (OCI image spec; containerd's ``archive.Apply``).
@@ -48,8 +51,20 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
+from fastpull.rootfs import (
+    OPAQUE_MARKER,
+    OVERLAY_XATTRS,
+    ROOTLESS_XATTR,
+    can_chown,
+    is_whiteout,
+    rootless_owner,
+    set_opaque,
+)
 
-__all__ = ["ApplyStats", "LayerStream", "apply_layer"]
+__all__ = ["DEVICE_NODE", "ApplyStats", "LayerStream", "apply_layer"]
+
+DEVICE_NODE = "device node (needs CAP_MKNOD)"
+"""The ``ApplyStats.skipped`` reason of device nodes that could not be created."""
 
 
 class LayerStream(Protocol):
@@ -81,7 +96,7 @@ def apply_layer(
     root: Path,
     *,
     layer: str,
-    whiteouts: Literal["overlay", "apply"],
+    whiteouts: Literal["overlay", "keep", "apply"],
     lower: Path | None = None,
 ) -> ApplyStats:
     """Apply the layer tar read from ``stream`` to the directory ``root``.
@@ -90,20 +105,22 @@ def apply_layer(
     is a fresh snapshot directory and ``lower``, if given, holds the layers below merged
     (e.g. the rootfs being built alongside): directories this layer implies without listing
     them take their mode, owner, times and xattrs from it, as containerd's ``WithParents``
-    does; without it they are made 0755 root-owned. With ``whiteouts="apply"``, ``root``
-    holds the layers below, fully applied.
+    does; without it they are made 0755 root-owned. With ``whiteouts="keep"``, ``root`` is a
+    fresh directory too. With ``whiteouts="apply"``, ``root`` holds the layers below, fully
+    applied.
 
-    Owners, device nodes and privileged xattrs are applied when running as root; otherwise
-    they are skipped and counted in ``ApplyStats.skipped``. Raises ``UnsafeArchive`` for a
-    refused entry, ``MalformedArchive`` for a malformed one and ``UnpackError`` when the target
-    filesystem fails.
+    Owners are set with CAP_CHOWN, else recorded in ``user.rootlesscontainers`` (see
+    ``fastpull.rootfs``); device nodes and xattrs this process may not create are skipped
+    and counted in ``ApplyStats.skipped`` (``DEVICE_NODE`` for the nodes). Raises
+    ``UnsafeArchive`` for a refused entry, ``MalformedArchive`` for a malformed one and
+    ``UnpackError`` when the target filesystem fails.
     """
-    if whiteouts not in ("overlay", "apply"):
-        raise ValueError(f"whiteouts must be 'overlay' or 'apply', not {whiteouts!r}")
+    if whiteouts not in ("overlay", "keep", "apply"):
+        raise ValueError(f"whiteouts must be 'overlay', 'keep' or 'apply', not {whiteouts!r}")
     if lower is not None and whiteouts != "overlay":
         raise ValueError("lower is only used with whiteouts='overlay'")
     source = _Input(stream)
-    applier = _Applier(source, Path(root), layer, whiteouts == "overlay", lower)
+    applier = _Applier(source, Path(root), layer, whiteouts, lower)
     try:
         for entry in _entries(source, layer):
             applier.apply(entry)
@@ -623,8 +640,7 @@ def _check_sparse(runs: list[tuple[int, int]], size: int, data_len: int) -> None
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FD = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_FD = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPAQUE = "trusted.overlay.opaque"
-_OVERLAY_XATTRS = "trusted.overlay."
+_MARKER = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _CACHED_DIRS = 64
 _MAX_HOPS = 40
 _GONE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
@@ -645,15 +661,16 @@ class _Applier:
     under them is its own), ``_touched`` the other paths it wrote and their ancestors.
     """
 
-    def __init__(self, source: _Input, root: Path, layer: str, overlay: bool, lower: Path | None):
+    def __init__(self, source: _Input, root: Path, layer: str, whiteouts: str, lower: Path | None):
         self.layer = layer
         self.stats = ApplyStats()
         self.entry = ""
         """Name of the entry being applied, for errors."""
         self._in = source
-        self._overlay = overlay
-        self._track = not overlay
-        self._same_owner = os.geteuid() == 0
+        self._overlay = whiteouts == "overlay"
+        self._keep = whiteouts == "keep"
+        self._track = whiteouts == "apply"
+        self._chown = can_chown()
         self._cache: dict[str, tuple[int, str]] = {}
         self._stale = False
         self._dirs: dict[str, tuple[int, int, int]] = {}
@@ -753,8 +770,7 @@ class _Applier:
                     self._in.copy_to(fd, length, offset)
                     self.stats.bytes += length
                 os.ftruncate(fd, e.size)
-            if self._same_owner:
-                os.fchown(fd, e.uid, e.gid)
+            self._own(fd, e.uid, e.gid)
             if e.xattrs:
                 self._set_xattrs(fd, e.xattrs)
             os.fchmod(fd, e.mode)  # after chown, which clears setuid/setgid
@@ -773,7 +789,7 @@ class _Applier:
             if stat.S_ISDIR(st.st_mode):
                 fresh = False
             else:  # a directory replacing a whiteout still hides the lower one
-                opaque = self._overlay and _is_whiteout(st)
+                opaque = self._overlay and is_whiteout(st)
                 self._clear(pfd, base, st)
                 os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, _DIR_FD, dir_fd=pfd)
@@ -781,12 +797,11 @@ class _Applier:
         if old is not None:
             os.close(old[0])
         self._cache[name] = (fd, _join(pcanon, base) if self._track else "")
-        if self._same_owner:
-            os.fchown(fd, e.uid, e.gid)
+        self._own(fd, e.uid, e.gid)
         if e.xattrs:
             self._set_xattrs(fd, e.xattrs)
         if opaque:
-            os.setxattr(fd, _OPAQUE, b"y")
+            set_opaque(fd)
         self._dirs[name] = (e.mode, e.atime_ns, e.mtime_ns)
         self.stats.implied_dirs.discard(name)
         return fresh
@@ -842,15 +857,14 @@ class _Applier:
                 self._clear(pfd, base)
                 os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
         except PermissionError:
-            self._skip("device node (needs CAP_MKNOD)")
+            self._skip(DEVICE_NODE)
             return False
         self._node_attrs(pfd, base, e, chmod=True)
         return True
 
     def _node_attrs(self, pfd: int, base: str, e: _Entry, *, chmod: bool) -> None:
         """Owner, xattrs, mode and times of a node that must not be opened or followed."""
-        if self._same_owner:
-            os.chown(base, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        self._own(f"/proc/self/fd/{pfd}/{base}", e.uid, e.gid, follow=False)
         if e.xattrs:
             self._set_xattrs(f"/proc/self/fd/{pfd}/{base}", e.xattrs, follow=False)
         if chmod:  # Linux has no lchmod: chmod the O_PATH descriptor through /proc
@@ -865,8 +879,8 @@ class _Applier:
         for key, value in xattrs.items():
             if "\0" in key:
                 raise self._malformed("NUL byte in an xattr name")
-            if key.startswith(_OVERLAY_XATTRS):
-                self._skip("xattr trusted.overlay.* from the archive")
+            if key.startswith(OVERLAY_XATTRS):
+                self._skip(f"xattr {key.partition('.')[0]}.overlay.* from the archive")
                 continue
             try:
                 os.setxattr(target, key, value, follow_symlinks=follow)
@@ -878,15 +892,17 @@ class _Applier:
     # -- whiteouts --
 
     def _whiteout(self, parent: str, base: str, e: _Entry) -> None:
-        if base.startswith(".wh..wh.") and base != ".wh..wh..opq":
+        if base.startswith(".wh..wh.") and base != OPAQUE_MARKER:
             return self._skip("AUFS metadata")
         hidden = base[4:]
         if hidden in ("", ".", ".."):
             raise self._malformed("whiteout names no file in its directory")
         pfd, pcanon = self._dir(parent)
-        if base == ".wh..wh..opq":
+        if self._keep:
+            os.close(os.open(base, _MARKER, 0o600, dir_fd=pfd))
+        elif base == OPAQUE_MARKER:
             if self._overlay:
-                os.setxattr(f"/proc/self/fd/{pfd}", _OPAQUE, b"y")
+                set_opaque(f"/proc/self/fd/{pfd}")
             else:
                 fd = os.open(".", _DIR_FD, dir_fd=pfd)
                 try:
@@ -907,10 +923,9 @@ class _Applier:
             os.mknod(hidden, stat.S_IFCHR, 0, dir_fd=pfd)
         except FileExistsError:
             if stat.S_ISDIR(os.stat(hidden, dir_fd=pfd, follow_symlinks=False).st_mode):
-                os.setxattr(f"/proc/self/fd/{pfd}/{hidden}", _OPAQUE, b"y", follow_symlinks=False)
+                set_opaque(f"/proc/self/fd/{pfd}/{hidden}", follow_symlinks=False)
             return
-        if self._same_owner:
-            os.chown(hidden, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        self._own(f"/proc/self/fd/{pfd}/{hidden}", e.uid, e.gid, follow=False)
 
     def _hide_lower(self, dcanon: str, names: Iterable[str]) -> None:
         """Remove what lower layers put at each ``dcanon/name``, keeping this layer's entries."""
@@ -1076,10 +1091,10 @@ class _Applier:
             raise
         try:
             st = os.fstat(lfd)
-            if self._same_owner:
+            if self._chown:  # else the lower directory's user.rootlesscontainers is copied below
                 os.fchown(fd, st.st_uid, st.st_gid)
             for key in os.listxattr(lfd):
-                if not key.startswith(_OVERLAY_XATTRS):
+                if not key.startswith(OVERLAY_XATTRS):
                     self._set_xattrs(fd, {key: os.getxattr(lfd, key)})
             self._dirs[canon] = (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
         finally:
@@ -1110,6 +1125,20 @@ class _Applier:
     def _skip(self, reason: str) -> None:
         self.stats.skipped[reason] += 1
 
+    def _own(self, target: int | str, uid: int, gid: int, *, follow: bool = True) -> None:
+        """Give ``target`` its owner; where that is not permitted, record it in
+        ``user.rootlesscontainers`` (possible on files and directories only)."""
+        if self._chown:
+            try:
+                os.chown(target, uid, gid, follow_symlinks=follow)
+                return
+            except OSError as err:  # EINVAL: an id this user namespace does not map
+                if err.errno not in (errno.EPERM, errno.EINVAL):
+                    raise
+        record = rootless_owner(uid, gid)
+        if record is not None:  # skipped, and counted, where user xattrs are refused (symlinks, devices)
+            self._set_xattrs(target, {ROOTLESS_XATTR: record}, follow=follow)
+
     def _malformed(self, why: str) -> MalformedArchive:
         return MalformedArchive(self.layer, self._in.entry_at, why, self.entry)
 
@@ -1123,10 +1152,6 @@ def _open_dir(path: Path) -> int:
 
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _rmtree(dfd: int, name: str) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -28,9 +28,11 @@ from fastpull.manifest import (
 )
 from fastpull.reference import Reference, check_digest, parse_reference
 from fastpull.registry import RegistryClient
-from fastpull.rootfs import assemble, inherit_implied
+from fastpull.rootfs import assemble, inherit_implied, remove_tree
 from fastpull.snapshots import Snapshotter, SnapshotWriter, chain_ids
 from fastpull.store import ContentStore
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: imported when used
     from fastpull.unpack import LayerJob, Unpacker
@@ -220,6 +222,8 @@ class Puller:
             wait(layer_futures)
             for future in futures + layer_futures:
                 future.result()
+            if skipped := sum(f.result().devices_skipped for f in layer_futures):
+                log.warning("%d device node(s) of %s not created: that needs CAP_MKNOD", skipped, reference)
             if progress is not None:
                 progress(missing, missing)
             if snapshots is not None:
@@ -234,7 +238,7 @@ class Puller:
             raise
         finally:
             if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
+                remove_tree(work, ignore_errors=True)
         image_layout.tag(str(reference), resolved.manifest_descriptor)
         total = sum(d.size for d in blobs) + sum(d.size for d, _ in resolved.documents)
         return PullResult(
@@ -277,10 +281,10 @@ def _diff_ids(config_path: Path, manifest: ImageManifest) -> list[str]:
     return diff_ids
 
 
-def _job(store: ContentStore, layer: Descriptor, diff_id: str, target: Path) -> LayerJob:
+def _job(store: ContentStore, layer: Descriptor, diff_id: str, target: Path, whiteouts="overlay") -> LayerJob:
     from fastpull.unpack import LayerJob
 
-    return LayerJob(str(store.root), layer.digest, layer.size, layer.media_type, diff_id, str(target))
+    return LayerJob(str(store.root), layer.digest, layer.size, layer.media_type, diff_id, str(target), whiteouts)
 
 
 def _rootfs_workdir(rootfs: Path) -> Path:
@@ -295,7 +299,7 @@ def _rootfs_plan(store, layers, diff_ids, work: Path) -> list[_LayerUnpack | Non
     for i, (layer, diff_id) in enumerate(zip(layers, diff_ids)):
         target = work / f"layer-{i}"
         target.mkdir()
-        plan.append(_LayerUnpack(_job(store, layer, diff_id, target)))
+        plan.append(_LayerUnpack(_job(store, layer, diff_id, target, "keep")))  # assemble() applies the whiteouts
     return plan
 
 

@@ -1,113 +1,250 @@
-"""Assemble a root filesystem from layers unpacked side by side, by renames.
+"""The on-disk forms of unpacked layers, and a root filesystem assembled from them by renames.
 
-Each layer directory is in overlay form (a whiteout is a 0/0 character device, an opaque
-directory carries ``trusted.overlay.opaque=y``). Merging the layers in order into one tree
-gives the same result as applying them one by one, without copying file data: every entry
-is moved with ``rename`` (all directories are on one filesystem).
+A layer unpacked for a rootfs keeps its whiteouts as the tar has them: empty files ``.wh.NAME``
+and ``.wh..wh..opq`` (no device node, no xattr: an unprivileged user can write them). Merging
+the layers in order into one tree gives the same result as applying them one by one, without
+copying file data: each layer's markers first remove what the layers below put there, then its
+entries are moved with ``rename`` (all directories are on one filesystem).
+
+A snapshot (an overlayfs lower directory) has whiteouts in overlay form: a 0/0 character device
+(which Linux >= 5.8 lets anyone create) for a removed name, and ``trusted.overlay.opaque=y`` on
+an opaque directory, or ``user.overlay.opaque=y`` where trusted.* xattrs cannot be set
+(unprivileged), which overlayfs reads when mounted with ``-o userxattr`` (Linux >= 5.11), as
+rootless podman and containerd mount them.
+
+Owners: with CAP_CHOWN, files get the tar's owners. Without it they belong to the user who
+unpacks (who stands for root in a rootless container), and any other owner is recorded in the
+``user.rootlesscontainers`` xattr as umoci writes it (https://github.com/rootless-containers/proto).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from fastpull.errors import UnpackError
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+USER_OPAQUE_XATTR = "user.overlay.opaque"
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+"""Prefixes of the xattrs overlayfs reads: only fastpull sets them, never an archive."""
+ROOTLESS_XATTR = "user.rootlesscontainers"
+_NOOP_ID = 0xFFFFFFFF
+_CAP_CHOWN = 0
 
 
 def is_whiteout(st: os.stat_result) -> bool:
+    """An overlay whiteout: a 0/0 character device."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _remove(path: Path) -> None:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+@functools.cache
+def can_chown() -> bool:
+    """Whether this process may give files to other owners (CAP_CHOWN in its effective set)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_CHOWN & 1)
+    return os.geteuid() == 0
 
 
-def _is_opaque(path: Path) -> bool:
+def rootless_owner(uid: int, gid: int) -> bytes | None:
+    """The ``user.rootlesscontainers`` value recording owner ``uid:gid``, as umoci writes it:
+    protobuf ``Resource {uint32 uid = 1; uint32 gid = 2}`` where 0 (the unpacking user's own
+    id) is written as NoopID (2^32-1); None for 0:0, which needs no record."""
+    if not uid and not gid:
+        return None
+    return b"\x08" + _varint(uid or _NOOP_ID) + b"\x10" + _varint(gid or _NOOP_ID)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_opaque_key: str | None = None
+"""The opaque xattr this process sets, decided by the first attempt."""
+
+
+def set_opaque(target: int | str, *, follow_symlinks: bool = True) -> None:
+    """Mark a snapshot directory opaque: ``trusted.overlay.opaque=y``, or, if this process may
+    not set trusted.* xattrs (the first attempt decides), ``user.overlay.opaque=y``."""
+    global _opaque_key
+    if _opaque_key is None:
+        try:
+            os.setxattr(target, OPAQUE_XATTR, b"y", follow_symlinks=follow_symlinks)
+        except PermissionError:
+            _opaque_key = USER_OPAQUE_XATTR
+        else:
+            _opaque_key = OPAQUE_XATTR
+            return
+    os.setxattr(target, _opaque_key, b"y", follow_symlinks=follow_symlinks)
+
+
+def remove_tree(path: str | os.PathLike[str], *, ignore_errors: bool = False) -> None:
+    """Remove ``path`` (a directory tree or anything else), also where an unprivileged unpack
+    left directories its owner may not write (an image's 0555 ``/proc``: root ignores modes)."""
     try:
-        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            return
+        try:
+            shutil.rmtree(path)
+        except PermissionError:
+            _open_up(Path(path))
+            shutil.rmtree(path)
     except OSError:
-        return False
+        if not ignore_errors:
+            raise
 
 
-def _copy_dir_metadata(src: Path, dst: Path) -> None:
-    """A later layer's directory entry sets the directory's owner, mode, xattrs and mtime."""
-    st = src.lstat()
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+def _open_up(directory: Path) -> None:
+    """Make every directory of a tree about to be removed writable and searchable by its owner."""
+    os.chmod(directory, 0o700)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                _open_up(Path(entry.path))
+
+
+def _make_writable(directory: Path) -> int | None:
+    """Let this process add and remove entries in ``directory`` (its owner may lack the mode
+    bits: root needs none); the mode to put back, if it was changed."""
+    if os.access(directory, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+        return None
+    mode = stat.S_IMODE(os.lstat(directory).st_mode)
+    os.chmod(directory, mode | 0o700)
+    return mode
+
+
+def _copy_dir_metadata(st: os.stat_result, src: Path, dst: Path) -> None:
+    """Give ``dst`` the owner, mode, xattrs and mtime of ``src`` (``st`` is src's stat)."""
+    if can_chown():
+        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
-    for name in os.listxattr(src, follow_symlinks=False):
-        if name != OPAQUE_XATTR:
+    names = os.listxattr(src, follow_symlinks=False)
+    for name in names:
+        if not name.startswith(OVERLAY_XATTRS):
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+    if ROOTLESS_XATTR not in names and not can_chown():  # src is owned by 0:0: no record
+        try:
+            os.removexattr(dst, ROOTLESS_XATTR, follow_symlinks=False)
+        except OSError:
+            pass  # none there (ENODATA), or user xattrs unsupported
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def scrub_whiteouts(tree: Path) -> None:
-    """Drop overlay markers from a tree that lands whole (nothing below it to hide)."""
-    if _is_opaque(tree):
-        os.removexattr(tree, OPAQUE_XATTR, follow_symlinks=False)
-    for entry in os.scandir(tree):
-        st = entry.stat(follow_symlinks=False)
-        if is_whiteout(st):
-            os.unlink(entry.path)
-        elif stat.S_ISDIR(st.st_mode):
-            scrub_whiteouts(Path(entry.path))
+def _is_marker(entry: os.DirEntry) -> bool:
+    return entry.name.startswith(WHITEOUT_PREFIX) and entry.is_file(follow_symlinks=False)
+
+
+def _scrub_markers(tree: Path) -> None:
+    """Drop the whiteout markers from a tree that lands whole (nothing below it to hide)."""
+    restore = _make_writable(tree)
+    with os.scandir(tree) as entries:
+        for entry in entries:
+            if _is_marker(entry):
+                os.unlink(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                _scrub_markers(Path(entry.path))
+    if restore is not None:
+        os.chmod(tree, restore)
 
 
 def merge_layer(upper: Path, root: Path, implied: frozenset[str] = frozenset(), prefix: str = "") -> None:
-    """Move the overlay-form layer ``upper`` onto ``root``; ``upper`` is consumed.
+    """Move the layer directory ``upper`` (whiteouts as marker files) onto ``root``; ``upper``
+    is consumed.
 
     ``implied`` names (relative paths) the directories the layer did not list: an existing
     directory keeps its metadata for those.
     """
-    for entry in os.scandir(upper):
+    _make_writable(upper)  # consumed: its mode no longer matters
+    restore = _make_writable(root)
+    with os.scandir(upper) as it:
+        entries = list(it)
+    # Whiteouts hide what the layers below put here, never what this layer brings.
+    for marker in filter(_is_marker, entries):
+        if marker.name == OPAQUE_MARKER:
+            with os.scandir(root) as below:
+                for entry in below:
+                    remove_tree(entry.path)
+        else:
+            remove_tree(root / marker.name[len(WHITEOUT_PREFIX) :])
+        os.unlink(marker.path)
+    for entry in entries:
+        if _is_marker(entry):
+            continue
         src = Path(entry.path)
         dst = root / entry.name
         rel = prefix + entry.name
         st = entry.stat(follow_symlinks=False)
-        if is_whiteout(st):
-            _remove(dst)
-            continue
-        if stat.S_ISDIR(st.st_mode) and not _is_opaque(src):
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir:
             try:
-                dst_st = dst.lstat()
+                dst_is_dir = stat.S_ISDIR(dst.lstat().st_mode)
             except FileNotFoundError:
-                dst_st = None
-            if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
+                dst_is_dir = False
+            if dst_is_dir:
                 merge_layer(src, dst, implied, rel + "/")
                 if rel not in implied:
-                    _copy_dir_metadata(src, dst)
+                    _copy_dir_metadata(st, src, dst)
                 continue
-        # A new entry, a replacement of another type, or an opaque directory: it lands whole.
-        _remove(dst)
-        os.rename(src, dst)
-        if stat.S_ISDIR(st.st_mode):
-            scrub_whiteouts(dst)
+        # A new entry or a replacement of another type: it lands whole.
+        remove_tree(dst)
+        if is_dir:
+            mode = _make_writable(src)  # renaming a directory rewrites its ".."
+            os.rename(src, dst)
+            _scrub_markers(dst)
+            if mode is not None:
+                os.chmod(dst, mode)
+        else:
+            os.rename(src, dst)
+    if restore is not None:
+        os.chmod(root, restore)
 
 
 def assemble(layers: list[tuple[Path, frozenset[str]]], root: Path) -> None:
-    """Merge overlay-form layer directories (with their implied directories), base first,
-    into the empty directory ``root``."""
-    for layer, implied in layers:
-        merge_layer(layer, root, implied)
+    """Merge layer directories (with their implied directories), base first, into the empty
+    directory ``root``; raises ``UnpackError`` naming the path that failed."""
+    with _naming_the_path(root):
+        for layer, implied in layers:
+            merge_layer(layer, root, implied)
 
 
 def inherit_implied(snapshot: Path, implied: frozenset[str], lowers: list[Path]) -> None:
     """Give a snapshot's implied directories the metadata of the nearest lower layer that has
     them (what containerd's applier does over the mounted lower layers), ``lowers`` top first."""
-    for rel in implied:
-        for lower in lowers:
-            try:
-                st = (lower / rel).lstat()
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                _copy_dir_metadata(lower / rel, snapshot / rel)
-            break  # a whiteout or a non-directory hides anything further down
+    with _naming_the_path(snapshot):
+        for rel in implied:
+            for lower in lowers:
+                try:
+                    st = (lower / rel).lstat()
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    _copy_dir_metadata(st, lower / rel, snapshot / rel)
+                break  # a whiteout or a non-directory hides anything further down
+
+
+@contextmanager
+def _naming_the_path(where: Path) -> Iterator[None]:
+    """OSError becomes UnpackError naming the path at fault (or ``where``)."""
+    try:
+        yield
+    except OSError as err:
+        raise UnpackError(str(err.filename or where), err.strerror or str(err)) from err

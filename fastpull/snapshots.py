@@ -7,19 +7,20 @@ Layout under ``root``::
     .locks/<chainid hex>.lock  per-ChainID flock: one unpack at a time, others wait to be woken
 
 A snapshot is visible only once complete: a crashed unpack leaves a ``.tmp`` directory that
-the next writer of that ChainID removes.
+the next writer of that ChainID removes. Snapshots built without privileges mark opaque
+directories with ``user.overlay.opaque`` (mount them with ``-o userxattr``; see ``fastpull.rootfs``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from fastpull.errors import StoreError
+from fastpull.rootfs import remove_tree
 from fastpull.store import acquire_key_lock, digest_hex
 
 
@@ -65,7 +66,7 @@ class Snapshotter:
             return None
         try:
             for stale in self.building.glob(f"{hexd}.*"):  # left by a crashed unpack
-                shutil.rmtree(stale, ignore_errors=True)
+                remove_tree(stale, ignore_errors=True)
             build = Path(tempfile.mkdtemp(prefix=f"{hexd}.", dir=self.building))
         except BaseException:
             os.close(lock_fd)
@@ -95,7 +96,7 @@ class SnapshotWriter:
 
     def abort(self) -> None:
         """Throw the build directory away and release the lock."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree(self.path, ignore_errors=True)
         self._release(remove_lock=False)
 
     def _release(self, *, remove_lock: bool) -> None:

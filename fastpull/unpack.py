@@ -21,7 +21,7 @@ from pathlib import Path
 import zstandard
 from isal import igzip_threaded
 
-from fastpull.archive import apply_layer
+from fastpull.archive import DEVICE_NODE, apply_layer
 from fastpull.errors import DigestMismatch, ManifestError
 from fastpull.manifest import LAYER_COMPRESSION
 from fastpull.store import BlobReader, ContentStore
@@ -39,6 +39,8 @@ class LayerJob:
     media_type: str
     diff_id: str
     target: str
+    whiteouts: str = "overlay"
+    """``apply_layer``'s whiteout mode: "overlay" for a snapshot, "keep" for a rootfs layer."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class LayerResult:
     seconds: float
     implied_dirs: frozenset[str]
     """Directories the layer used without listing them: they keep the lower layers' metadata."""
+    devices_skipped: int = 0
+    """Device nodes not created (no CAP_MKNOD)."""
 
 
 class _DigestingReader(io.RawIOBase):
@@ -95,13 +99,13 @@ def unpack_layer(job: LayerJob) -> LayerResult:
         try:
             tar = _DigestingReader(stream)
             stats = apply_layer(io.BufferedReader(tar, _READ_SIZE), Path(job.target), layer=job.digest,
-                                whiteouts="overlay")
+                                whiteouts=job.whiteouts)
         finally:
             stream.close()
     if tar.hexdigest() != job.diff_id:
         raise DigestMismatch(f"{where} uncompressed content (diffID)", job.diff_id, tar.hexdigest())
     return LayerResult(job.digest, stats.entries, tar.count, time.monotonic() - started,
-                       frozenset(stats.implied_dirs))
+                       frozenset(stats.implied_dirs), stats.skipped[DEVICE_NODE])
 
 
 class Unpacker:
