@@ -110,10 +110,7 @@ def main() -> int:
             inside = _call
             report.append("## On plain loopback (no caps): CPU-bound on this machine")
         work = args.workdir / "runs"
-        work.mkdir(exist_ok=True)
-        if os.geteuid() == 0:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "fastpull-bench", str(work)], check=True)
-            stack.callback(subprocess.run, ["umount", str(work)], check=True)
+        if scratch_tmpfs(stack, work, "fastpull-bench"):
             report.append("Layouts and rootfs trees on a tmpfs (see the script's docstring).")
         measured = []
         for i, (shape, specs) in enumerate(image_shapes(args.quick).items()):
@@ -153,6 +150,16 @@ def main() -> int:
     name = ("unpack-bed" if args.bed else "unpack") + ("-quick" if args.quick else "")
     (RESULTS / f"{name}.md").write_text(text)  # a smoke run never replaces a full run's tables
     return 0
+
+
+def scratch_tmpfs(stack: contextlib.ExitStack, work: Path, name: str) -> bool:
+    """Create ``work`` and, as root, mount a tmpfs there until ``stack`` closes; whether it did."""
+    work.mkdir(exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", name, str(work)], check=True)
+    stack.callback(subprocess.run, ["umount", str(work)], check=True)
+    return True
 
 
 def _call(fn, *args, **kwargs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,69 @@ def children() -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == me:
                 found.append(int(entry.name))
     return found
+
+
+def descendants(pids: set[int]) -> set[int]:
+    """``pids`` and every process below them (children of each of their threads), now."""
+    found: set[int] = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += _children_of(pid)
+    return found
+
+
+def _children_of(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (cheaper than :func:`children`'s scan of /proc)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                found += map(int, Path(task.path, "children").read_text().split())
+    return found
+
+
+def pss_mb(pids: set[int]) -> float:
+    """Proportional set size of ``pids`` summed, MB (pages shared by n of them count 1/n each)."""
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:  # gone, or a zombie
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+                break
+    return total / 1000
+
+
+class PssSampler(threading.Thread):
+    """Samples the summed PSS of a process tree every ``interval`` s until stopped; ``peak_mb``.
+
+    The tree is ``pid`` and its descendants plus this process's children that are not in
+    ``known`` (descendants re-parented here after their parent exited: see :func:`become_subreaper`).
+    """
+
+    def __init__(self, pid: int, known: set[int], interval: float = 0.05):
+        super().__init__(daemon=True)
+        self._roots = {pid}
+        self._known = known
+        self._interval = interval
+        self._done = threading.Event()
+        self.peak_mb = 0.0
+
+    def run(self) -> None:
+        while not self._done.wait(self._interval):
+            roots = self._roots | (set(_children_of(os.getpid())) - self._known)
+            self.peak_mb = max(self.peak_mb, pss_mb(descendants(roots)))
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak_mb
 
 
 def reap_orphans(known: set[int]) -> tuple[float, float]:
