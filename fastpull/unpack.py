@@ -16,7 +16,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -153,16 +156,22 @@ def unpack_layer(job: LayerJob) -> LayerResult:
                        frozenset(stats.implied_dirs), stats.skipped[DEVICE_NODE])
 
 
-def _worker_init() -> None:
-    """Keep freed memory for reuse in this worker: every block inflated is a fresh 1 MiB allocation,
-    which glibc would map and unmap each time (a page fault per 4 KiB: ~0.4 CPU s per GB of tar)."""
+def _worker_init(path: list[str]) -> None:
+    """Set up a worker process: the parent's ``sys.path``; freed memory kept for reuse (every block
+    inflated is a fresh 1 MiB allocation, which glibc would map and unmap each time: a page fault
+    per 4 KiB, ~0.4 CPU s per GB of tar)."""
+    sys.path[:] = path
     libc = ctypes.CDLL(None)
     libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
     libc.mallopt(_M_TRIM_THRESHOLD, 32 << 20)
 
 
 class Unpacker:
-    """A bounded pool of worker processes unpacking layers; ``submit`` from any thread."""
+    """A bounded pool of worker processes unpacking layers; ``submit`` from any thread.
+
+    The workers import only what this process can import, never from the working directory
+    (see :func:`_start_forkserver`).
+    """
 
     def __init__(self, workers: int | None = None):
         workers = workers or os.cpu_count() or 1
@@ -170,8 +179,13 @@ class Unpacker:
             raise ValueError("workers must be greater than zero")
         context = multiprocessing.get_context("forkserver")  # the parent runs threads: no plain fork
         context.set_forkserver_preload(["fastpull.unpack"])
+        _start_forkserver()
         self.workers = workers
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
+        # A worker's sys.path is this process's, but '' (the working directory) would be the
+        # directory this process started in: leave it out.
+        worker_path = [p for p in sys.path if p]
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                                         initargs=(worker_path,))
         # Start every worker now, so that process start-up overlaps resolving the image.
         for _ in range(workers):
             self._pool.submit(os.getpid)
@@ -187,3 +201,27 @@ class Unpacker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_forkserver_lock = threading.Lock()
+
+
+def _start_forkserver() -> None:
+    """Start multiprocessing's fork server (and its resource tracker), unless running, so that they
+    import nothing from the working directory.
+
+    Both run as ``python -c``, which puts the working directory first on ``sys.path``: an
+    ``isal.py`` or a ``fastpull/`` there would be imported by the fork server (that preloads this
+    module) and run in every worker. ``PYTHONSAFEPATH`` (Python 3.11+) leaves it out; it is set
+    in this process's environment only while they start.
+    """
+    with _forkserver_lock:
+        saved = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONSAFEPATH"]
+            else:
+                os.environ["PYTHONSAFEPATH"] = saved

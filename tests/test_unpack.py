@@ -222,3 +222,47 @@ def test_unpack_concurrent_processes_unpack_each_snapshot_once(registry, image_c
         counts.append(int(out.strip().splitlines()[-1]))
     assert sum(counts) == len(image.layers)  # every snapshot unpacked by exactly one process
     assert len(list((tmp_path / "snaps" / "sha256").iterdir())) == len(image.layers)
+
+
+HOSTILE = ("isal", "zstandard", "pycurl", "numpy")
+
+
+def _hostile_directory(where: Path, markers: Path, package: bool) -> Path:
+    """A working directory whose modules, if ever imported, leave a marker file."""
+    where.mkdir()
+    for name in HOSTILE:
+        (where / f"{name}.py").write_text(f"open({str(markers / name)!r}, 'w').close()\n")
+    if package:
+        (where / "fastpull").mkdir()
+        (where / "fastpull" / "__init__.py").write_text(f"open({str(markers / 'fastpull')!r}, 'w').close()\n")
+    return where
+
+
+CONSOLE_SCRIPT = """import sys
+from fastpull.cli import main
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("launcher", ["console-script", "python-m"])
+def test_unpack_workers_import_nothing_from_the_working_directory(registry, image_cache, tmp_path, launcher):
+    """From a directory holding isal.py, zstandard.py, pycurl.py, numpy.py (and, for the console
+    script, a fastpull/ package; ``python -m`` runs a fastpull/ found there by design), a pull
+    with --rootfs runs none of them: not in the CLI, the fork server or the workers."""
+    image = build_image([LayerSpec(MiB, files=2), LayerSpec(MiB, compression="zstd")], image_cache / "cwd", seed=24)
+    push_image(registry.url, "unpack/cwd", "v1", image)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    cwd = _hostile_directory(tmp_path / "cwd", markers, package=launcher == "console-script")
+    if launcher == "console-script":  # what pip writes as bin/fastpull
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "fastpull").write_text(CONSOLE_SCRIPT)
+        command = [sys.executable, str(tmp_path / "bin" / "fastpull")]
+    else:
+        command = [sys.executable, "-m", "fastpull"]
+    done = subprocess.run([*command, "pull", f"{registry.host}/unpack/cwd:v1", "--layout", str(tmp_path / "layout"),
+                           "--rootfs", str(tmp_path / "rootfs")], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "rootfs").iterdir()) == ["layer-0", "layer-1"]
+    assert list(markers.iterdir()) == []
