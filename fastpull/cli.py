@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 from fastpull.errors import FastpullError
@@ -27,6 +28,24 @@ PULL_LOCKS = os.path.join(".fastpull", "pulls")
 
 _REQUEST_ENVIRONMENT = ("HOME", "DOCKER_CONFIG", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "FASTPULL_NO_EXTENSIONS")
 """Environment variables that can change what a pull does: part of what makes two pulls identical."""
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: raised in the main thread, it unwinds the pull (transfers
+    stopped, unpack workers killed, temporary trees removed, partial blobs kept for a resume)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    for s in _STOP_SIGNALS:  # the clean-up runs once, undisturbed by a second signal
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:
@@ -270,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    previous = {s: signal.signal(s, _stop) for s in _STOP_SIGNALS}
     try:
         return args.func(args)
     except FastpullError as exc:
         print(f"fastpull: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except Stopped as stop:
+        return 128 + stop.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

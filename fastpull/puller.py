@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -105,7 +106,9 @@ class Puller:
     """Pulls many images in one process over one fetch engine; safe to use from many threads.
 
     One :class:`RegistryClient` per registry host keeps tokens and connections warm; unpacking
-    (``rootfs=`` or ``snapshots=``) runs in a pool of worker processes started on first use.
+    (``rootfs=`` or ``snapshots=``) runs in a pool of worker processes started on first use. A pull
+    interrupted while layers unpack (KeyboardInterrupt, or the CLI's SIGTERM) kills that pool, so
+    that its temporary trees can be removed; the next pull starts a new one.
     """
 
     def __init__(
@@ -144,6 +147,12 @@ class Puller:
             if self._unpacker is None:
                 self._unpacker = Unpacker(self.unpack_workers)
             return self._unpacker
+
+    def _stop_unpacker(self, unpacker: Unpacker) -> None:
+        with self._lock:
+            if self._unpacker is unpacker:
+                self._unpacker = None
+        unpacker.terminate()
 
     def pull(
         self,
@@ -187,33 +196,35 @@ class Puller:
                 store.put_bytes(desc.digest, body)
 
         unpacks: list[_LayerUnpack | None] = [None] * len(layers)  # by position in ``layers``
-        work: Path | None = None
+        work: _WorkDir | None = None
         snapshot_paths: tuple[Path, ...] = ()
-        if rootfs is not None or snapshots is not None:
-            config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size,
-                                            on_downloaded=lambda: downloaded.append(manifest.config.size)).result()
-            diff_ids = [i for d, i in zip(manifest.layers, _diff_ids(config_path, manifest))
-                        if d.media_type not in NON_DISTRIBUTABLE]
-            if rootfs is not None:
-                work = _rootfs_workdir(Path(rootfs))
-                unpacks = _rootfs_plan(store, layers, diff_ids, work)
-            else:
-                snapshotter = Snapshotter(snapshots)
-                chains = chain_ids(diff_ids)
-                unpacks = _snapshot_plan(store, layers, diff_ids, chains, snapshotter)
-                snapshot_paths = tuple(snapshotter.path(c) for c in chains)
-        unpacker = self.unpacker() if any(unpacks) else None
-
-        def fetch(desc: Descriptor, unpack: _LayerUnpack | None) -> Future:
-            def on_open() -> None:  # in the engine's thread, as soon as the layer can be read
-                unpack.future = unpacker.submit(unpack.job)
-            return self.engine.fetch(store, source, desc.digest, desc.size,
-                                     on_open=on_open if unpack is not None else None,
-                                     on_downloaded=lambda: downloaded.append(desc.size))
-
-        received_before = self.engine.received_bytes() + self.engine.stats.bytes_resumed
-        futures = [fetch(manifest.config, None)] + [fetch(d, u) for d, u in zip(layers, unpacks)]
+        unpacker: Unpacker | None = None
+        futures: list[Future] = []
         try:
+            if rootfs is not None or snapshots is not None:
+                config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size,
+                                                on_downloaded=lambda: downloaded.append(manifest.config.size)).result()
+                diff_ids = [i for d, i in zip(manifest.layers, _diff_ids(config_path, manifest))
+                            if d.media_type not in NON_DISTRIBUTABLE]
+                if rootfs is not None:
+                    work = _WorkDir(Path(rootfs))
+                    unpacks = _rootfs_plan(store, layers, diff_ids, work.path)
+                else:
+                    snapshotter = Snapshotter(snapshots)
+                    chains = chain_ids(diff_ids)
+                    unpacks = _snapshot_plan(store, layers, diff_ids, chains, snapshotter)
+                    snapshot_paths = tuple(snapshotter.path(c) for c in chains)
+            unpacker = self.unpacker() if any(unpacks) else None
+
+            def fetch(desc: Descriptor, unpack: _LayerUnpack | None) -> Future:
+                def on_open() -> None:  # in the engine's thread, as soon as the layer can be read
+                    unpack.future = unpacker.submit(unpack.job)
+                return self.engine.fetch(store, source, desc.digest, desc.size,
+                                         on_open=on_open if unpack is not None else None,
+                                         on_downloaded=lambda: downloaded.append(desc.size))
+
+            received_before = self.engine.received_bytes() + self.engine.stats.bytes_resumed
+            futures = [fetch(manifest.config, None)] + [fetch(d, u) for d, u in zip(layers, unpacks)]
             # Let every fetch and unpack settle before reporting the first failure.
             while wait(futures, timeout=None if progress is None else _PROGRESS_INTERVAL_S).not_done:
                 landed = self.engine.received_bytes() + self.engine.stats.bytes_resumed - received_before
@@ -230,15 +241,21 @@ class Puller:
                 _commit_snapshots(unpacks, snapshot_paths)
             if work is not None:
                 layers_done = [(Path(u.job.target), u.future.result().implied_dirs) for u in unpacks]
-                _assemble_rootfs(work, layers_done, Path(rootfs))
+                _assemble_rootfs(work.path, layers_done, Path(rootfs))
         except BaseException:
+            # Interrupted (or a progress callback raised) while layers may still unpack, or be
+            # handed to a worker as they open: stop the workers before their targets go.
+            running = not all(f.done() for f in futures) or any(
+                u is not None and u.future is not None and not u.future.done() for u in unpacks)
+            if unpacker is not None and running:
+                self._stop_unpacker(unpacker)
             for u in unpacks:
                 if u is not None and u.snapshot is not None:
                     u.snapshot.abort()
             raise
         finally:
             if work is not None:
-                remove_tree(work, ignore_errors=True)
+                work.remove()
         image_layout.tag(str(reference), resolved.manifest_descriptor)
         total = sum(d.size for d in blobs) + sum(d.size for d, _ in resolved.documents)
         return PullResult(
@@ -287,11 +304,44 @@ def _job(store: ContentStore, layer: Descriptor, diff_id: str, target: Path, whi
     return LayerJob(str(store.root), layer.digest, layer.size, layer.media_type, diff_id, str(target), whiteouts)
 
 
-def _rootfs_workdir(rootfs: Path) -> Path:
-    if rootfs.exists() and (not rootfs.is_dir() or any(rootfs.iterdir())):
-        raise StoreError(str(rootfs), "rootfs target exists and is not an empty directory")
-    rootfs.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{rootfs.name}.fastpull-", dir=rootfs.parent))
+class _WorkDir:
+    """Where a rootfs is built, beside it: ``.<name>.fastpull-<random>``, locked (flock) while in use.
+
+    A pull killed outright leaves its work directory behind, unlocked: the next pull into the same
+    rootfs removes it.
+    """
+
+    def __init__(self, rootfs: Path):
+        if rootfs.exists() and (not rootfs.is_dir() or any(rootfs.iterdir())):
+            raise StoreError(str(rootfs), "rootfs target exists and is not an empty directory")
+        rootfs.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{rootfs.name}.fastpull-"
+        for entry in os.scandir(rootfs.parent):
+            if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+                _remove_if_abandoned(Path(entry.path))
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=rootfs.parent))
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def remove(self) -> None:
+        remove_tree(self.path, ignore_errors=True)
+        os.close(self._fd)
+
+
+def _remove_if_abandoned(work: Path) -> None:
+    """Remove another pull's work directory if no process holds its lock any more."""
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # a pull is building there
+    else:
+        remove_tree(work, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _rootfs_plan(store, layers, diff_ids, work: Path) -> list[_LayerUnpack | None]:

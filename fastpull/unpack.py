@@ -18,6 +18,8 @@ import hashlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 from isal.igzip_lib import DECOMP_GZIP, IgzipDecompressor, IsalError
 
 from fastpull.archive import DEVICE_NODE, apply_layer
-from fastpull.errors import DigestMismatch, MalformedArchive, ManifestError
+from fastpull.errors import DigestMismatch, FastpullError, MalformedArchive, ManifestError
 from fastpull.manifest import LAYER_COMPRESSION
 from fastpull.store import BlobReader, ContentStore
 
@@ -156,11 +158,19 @@ def unpack_layer(job: LayerJob) -> LayerResult:
                        frozenset(stats.implied_dirs), stats.skipped[DEVICE_NODE])
 
 
-def _worker_init(path: list[str]) -> None:
-    """Set up a worker process: the parent's ``sys.path``; freed memory kept for reuse (every block
-    inflated is a fresh 1 MiB allocation, which glibc would map and unmap each time: a page fault
-    per 4 KiB, ~0.4 CPU s per GB of tar)."""
+def _worker_init(parent: int, path: list[str]) -> None:
+    """Set up a worker process: the parent's ``sys.path``; death with the parent; Ctrl-C left to it;
+    freed memory kept for reuse (every block inflated is a fresh 1 MiB allocation, which glibc would
+    map and unmap each time: a page fault per 4 KiB, ~0.4 CPU s per GB of tar)."""
     sys.path[:] = path
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers itself
+    try:
+        parent_fd = os.pidfd_open(parent)
+    except ProcessLookupError:  # the parent is already gone
+        os._exit(1)
+    # The worker's parent is the fork server, not the process that uses it, so the kernel's
+    # parent-death signal does not apply; a pidfd turns readable when that process exits.
+    threading.Thread(target=_exit_with, args=(parent_fd,), name="fastpull-parent-watch", daemon=True).start()
     libc = ctypes.CDLL(None)
     libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
     libc.mallopt(_M_TRIM_THRESHOLD, 32 << 20)
@@ -170,7 +180,7 @@ class Unpacker:
     """A bounded pool of worker processes unpacking layers; ``submit`` from any thread.
 
     The workers import only what this process can import, never from the working directory
-    (see :func:`_start_forkserver`).
+    (see :func:`_start_forkserver`), and exit when this process does, even if it is killed.
     """
 
     def __init__(self, workers: int | None = None):
@@ -181,17 +191,38 @@ class Unpacker:
         context.set_forkserver_preload(["fastpull.unpack"])
         _start_forkserver()
         self.workers = workers
+        self._lock = threading.Lock()
+        self._stopped = False
         # A worker's sys.path is this process's, but '' (the working directory) would be the
         # directory this process started in: leave it out.
         worker_path = [p for p in sys.path if p]
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
-                                         initargs=(worker_path,))
+                                         initargs=(os.getpid(), worker_path))
         # Start every worker now, so that process start-up overlaps resolving the image.
         for _ in range(workers):
             self._pool.submit(os.getpid)
 
     def submit(self, job: LayerJob) -> Future:
-        return self._pool.submit(unpack_layer, job)
+        with self._lock:  # no new worker starts once terminate() has listed them
+            if self._stopped:
+                future: Future = Future()
+                future.set_exception(FastpullError(f"unpack of layer {job.digest} cancelled: the workers were stopped"))
+                return future
+            return self._pool.submit(unpack_layer, job)
+
+    def terminate(self) -> None:
+        """Kill every worker now, abandoning the layers they were unpacking, and wait until they are
+        gone (their targets can then be removed); later submits fail."""
+        with self._lock:
+            self._stopped = True
+            # ProcessPoolExecutor has no public way to stop running work before Python 3.14's
+            # kill_workers(); its process table is the one it would use.
+            workers = list((self._pool._processes or {}).values())
+        for process in workers:
+            process.kill()
+        for process in workers:
+            process.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -225,3 +256,8 @@ def _start_forkserver() -> None:
                 del os.environ["PYTHONSAFEPATH"]
             else:
                 os.environ["PYTHONSAFEPATH"] = saved
+
+
+def _exit_with(parent_fd: int) -> None:
+    select.select([parent_fd], [], [])
+    os._exit(1)

@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from fastpull.testbed.images import BuiltImage
 
 CHUNK = 64 * 1024
 """Largest piece read from a blob and written to a socket at once."""
@@ -425,6 +428,12 @@ class FaultRegistry:
             self._tags[repo, tag] = content.digest
             self._manifests.setdefault(repo, set()).add(content.digest)
         return content.digest
+
+    def add_image(self, repo: str, tag: str, image: BuiltImage) -> None:
+        """Serve a testbed image: its blobs from their files, its manifest as ``repo:tag``."""
+        for desc in image.blobs:
+            self.add_blob(image.blob_path(desc.digest))
+        self.add_manifest(repo, tag, image.manifest, image.media_type)
 
     # fault knobs
 

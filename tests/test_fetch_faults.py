@@ -28,9 +28,7 @@ def image(tmp_path_factory):
 @pytest.fixture
 def server(image):
     with FaultRegistry() as srv:
-        for desc in image.blobs:
-            srv.add_blob(image.blob_path(desc.digest))
-        srv.add_manifest("faulty/app", "v1", image.manifest, image.media_type)
+        srv.add_image("faulty/app", "v1", image)
         yield srv
 
 

@@ -1,0 +1,124 @@
+"""A ``fastpull pull`` stopped by a signal while its layers download and unpack: every process
+of the pull goes, nothing is left beside the target, the exit status says which signal, and the
+same command then completes, resuming the partial blobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+from faultserver import FaultRegistry
+
+from fastpull.testbed.images import LayerSpec, build_image
+
+MiB = 1 << 20
+RATE = 256 * 1024
+"""Bytes/s of each response for a layer: the pull lasts long enough to be stopped mid-unpack."""
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    specs = [LayerSpec(4 * MiB, files=16), LayerSpec(2 * MiB, content="text", compression="zstd", files=8)]
+    return build_image(specs, tmp_path_factory.mktemp("img"), seed=41)
+
+
+@pytest.fixture
+def server(image):
+    with FaultRegistry() as srv:
+        srv.add_image("slow/app", "v1", image)
+        for layer in image.layers:
+            srv.slow(layer.digest, RATE)
+        yield srv
+
+
+def _session(sid: int) -> list[int]:
+    """Pids of the processes in session ``sid`` (the pull started a new one: its forkserver,
+    workers and resource tracker stay in it, even once reparented)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:  # fields after "(comm)": state ppid pgrp session
+                pids.append(int(entry.name))
+    return pids
+
+
+def _start(command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _unpacking(out: Path, what: str) -> bool:
+    """A worker has written a file into a layer's temporary tree."""
+    return any(p.is_file() for tree in out.glob(what) for p in tree.rglob("*"))
+
+
+def _stop_mid_unpack(command: list[str], out: Path, what: str, signum: int) -> subprocess.CompletedProcess[str]:
+    proc = _start(command)
+    try:
+        wait_until(lambda: _unpacking(out, what), "a layer unpacks", timeout=60)
+        assert len(_session(proc.pid)) > 2  # the pull, its fork server and workers
+        os.kill(proc.pid, signum)
+        stdout, stderr = proc.communicate(timeout=30)
+        wait_until(lambda: not _session(proc.pid), "every process of the pull is gone", timeout=30)
+    finally:
+        for pid in _session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _rerun_resumes(server: FaultRegistry, image, command: list[str]) -> subprocess.CompletedProcess[str]:
+    big = image.layers[0]
+    server.clear_faults()
+    server.clear()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 0 < server.bytes_served(big.digest) < big.size  # the partial blob was resumed
+    return done
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_during_rootfs_unpack_stops_everything_and_the_pull_resumes(server, image, tmp_path, signum):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fastpull", "pull", f"{server.host}/slow/app:v1",
+               "--layout", str(tmp_path / "layout"), "--rootfs", str(out / "rootfs"), "--unpack-workers", "2"]
+    stopped = _stop_mid_unpack(command, out, ".rootfs.fastpull-*", signum)
+    assert stopped.returncode == 128 + signum, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert list(out.iterdir()) == []  # no temporary tree, no rootfs
+    assert (tmp_path / "layout" / ".fastpull" / "ingest" / image.layers[0].digest.split(":")[1]).is_dir()
+    _rerun_resumes(server, image, command)
+    assert sorted(p.name for p in out.iterdir()) == ["rootfs"]
+
+
+def test_sigterm_during_snapshot_unpack_leaves_no_snapshot_building(server, image, tmp_path):
+    snapshots = tmp_path / "snapshots"
+    command = [sys.executable, "-m", "fastpull", "pull", f"{server.host}/slow/app:v1",
+               "--layout", str(tmp_path / "layout"), "--snapshots", str(snapshots)]
+    stopped = _stop_mid_unpack(command, snapshots, ".tmp", signal.SIGTERM)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert list((snapshots / ".tmp").iterdir()) == [] and list((snapshots / "sha256").iterdir()) == []
+    _rerun_resumes(server, image, command)
+    assert len(list((snapshots / "sha256").iterdir())) == len(image.layers)
+
+
+def test_sigkill_takes_the_workers_too_and_the_next_pull_clears_the_tree_left(server, image, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fastpull", "pull", f"{server.host}/slow/app:v1",
+               "--layout", str(tmp_path / "layout"), "--rootfs", str(out / "rootfs")]
+    killed = _stop_mid_unpack(command, out, ".rootfs.fastpull-*", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    left = list(out.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".rootfs.fastpull-")  # nobody could remove it
+    _rerun_resumes(server, image, command)
+    assert sorted(p.name for p in out.iterdir()) == ["rootfs"]
