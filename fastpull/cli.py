@@ -17,6 +17,7 @@ from fastpull.errors import FastpullError
 TYPE_CHECKING = False  # not typing's: importing typing costs start-up time
 if TYPE_CHECKING:
     import argparse
+    from typing import NoReturn
 
     from fastpull.fetch import FetchOptions
     from fastpull.puller import PullResult
@@ -30,7 +31,14 @@ _REQUEST_ENVIRONMENT = ("HOME", "DOCKER_CONFIG", "CURL_CA_BUNDLE", "SSL_CERT_FIL
 """Environment variables that can change what a pull does: part of what makes two pulls identical."""
 
 
+EXIT_FAILED, EXIT_USAGE = 1, 2
+"""Exit statuses: a pull that failed; a bad command line. A pull stopped by a signal exits with 128 + its number."""
+
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class UsageError(Exception):
+    """A command-line value the parser let through but the pull refuses (e.g. a too small --chunk-size)."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -52,34 +60,73 @@ def _fetch_options(args: argparse.Namespace) -> FetchOptions:
     from fastpull.fetch import FetchOptions
 
     defaults = FetchOptions()
-    return FetchOptions(
-        adaptive=not args.fixed,
-        chunk_size=int(args.chunk_size * MiB) if args.chunk_size else defaults.chunk_size,
-        chunks_per_blob=args.chunks_per_blob or defaults.chunks_per_blob,
-        blobs_in_flight=args.blobs_in_flight or defaults.blobs_in_flight,
-        max_transfers=args.max_transfers or defaults.max_transfers,
-        http2=not args.http1,
-        streams_per_connection=args.streams_per_connection,
-    )
+    try:
+        return FetchOptions(
+            adaptive=not args.fixed,
+            chunk_size=int(args.chunk_size * MiB) if args.chunk_size else defaults.chunk_size,
+            chunks_per_blob=args.chunks_per_blob or defaults.chunks_per_blob,
+            blobs_in_flight=args.blobs_in_flight or defaults.blobs_in_flight,
+            max_transfers=args.max_transfers or defaults.max_transfers,
+            http2=not args.http1,
+            streams_per_connection=args.streams_per_connection,
+        )
+    except ValueError as e:  # FetchOptions checks what the argument types cannot (e.g. the chunk size's floor)
+        raise UsageError(f"invalid fetch options: {e}") from None
 
 
 def _add_fetch_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fetch engine")
-    g.add_argument("--chunk-size", type=float, metavar="MiB",
+    g.add_argument("--chunk-size", type=_positive_number, metavar="MiB",
                    help="bytes per Range request, in MiB (default: adapted to the measured stream speed)")
     g.add_argument("--fixed", action="store_true",
                    help="no self-tuning: run at the transfer caps (default: tune transfers in flight)")
-    g.add_argument("--chunks-per-blob", type=int, metavar="N", help="ranged transfers in flight per blob")
-    g.add_argument("--blobs-in-flight", type=int, metavar="N", help="blobs fetched at once")
-    g.add_argument("--max-transfers", type=int, metavar="N", help="transfers (connections) in flight in all")
+    g.add_argument("--chunks-per-blob", type=_count, metavar="N", help="ranged transfers in flight per blob")
+    g.add_argument("--blobs-in-flight", type=_count, metavar="N", help="blobs fetched at once")
+    g.add_argument("--max-transfers", type=_count, metavar="N", help="transfers (connections) in flight in all")
     g.add_argument("--http1", action="store_true", help="never negotiate HTTP/2")
-    g.add_argument("--streams-per-connection", type=int, metavar="N",
+    g.add_argument("--streams-per-connection", type=_count, metavar="N",
                    help="HTTP/2 streams one connection carries at most (default: tuned, from 1)")
     g.add_argument("--durable", action="store_true", help="fdatasync every blob before committing it")
     g.add_argument("--platform", type=_platform, help="os/arch[/variant] (default: this host)")
     g.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
                    help="accept any certificate from this registry, or plain HTTP if it does not speak TLS "
                         "(loopback hosts may be plain HTTP too, but their certificates are checked)")
+
+
+def _count(text: str) -> int:
+    """A number of things: a whole number above zero."""
+    import argparse
+
+    if not (text.strip().isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a whole number greater than zero, got {text!r}")
+    return int(text)
+
+
+def _positive_number(text: str) -> float:
+    """A size: a finite number above zero."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number greater than zero, got {text!r}")
+    return value
+
+
+def _reference(text: str) -> str:
+    """Check the image reference (kept as given: it is part of a pull's key; see :func:`_pull_key`)."""
+    import argparse
+
+    from fastpull.reference import parse_reference
+
+    try:
+        parse_reference(text)
+    except FastpullError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _platform(spec: str) -> str:
@@ -130,7 +177,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         try:
             return {"exit": 0, "stdout": _pull(args) + "\n", "stderr": ""}
         except FastpullError as exc:
-            return {"exit": 1, "stdout": "", "stderr": f"fastpull: {exc}\n"}
+            return {"exit": EXIT_FAILED, "stdout": "", "stderr": f"fastpull: {exc}\n"}
 
     if not args.join:
         outcome, leader = lead(), None
@@ -254,18 +301,23 @@ def _run_bench(bench_args: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="fastpull", description="Pull OCI/Docker images fast.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            """One line, not the whole usage."""
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    parser = Parser(prog="fastpull", description="Pull OCI/Docker images fast.")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="pull an image into an OCI image layout")
-    p.add_argument("reference", help="[host[:port]/]name[:tag][@digest]")
+    p.add_argument("reference", type=_reference, help="[host[:port]/]name[:tag][@digest]")
     p.add_argument("--layout", required=True, help="OCI image layout directory (shared by images)")
     unpack = p.add_mutually_exclusive_group()
     unpack.add_argument("--rootfs", help="also unpack the image into this (absent or empty) directory")
     unpack.add_argument("--snapshots",
                         help="also unpack each layer into SNAPSHOTS/sha256/<chainid> (overlayfs lower dirs)")
-    p.add_argument("--unpack-workers", type=int, metavar="N", help="unpack worker processes (default: CPUs)")
+    p.add_argument("--unpack-workers", type=_count, metavar="N", help="unpack worker processes (default: CPUs)")
     p.add_argument("--no-join", dest="join", action="store_false",
                    help="pull even if an identical pull is in flight (default: wait for it and share its "
                         "result); each blob is still fetched once")
@@ -273,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pull)
 
     p = sub.add_parser("demo", help="start a local registry, push a generated image, pull it")
-    p.add_argument("--size-mb", type=float, default=300, help="image size in MB (default 300)")
-    p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--size-mb", type=_positive_number, default=300, help="image size in MB (default 300)")
+    p.add_argument("--layers", type=_count, default=5)
     p.add_argument("--workdir", help="where the image, registry and layout go (default: a temp dir)")
     _add_fetch_arguments(p)
     p.set_defaults(func=_cmd_demo)
@@ -285,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; the exit status is 0, EXIT_FAILED, EXIT_USAGE or 128 + a stopping signal's number."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
@@ -294,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FastpullError as exc:
         print(f"fastpull: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except UsageError as exc:
+        print(f"fastpull {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Stopped as stop:
         return 128 + stop.signum
     finally:

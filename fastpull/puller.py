@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastpull.errors import ManifestError, StoreError
+from fastpull.errors import ManifestError, UnpackError
 from fastpull.fetch import FetchEngine, FetchOptions
 from fastpull.layout import ImageLayout
 from fastpull.manifest import (
@@ -312,15 +312,21 @@ class _WorkDir:
     """
 
     def __init__(self, rootfs: Path):
-        if rootfs.exists() and (not rootfs.is_dir() or any(rootfs.iterdir())):
-            raise StoreError(str(rootfs), "rootfs target exists and is not an empty directory")
-        rootfs.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{rootfs.name}.fastpull-"
-        for entry in os.scandir(rootfs.parent):
-            if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
-                _remove_if_abandoned(Path(entry.path))
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=rootfs.parent))
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if rootfs.exists() and (not rootfs.is_dir() or any(rootfs.iterdir())):
+                raise UnpackError(str(rootfs), "it exists and is not an empty directory")
+            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            prefix = f".{rootfs.name}.fastpull-"
+            for entry in os.scandir(rootfs.parent):
+                if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+                    _remove_if_abandoned(Path(entry.path))
+            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=rootfs.parent))
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if e.filename is not None and os.fspath(e.filename) != os.fspath(rootfs):
+                why = f"{os.fspath(e.filename)}: {why}"
+            raise UnpackError(str(rootfs), why) from e
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def remove(self) -> None:

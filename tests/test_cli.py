@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import blocked_on, flocks, wait_until
 
 from fastpull.testbed.images import LayerSpec, build_image, push_image
@@ -41,6 +42,46 @@ def test_a_bad_platform_is_refused_before_anything_is_fetched(tmp_path):
     done = _fastpull("pull", "127.0.0.1:1/x:y", "--layout", str(tmp_path / "l"), "--platform", "linux")
     assert done.returncode == 2 and "invalid platform 'linux'" in done.stderr
     assert not (tmp_path / "l").exists()
+
+
+BAD_INPUT = [  # (arguments after the reference and --layout, exit status, what stderr must name)
+    (["--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
+    (["--chunk-size", "0.01"], 2, "chunk_size must be at least 64 KiB"),
+    (["--chunk-size", "nan"], 2, "argument --chunk-size"),
+    (["--max-transfers", "-1"], 2, "argument --max-transfers"),
+    (["--unpack-workers", "-1"], 2, "argument --unpack-workers"),
+    (["--chunks-per-blob", "many"], 2, "argument --chunks-per-blob"),
+    (["--streams-per-connection", "0"], 2, "argument --streams-per-connection"),
+    (["--rootfs", "{tmp}/r", "--snapshots", "{tmp}/s"], 2, "not allowed with argument"),
+    (["--rootfs", "{tmp}/a-file"], 1, "{tmp}/a-file"),
+    (["--rootfs", "{tmp}/a-file/rootfs"], 1, "{tmp}/a-file/rootfs"),
+    (["--rootfs", "/proc/fastpull-rootfs"], 1, "/proc/fastpull-rootfs"),
+    (["--snapshots", "/proc/fastpull-snapshots"], 1, "/proc/fastpull-snapshots"),
+    (["--layout", "{tmp}/a-file"], 1, "{tmp}/a-file"),
+]
+
+
+@pytest.mark.parametrize(("extra", "status", "named"), BAD_INPUT, ids=[" ".join(extra) for extra, _, _ in BAD_INPUT])
+def test_bad_input_gets_one_line_and_an_exit_status(registry, image_cache, tmp_path, extra, status, named):
+    image = build_image([LayerSpec(MiB)], image_cache / "cli-bad-input")
+    push_image(registry.url, "cli/bad", "v1", image)
+    (tmp_path / "a-file").write_text("not a directory\n")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    done = _fastpull("pull", f"{registry.host}/cli/bad:v1", "--layout", str(tmp_path / "layout"), *extra)
+    assert done.returncode == status and "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and named.format(tmp=tmp_path) in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("reference", ["x:y:z", "host/Upper", "a@sha256:short"])
+def test_a_bad_reference_is_a_usage_error(reference, tmp_path):
+    done = _fastpull("pull", reference, "--layout", str(tmp_path / "l"))
+    assert done.returncode == 2 and "invalid image reference" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_demo_refuses_sizes_below_one(tmp_path):
+    for extra in (["--layers", "0"], ["--size-mb", "-1"]):
+        done = _fastpull("demo", "--workdir", str(tmp_path), *extra)
+        assert done.returncode == 2 and f"argument {extra[0]}" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_identical_pulls_in_flight_are_joined_not_repeated(registry, image_cache, tmp_path):
