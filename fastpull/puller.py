@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastpull.errors import ManifestError, UnpackError
+from fastpull.errors import ManifestError, PlatformNotFound, UnpackError
 from fastpull.fetch import FetchEngine, FetchOptions
 from fastpull.layout import ImageLayout
 from fastpull.manifest import (
@@ -28,7 +28,7 @@ from fastpull.manifest import (
     Platform,
 )
 from fastpull.reference import Reference, check_digest, parse_reference
-from fastpull.registry import RegistryClient
+from fastpull.registry import RegistryClient, Resolved
 from fastpull.rootfs import assemble, inherit_implied, remove_tree
 from fastpull.snapshots import Snapshotter, SnapshotWriter, chain_ids
 from fastpull.store import ContentStore
@@ -125,6 +125,7 @@ class Puller:
         loopback host...); other registries get a default client on first use."""
         self.engine = FetchEngine(options)
         self.platform = platform or Platform.host()
+        self._platform_given = platform is not None
         self.insecure_registries = frozenset(insecure_registries)
         self.durable = durable
         self.unpack_workers = unpack_workers
@@ -170,6 +171,10 @@ class Puller:
         ``snapshots``, into one directory per layer keyed by ChainID under that root. Layers
         unpack while they download; nothing is made visible before its digests are checked.
 
+        An image that is not an index names its platform in its config only: if that is not the
+        ``platform`` asked for (here or to the Puller), the pull fails with PlatformNotFound; if
+        none was asked for and it is not this host's, a warning is logged.
+
         ``progress(done, total)`` is called in this thread about twice a second while blobs
         download, and once more at the end: ``total`` is the bytes of the blobs missing from the
         layout, ``done`` the bytes the engine received since (all of the engine's pulls count).
@@ -179,7 +184,9 @@ class Puller:
         started = time.monotonic()
         reference = parse_reference(ref) if isinstance(ref, str) else ref
         client = self.client(reference.registry)
-        resolved = client.resolve(reference, platform or self.platform)
+        wanted = platform or self.platform
+        resolved = client.resolve(reference, wanted)
+        platform_given = platform is not None or self._platform_given
         image_layout = ImageLayout(layout, durable=self.durable)
         store = image_layout.store
         source = RepositorySource(client, reference.repository)
@@ -204,6 +211,7 @@ class Puller:
             if rootfs is not None or snapshots is not None:
                 config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size,
                                                 on_downloaded=lambda: downloaded.append(manifest.config.size)).result()
+                _check_config_platform(config_path, resolved, wanted, platform_given)
                 diff_ids = [i for d, i in zip(manifest.layers, _diff_ids(config_path, manifest))
                             if d.media_type not in NON_DISTRIBUTABLE]
                 if rootfs is not None:
@@ -225,6 +233,10 @@ class Puller:
 
             received_before = self.engine.received_bytes() + self.engine.stats.bytes_resumed
             futures = [fetch(manifest.config, None)] + [fetch(d, u) for d, u in zip(layers, unpacks)]
+            if rootfs is None and snapshots is None:
+                wait(futures[:1])  # the config is small and first: refuse the wrong platform early
+                if futures[0].exception() is None:
+                    _check_config_platform(futures[0].result(), resolved, wanted, platform_given)
             # Let every fetch and unpack settle before reporting the first failure.
             while wait(futures, timeout=None if progress is None else _PROGRESS_INTERVAL_S).not_done:
                 landed = self.engine.received_bytes() + self.engine.stats.bytes_resumed - received_before
@@ -348,6 +360,23 @@ def _remove_if_abandoned(work: Path) -> None:
         remove_tree(work, ignore_errors=True)
     finally:
         os.close(fd)
+
+
+def _check_config_platform(config_path: Path, resolved: Resolved, wanted: Platform, given: bool) -> None:
+    """Refuse (``given``) or warn about a single-platform image (no index: its platform is in its
+    config) that ``wanted`` cannot run, as containerd does."""
+    if len(resolved.documents) > 1:
+        return  # an index chose the manifest by platform
+    try:
+        config = json.loads(config_path.read_bytes())
+        actual = Platform.from_dict(config, f"image config {resolved.manifest.config.digest}").normalized()
+    except (ValueError, ManifestError):
+        return  # no usable os and architecture: nothing to compare (the unpack reads what it needs)
+    if wanted.can_run(actual):
+        return
+    if given:
+        raise PlatformNotFound(f"{resolved.reference} (a single-platform image)", str(wanted), [str(actual)])
+    log.warning("%s is an image for %s, not for this host (%s)", resolved.reference, actual, wanted)
 
 
 def _rootfs_plan(store, layers, diff_ids, work: Path) -> list[_LayerUnpack | None]:

@@ -84,6 +84,23 @@ def test_demo_refuses_sizes_below_one(tmp_path):
         assert done.returncode == 2 and f"argument {extra[0]}" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_an_image_for_another_platform_is_refused_when_one_was_asked_for(registry, image_cache, tmp_path):
+    image = build_image([LayerSpec(MiB)], image_cache / "cli-amd64", platform=("linux", "amd64", None))
+    push_image(registry.url, "cli/amd64", "v1", image)
+    done = _fastpull("pull", f"{registry.host}/cli/amd64:v1", "--layout", str(tmp_path / "l"), "--platform", "plan9/68k")
+    assert done.returncode == 1 and "plan9/68k" in done.stderr and "linux/amd64" in done.stderr
+    assert not (tmp_path / "l" / "index.json").exists()  # nothing tagged
+
+
+def test_an_image_for_another_platform_is_pulled_with_a_warning_when_none_was_asked_for(
+        registry, image_cache, tmp_path):
+    image = build_image([LayerSpec(MiB)], image_cache / "cli-plan9", platform=("plan9", "68k", None))
+    push_image(registry.url, "cli/plan9", "v1", image)
+    done = _fastpull("pull", f"{registry.host}/cli/plan9:v1", "--layout", str(tmp_path / "l"))
+    assert done.returncode == 0 and image.manifest_digest in done.stdout
+    assert "WARNING" in done.stderr and "is an image for plan9/68k, not for this host" in done.stderr
+
+
 def test_identical_pulls_in_flight_are_joined_not_repeated(registry, image_cache, tmp_path):
     """Three ``fastpull pull`` processes that start while an identical one is in flight wait for
     it and print its result: the registry sees one manifest request, not four."""
