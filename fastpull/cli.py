@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from fastpull.errors import FastpullError
+from fastpull.errors import FastpullError, InvalidReference
 
 TYPE_CHECKING = False  # not typing's: importing typing costs start-up time
 if TYPE_CHECKING:
@@ -116,19 +116,6 @@ def _positive_number(text: str) -> float:
     return value
 
 
-def _reference(text: str) -> str:
-    """Check the image reference (kept as given: it is part of a pull's key; see :func:`_pull_key`)."""
-    import argparse
-
-    from fastpull.reference import parse_reference
-
-    try:
-        parse_reference(text)
-    except FastpullError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def _platform(spec: str) -> str:
     """Check ``--platform`` (kept as text: it is part of a pull's key; see :func:`_pull_key`)."""
     import argparse
@@ -176,6 +163,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         started = True
         try:
             return {"exit": 0, "stdout": _pull(args) + "\n", "stderr": ""}
+        except InvalidReference as exc:  # parsed by the pull: a process that joins another imports no parser
+            return {"exit": EXIT_USAGE, "stdout": "", "stderr": f"fastpull pull: error: {exc}\n"}
         except FastpullError as exc:
             return {"exit": EXIT_FAILED, "stdout": "", "stderr": f"fastpull: {exc}\n"}
 
@@ -311,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="pull an image into an OCI image layout")
-    p.add_argument("reference", type=_reference, help="[host[:port]/]name[:tag][@digest]")
+    p.add_argument("reference", help="[host[:port]/]name[:tag][@digest]")
     p.add_argument("--layout", required=True, help="OCI image layout directory (shared by images)")
     unpack = p.add_mutually_exclusive_group()
     unpack.add_argument("--rootfs", help="also unpack the image into this (absent or empty) directory")
