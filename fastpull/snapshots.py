@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastpull.errors import StoreError
+from fastpull.errors import UnpackError
 from fastpull.rootfs import remove_tree
 from fastpull.store import acquire_key_lock, digest_hex
 
@@ -46,7 +46,7 @@ class Snapshotter:
             for d in (self.committed, self.building, self.locks):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(str(self.root), e.strerror or str(e)) from e
+            raise UnpackError(str(self.root), e.strerror or str(e)) from e
 
     def path(self, chain_id: str) -> Path:
         return self.committed / digest_hex(chain_id)
@@ -68,8 +68,10 @@ class Snapshotter:
             for stale in self.building.glob(f"{hexd}.*"):  # left by a crashed unpack
                 remove_tree(stale, ignore_errors=True)
             build = Path(tempfile.mkdtemp(prefix=f"{hexd}.", dir=self.building))
-        except BaseException:
+        except BaseException as e:
             os.close(lock_fd)
+            if isinstance(e, OSError):
+                raise UnpackError(str(self.building), e.strerror or str(e)) from e
             raise
         return SnapshotWriter(self, chain_id, build, lock_fd)
 
@@ -90,7 +92,7 @@ class SnapshotWriter:
             os.rename(self.path, target)
         except OSError as e:
             self.abort()
-            raise StoreError(str(target), e.strerror or str(e)) from e
+            raise UnpackError(str(target), e.strerror or str(e)) from e
         self._release(remove_lock=True)
         return target
 

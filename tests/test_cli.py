@@ -56,7 +56,8 @@ BAD_INPUT = [  # (arguments after the reference and --layout, exit status, what 
     (["--rootfs", "{tmp}/a-file"], 1, "{tmp}/a-file"),
     (["--rootfs", "{tmp}/a-file/rootfs"], 1, "{tmp}/a-file/rootfs"),
     (["--rootfs", "/proc/fastpull-rootfs"], 1, "/proc/fastpull-rootfs"),
-    (["--snapshots", "/proc/fastpull-snapshots"], 1, "/proc/fastpull-snapshots"),
+    (["--snapshots", "/proc/fastpull-snapshots"], 1, "unpack error at /proc/fastpull-snapshots"),
+    (["--snapshots", "{tmp}/a-file"], 1, "unpack error at {tmp}/a-file"),
     (["--layout", "{tmp}/a-file"], 1, "{tmp}/a-file"),
 ]
 
