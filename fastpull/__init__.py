@@ -12,6 +12,7 @@ command) stays cheap until the engine is needed.
 
 TYPE_CHECKING = False  # typing itself costs start-up time; checkers know this name
 if TYPE_CHECKING:
+    from fastpull.engine import FetchEngine, FetchOptions
     from fastpull.errors import (
         AuthError,
         DigestMismatch,
@@ -26,14 +27,13 @@ if TYPE_CHECKING:
         UnpackError,
         UnsafeArchive,
     )
-    from fastpull.fetch import FetchEngine, FetchOptions
     from fastpull.puller import Puller, PullResult, pull
 
 _MODULES = {
     "fastpull.errors": ("AuthError", "DigestMismatch", "FastpullError", "InvalidReference", "MalformedArchive",
                         "ManifestError", "PlatformNotFound", "RegistryError", "StoreError", "TransferError",
                         "UnpackError", "UnsafeArchive"),
-    "fastpull.fetch": ("FetchEngine", "FetchOptions"),
+    "fastpull.engine": ("FetchEngine", "FetchOptions"),
     "fastpull.puller": ("PullResult", "Puller", "pull"),
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from fastpull.errors import AuthError
-from fastpull.transport import Transport
+from fastpull.http.transport import Transport
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import argparse
     from typing import NoReturn
 
-    from fastpull.fetch import FetchOptions
+    from fastpull.engine import FetchOptions
     from fastpull.puller import PullResult
     from fastpull.singleflight import Outcome
 
@@ -57,7 +57,7 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:
-    from fastpull.fetch import FetchOptions
+    from fastpull.engine import FetchOptions
 
     defaults = FetchOptions()
     try:

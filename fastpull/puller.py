@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fastpull.engine import FetchEngine, FetchOptions
 from fastpull.errors import ManifestError, PlatformNotFound, UnpackError
-from fastpull.fetch import FetchEngine, FetchOptions
 from fastpull.layout import ImageLayout
 from fastpull.manifest import (
     DOCKER_FOREIGN_LAYER,

@@ -13,6 +13,8 @@ from typing import Literal
 
 from fastpull.auth import Authenticator, Challenge, Credentials, load_docker_credentials, parse_www_authenticate
 from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError, TransferError
+from fastpull.http.policy import SSL_CONNECT_ERROR
+from fastpull.http.transport import Response, Transport
 from fastpull.manifest import (
     ACCEPT,
     MAX_MANIFEST_BYTES,
@@ -25,7 +27,6 @@ from fastpull.manifest import (
     select_platform,
 )
 from fastpull.reference import DEFAULT_TAG, DOCKER_HUB, DOCKER_HUB_API_HOST, Reference
-from fastpull.transport import SSL_CONNECT_ERROR, Response, Transport
 
 log = logging.getLogger(__name__)
 

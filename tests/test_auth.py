@@ -24,8 +24,8 @@ from fastpull.auth import (
     parse_www_authenticate,
 )
 from fastpull.errors import AuthError
+from fastpull.http.transport import Headers, Response, Transport
 from fastpull.testbed.tokenserver import TokenServer
-from fastpull.transport import Headers, Response, Transport
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from conftest import blob_storage_path, blocked_on, wait_until
 
 from fastpull import DigestMismatch, FetchOptions, Puller, pull
 from fastpull.core import ChunkBitmap
-from fastpull.fetch import FetchEngine
+from fastpull.engine import FetchEngine
 from fastpull.layout import REF_NAME
 from fastpull.puller import RepositorySource
 from fastpull.registry import RegistryClient

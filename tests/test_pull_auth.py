@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from fastpull import AuthError, FetchOptions, Puller, pull
+from fastpull.http.transport import Transport
 from fastpull.manifest import Platform
 from fastpull.registry import RegistryClient
 from fastpull.testbed.images import LayerSpec, build_image, build_index, push_image, push_index
 from fastpull.testbed.registry import LocalRegistry
 from fastpull.testbed.tls import server_certificate
 from fastpull.testbed.tokenserver import TokenServer
-from fastpull.transport import Transport
 
 MiB = 1 << 20
 OPTS = FetchOptions(chunk_size=256 * 1024, chunks_per_blob=4)

@@ -1,8 +1,9 @@
-"""The fetch engine's tuner, fed synthetic throughput curves."""
+"""The fetch engine's planner, without curl or threads: the tuner fed synthetic throughput curves,
+request spans, queues and stragglers."""
 
 from __future__ import annotations
 
-from fastpull.fetch import MiB, Tuner
+from fastpull.engine.planner import MiB, Tuner, is_straggler, next_request, put_back, request_chunks
 
 
 def _drive(tuner: Tuner, throughput, seconds: float = 60.0, step: float = 0.5) -> list[int]:
@@ -98,3 +99,30 @@ def test_tuner_never_shares_without_http2_or_when_pinned():
     pinned = Tuner(initial=16, cap=64, request_bytes=None, streams_per_connection=4)
     pinned.multiplexed = True
     assert set(_drive_connections(pinned, 25e6, 125e6)) == {4}
+
+
+def test_requests_cover_consecutive_chunks_and_stop_at_a_resume_point():
+    pending = [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert next_request(pending, 3, {}) == range(0, 3)
+    assert next_request(pending, 3, {}) == range(3, 4)  # chunk 4 is not pending
+    assert next_request(pending, 3, {6: 6 * MiB + 100}) == range(5, 6)  # 6 resumes mid-way: own request
+    assert next_request(pending, 8, {6: 6 * MiB + 100}) == range(6, 10)
+    assert pending == []
+    put_back(pending, [7, 3, 7])
+    assert pending == [3, 7]
+
+
+def test_streamed_blobs_get_short_requests_unless_the_size_is_fixed():
+    assert request_chunks(16 * MiB, MiB, 1000, streamed=False, adapt_size=True) == 16
+    assert request_chunks(16 * MiB, MiB, 64, streamed=True, adapt_size=True) == 2  # 1/8 of it
+    assert request_chunks(16 * MiB, MiB, 64 * 8, streamed=True, adapt_size=True) == 8  # >= 1/64 of the blob
+    assert request_chunks(16 * MiB, MiB, 1000, streamed=True, adapt_size=False) == 16
+
+
+def test_a_straggler_is_far_slower_than_its_peers_and_far_from_done():
+    peers = [10e6, 12e6, 11e6]
+    assert is_straggler(1e6, 50 * MiB, 5.0, peers, ratio=8, min_age=3)
+    assert not is_straggler(1e6, 50 * MiB, 2.0, peers, ratio=8, min_age=3)  # too young to judge
+    assert not is_straggler(2e6, 50 * MiB, 5.0, peers, ratio=8, min_age=3)  # not 8x slower
+    assert not is_straggler(1e6, MiB, 5.0, peers, ratio=8, min_age=3)  # nearly done: let it finish
+    assert not is_straggler(1e6, 50 * MiB, 5.0, peers[:1], ratio=8, min_age=3)  # no peers to compare

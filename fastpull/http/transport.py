@@ -1,6 +1,5 @@
-"""Small synchronous HTTP(S) over pycurl easy handles, one per thread, with bounded retries; and
-the HTTP policy every request of fastpull follows (what is retried, how long to wait, how many
-redirects), shared with the fetch engine.
+"""Small synchronous HTTP(S) over pycurl easy handles, one per thread, retrying as the HTTP policy
+(:mod:`fastpull.http.policy`) says.
 
 Knows nothing of OCI or registries. HTTPS is verified unless a caller turns it off for one
 request. A custom ``Authorization`` header goes to the original host only: libcurl (>= 7.58) drops
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,33 +18,11 @@ from dataclasses import dataclass
 import pycurl  # type: ignore[import-untyped]
 
 from fastpull.errors import RegistryError, TransferError
+from fastpull.http.policy import MAX_REDIRECTS, Action, Counters, Exchange, RetryPolicy, judge
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "fastpull/0.1"
-MAX_REDIRECTS = 10
-"""Redirects followed for one request (or, by the fetch engine, for one blob)."""
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-"""Statuses that say "try again later": retried with backoff, honouring ``Retry-After``."""
-THROTTLE_STATUSES = frozenset({429, 503})
-"""Statuses that ask the client to slow down (the fetch engine halves its transfers)."""
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-SSL_CONNECT_ERROR = pycurl.E_SSL_CONNECT_ERROR
-"""What libcurl reports when the server does not speak TLS (its reply is not a TLS record)."""
-
-RETRY_CURL_CODES = frozenset(
-    {
-        pycurl.E_COULDNT_CONNECT,
-        pycurl.E_HTTP2,
-        pycurl.E_PARTIAL_FILE,
-        pycurl.E_OPERATION_TIMEDOUT,
-        pycurl.E_SSL_CONNECT_ERROR,
-        pycurl.E_GOT_NOTHING,
-        pycurl.E_SEND_ERROR,
-        pycurl.E_RECV_ERROR,
-        92,  # CURLE_HTTP2_STREAM
-    }
-)
 _IDEMPOTENT = frozenset({"GET", "HEAD"})
 _CA_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
@@ -54,29 +30,6 @@ _CA_BUNDLES = (
     "/etc/ssl/cert.pem",  # macOS, BSDs
     "/etc/ssl/ca-bundle.pem",  # openSUSE
 )
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long to retry transient failures: connection errors, 408, 429 and 5xx."""
-
-    attempts: int = 4
-    """Tries in all, the first included."""
-    base_delay: float = 0.25
-    """Backoff before the second try; it doubles each time, jittered down to half."""
-    max_delay: float = 10.0
-    """No wait is longer: a ``Retry-After`` beyond it ends the retries."""
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("attempts must be at least 1")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("delays must not be negative")
-
-    def backoff(self, attempt: int) -> float:
-        """Jittered exponential wait before try ``attempt + 1`` (``attempt`` counts from 1)."""
-        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return random.uniform(delay / 2, delay)
 
 
 class Headers(Mapping[str, str]):
@@ -122,8 +75,8 @@ class Response:
 class Transport:
     """Blocking HTTP requests; safe to share between threads (each thread has its own handle)."""
 
-    def __init__(self, *, retry: RetryPolicy = RetryPolicy(), ca_file: str | None = None) -> None:
-        self.retry = retry
+    def __init__(self, *, retry: RetryPolicy | None = None, ca_file: str | None = None) -> None:
+        self.retry = retry or RetryPolicy()
         self.ca_file = ca_file or default_ca_file()
         self._local = threading.local()
 
@@ -146,25 +99,25 @@ class Transport:
         ``verify=False`` accepts any certificate (an insecure registry); ``attempts`` overrides
         the retry policy's number of tries.
         """
-        attempts = (attempts or self.retry.attempts) if method in _IDEMPOTENT else 1
-        attempt = 1
+        policy = self.retry
+        if method not in _IDEMPOTENT or attempts is not None:
+            policy = RetryPolicy(1 if method not in _IDEMPOTENT else attempts, policy.base_delay, policy.max_delay)
+        tries = 1
         while True:
             try:
                 response = self._perform(method, url, headers or {}, max_body, timeout, follow_redirects, verify)
             except _CurlFailure as e:
-                if attempt == attempts or e.code not in RETRY_CURL_CODES:
-                    raise TransferError(url, e.message, e.code) from None
-                delay = self.retry.backoff(attempt)
-                log.debug("%s %s: %s; retry %d in %.2fs", method, url, e.message, attempt, delay)
+                exchange = Exchange(0, {}, e.code, e.message)
             else:
-                if attempt == attempts or response.status not in RETRY_STATUSES:
-                    return response
-                delay = max(self.retry.backoff(attempt), retry_after(response.headers.get("retry-after")))
-                if delay > self.retry.max_delay:
-                    return response
-                log.debug("%s %s: HTTP %d; retry %d in %.2fs", method, url, response.status, attempt, delay)
-            time.sleep(delay)
-            attempt += 1
+                exchange = Exchange(response.status, {k: response.headers[k] for k in response.headers})
+            verdict = judge(exchange, Counters(tries=tries), policy)
+            if verdict.action is not Action.RETRY:
+                if exchange.curl_code:
+                    raise TransferError(url, verdict.why, exchange.curl_code)
+                return response  # what it means for a registry is the caller's to say
+            log.debug("%s %s: %s; retry %d in %.2fs", method, url, verdict.why, tries, verdict.delay)
+            time.sleep(verdict.delay)
+            tries += 1
 
     def _perform(
         self, method: str, url: str, headers: Mapping[str, str], max_body: int, timeout: float, follow: bool,
@@ -246,20 +199,6 @@ def configure_tls(curl: pycurl.Curl, ca_file: str | None, verify: bool) -> None:
         curl.setopt(pycurl.SSL_VERIFYHOST, 0)
     elif ca_file:
         curl.setopt(pycurl.CAINFO, ca_file)
-
-
-def retry_after(value: str | None) -> float:
-    """Seconds asked by a ``Retry-After`` header (delta-seconds or HTTP date); 0 if absent or bad."""
-    if not value:
-        return 0.0
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        import email.utils  # rare: Retry-After as an HTTP date (imported here to keep start-up short)
-
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return 0.0
 
 
 def default_ca_file() -> str | None:

@@ -1,25 +1,26 @@
-"""The fetch engine: one pycurl ``CurlMulti`` loop drives every ranged transfer of every pull.
+"""The fetch engine's loop: one pycurl ``CurlMulti`` drives every ranged transfer of every pull.
 
 Each blob larger than a chunk is fetched as bounded ``Range: bytes=a-b`` requests spread over
 many kept-alive connections (HTTP/2 streams share a connection only as far as the tuner finds
-that costs no throughput). Bytes go straight from libcurl's buffer
-to their offset in the preallocated ingest file (``RangeSink``); nothing chunk-sized is
-held in memory. A pool of hasher threads follows each blob's contiguous-finished
-watermark with sha256 while later chunks still arrive, then commits.
+that costs no throughput). Bytes go straight from libcurl's buffer to their offset in the
+preallocated ingest file (``RangeSink``); nothing chunk-sized is held in memory. Hasher threads
+follow each blob's contiguous-finished watermark with sha256 while later chunks still arrive,
+then commit.
 
-The engine knows HTTP and the content store, not OCI: a :class:`BlobSource` tells it
-where a blob lives and which Authorization header to send.
+The loop thread owns the curl handles and sockets; other threads talk to it with commands
+(typed, through a queue and an eventfd). What to fetch next is the planner's
+(:mod:`fastpull.engine.planner`), what an answer means is the HTTP policy's
+(:mod:`fastpull.http.policy`). The engine knows HTTP and the content store, not OCI: a
+:class:`BlobSource` says where a blob lives and which Authorization header to send.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import logging
 import os
 import queue
-import random
 import selectors
 import threading
 import time
@@ -28,209 +29,60 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import pycurl
 
+from fastpull.engine.hashing import Hashers
+from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
+from fastpull.engine.planner import Tuner, is_straggler, next_request, put_back, request_chunks
 from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
+from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
+from fastpull.http.transport import USER_AGENT, configure_tls
 from fastpull.store import BlobWriter, ContentStore
-from fastpull.transport import (
-    MAX_REDIRECTS,
-    REDIRECT_STATUSES,
-    RETRY_STATUSES,
-    THROTTLE_STATUSES,
-    USER_AGENT,
-    configure_tls,
-    retry_after,
-)
 
-log = logging.getLogger("fastpull.fetch")
+log = logging.getLogger(__name__)
 
-MiB = 1 << 20
 _HOUSEKEEPING_S = 0.5
-_BITMAP_CHUNK = MiB
-_FIXED_REQUEST = 16 * MiB  # request size when not adaptive and no chunk_size is given
 
 
-class BlobSource(Protocol):
-    """Where the blobs of one repository live, and how to authenticate to it."""
-
-    def blob_url(self, digest: str) -> str:
-        """The registry URL of a blob (it may redirect elsewhere)."""
-
-    def authorization(self) -> str | None:
-        """Authorization header value for the registry, or None for anonymous."""
-
-    def reauthorize(self, challenge: str, failed: str | None) -> str | None:
-        """A fresh Authorization value after the registry refused ``failed`` with 401 ``challenge``."""
-
-    @property
-    def ca_file(self) -> str | None:
-        """CA bundle to verify HTTPS servers with (None: libcurl's default)."""
-
-    @property
-    def tls_verify(self) -> bool:
-        """Whether the registry's certificate is checked (False: an insecure registry). A redirect
-        target on another host is always checked."""
+# ---- commands into the loop ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class FetchOptions:
-    """Limits and timing of the fetch engine; validated when built.
-
-    Defaults come from bench/ sweeps (see bench/README.md).
-    """
-
-    chunk_size: int | None = None
-    """Bytes per Range request; None: adapted to ~1 s per request, 4-64 MiB."""
-    chunks_per_blob: int = 32
-    """Ranged transfers in flight per blob, at most."""
-    blobs_in_flight: int = 16
-    max_transfers: int = 64
-    """Transfers in flight in all, at most."""
-    adaptive: bool = True
-    """Tune transfers in flight (and the request size, unless chunk_size is set) from the
-    throughput measured during the pull; False runs at the caps."""
-    initial_transfers: int = 16
-    max_host_connections: int = 64
-    http2: bool = True
-    """Offer HTTP/2 over TLS (ALPN); transfers then may share connections as streams."""
-    streams_per_connection: int | None = None
-    """HTTP/2 streams one connection carries at most; None: tuned, starting from one."""
-    retries: int = 6
-    backoff_base: float = 0.25
-    backoff_max: float = 15.0
-    connect_timeout: float = 10.0
-    stall_timeout: float = 20.0
-    straggler_ratio: float = 8.0
-    straggler_min_age: float = 3.0
-    buffer_size: int = 256 * 1024
-    hasher_threads: int = 2
-    transfer_rate_limit: int = 0  # bytes/s per transfer; 0 = unlimited
-
-    def __post_init__(self) -> None:
-        for name in ("chunks_per_blob", "blobs_in_flight", "max_transfers", "initial_transfers",
-                     "max_host_connections", "buffer_size", "hasher_threads", "streams_per_connection"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be greater than zero")
-        if self.retries < 0 or self.transfer_rate_limit < 0:
-            raise ValueError("retries and transfer_rate_limit must not be negative")
-        if self.chunk_size is not None and self.chunk_size < 64 * 1024:
-            raise ValueError("chunk_size must be at least 64 KiB")
-
-    @property
-    def bitmap_chunk(self) -> int:
-        """Granularity of the chunk bitmap (resume, watermark): requests span whole chunks."""
-        return min(self.chunk_size or _BITMAP_CHUNK, _BITMAP_CHUNK)
+class _Fetch:
+    store: ContentStore
+    source: BlobSource
+    digest: str
+    size: int
+    future: Future
+    on_open: Callable[[], None] | None
+    on_downloaded: Callable[[], None] | None
 
 
-class Tuner:
-    """Chooses transfers in flight, streams per connection and request size from the throughput
-    measured while pulling.
+@dataclass(frozen=True)
+class _Locked:
+    """A side thread's wait for another writer's per-digest lock ended."""
 
-    Hill-climbing, one step per window: while every allowed transfer is busy, step the number of
-    transfers up by half; keep a step that raised throughput by 10% or more, undo one that did not
-    and hold for a while. Once the transfers have settled and the transfers share HTTP/2
-    connections, try twice the streams per connection (half the connections: fewer handshakes,
-    less CPU): keep it while throughput stays within 5% of the best seen, else undo and hold.
-    Connections matter more than streams: registries and CDNs cap each TCP connection, and
-    every stream of one connection shares its congestion window, so sharing starts at one stream
-    per connection. A 429/503 from the registry halves the transfers. The request size follows the
-    throughput of one stream, so that a request lasts about a second (4-64 MiB).
-    """
-
-    WINDOW_S = 1.0
-    HOLD_S = 5.0
-    THROTTLE_HOLD_S = 10.0
-    SHARING_HOLD_S = 30.0
-    MAX_STREAMS_PER_CONNECTION = 8
-
-    def __init__(self, initial: int, cap: int, request_bytes: int | None, *, adaptive: bool = True,
-                 streams_per_connection: int | None = None):
-        """``request_bytes`` or ``streams_per_connection`` None adapt them; ``adaptive=False`` pins all
-        (one stream per connection unless given)."""
-        self.cap = cap
-        self.adaptive = adaptive
-        self.target = min(initial, cap) if adaptive else cap
-        self.adapt_size = adaptive and request_bytes is None
-        self.request_bytes = request_bytes or (8 * MiB if adaptive else _FIXED_REQUEST)
-        self.adapt_sharing = adaptive and streams_per_connection is None
-        self.streams_per_connection = streams_per_connection or 1
-        self.multiplexed = False
-        """Set by the engine once a transfer ran over HTTP/2: only then can connections be shared."""
-        self._window_start: float | None = None
-        self._window_bytes = 0
-        self._base_rate = 0.0
-        self._peak_rate = 0.0
-        self._step: tuple[str, int] | None = None  # ("transfers" | "sharing", the value before the step)
-        self._hold_until = 0.0
-        self._sharing_hold_until = 0.0
-
-    def observe(self, now: float, total_bytes: int, in_flight: int) -> None:
-        """Feed the engine's byte counter; call it often (it decides once per window)."""
-        if not self.adaptive:
-            return
-        if self._window_start is None:
-            self._window_start, self._window_bytes = now, total_bytes
-            return
-        elapsed = now - self._window_start
-        if elapsed < self.WINDOW_S:
-            return
-        rate = (total_bytes - self._window_bytes) / elapsed
-        self._window_start, self._window_bytes = now, total_bytes
-        if self.adapt_size and in_flight:
-            per_stream = int(rate / in_flight)
-            self.request_bytes = min(64 * MiB, max(4 * MiB, per_stream // MiB * MiB))
-        if self._step is not None and not self._judge(now, rate):
-            return
-        self._base_rate = rate
-        self._peak_rate = max(self._peak_rate, rate)
-        if in_flight >= self.target and now >= self._hold_until and self.target < self.cap:
-            self._step = ("transfers", self.target)
-            self.target = min(self.cap, self.target + max(1, self.target // 2))
-        elif (self.adapt_sharing and self.multiplexed and now >= self._sharing_hold_until
-              and self.streams_per_connection < self.MAX_STREAMS_PER_CONNECTION):
-            self._step = ("sharing", self.streams_per_connection)
-            self.streams_per_connection *= 2
-
-    def _judge(self, now: float, rate: float) -> bool:
-        """Keep or undo the last step after a window of it; False if it was undone."""
-        assert self._step is not None
-        (kind, before), self._step = self._step, None
-        if kind == "transfers" and rate < self._base_rate * 1.10:
-            self.target, self._hold_until = before, now + self.HOLD_S
-            return False
-        if kind == "sharing" and rate < self._peak_rate * 0.95:
-            self.streams_per_connection, self._sharing_hold_until = before, now + self.SHARING_HOLD_S
-            return False
-        return True
-
-    def throttled(self, now: float) -> None:
-        """The registry asked us to slow down (429/503): halve, and hold."""
-        if not self.adaptive:
-            return
-        self.target = max(1, self.target // 2)
-        if self._step is not None and self._step[0] == "sharing":
-            self.streams_per_connection = self._step[1]
-        self._step = None
-        self._peak_rate = 0.0
-        self._hold_until = now + self.THROTTLE_HOLD_S
+    blob: _Blob
+    writer: BlobWriter | None
+    error: BaseException | None
 
 
-@dataclass
-class FetchStats:
-    """Counters over the engine's life (read them from any thread; they only grow)."""
+@dataclass(frozen=True)
+class _Committed:
+    """A hasher thread verified and committed a blob (or failed to)."""
 
-    bytes_received: int = 0
-    requests: int = 0
-    retries: int = 0
-    stragglers_reissued: int = 0
-    blobs_fetched: int = 0
-    blobs_skipped: int = 0
-    bytes_resumed: int = 0
-    connections: int = 0
-    """Connections opened (TCP, with TLS where used); the rest of the requests reused one."""
+    blob: _Blob
+    result: Path | BaseException
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+# ---- state of blobs and transfers (the loop thread's only) ----------------------------------------
 
 
 @dataclass(eq=False)
@@ -250,9 +102,11 @@ class _Blob:
     mode: str = "probe"  # probe: first transfer tells Range support; then "ranged" or "single"
     pending: list = field(default_factory=list)  # chunk indices to fetch, sorted
     resume_at: dict = field(default_factory=dict)  # chunk index -> first byte not yet written
-    attempts: dict = field(default_factory=dict)  # first chunk of a request -> failed tries
+    tries: dict = field(default_factory=dict)  # first chunk of a request -> failed tries
     transfers: set = field(default_factory=set)
     redirects: int = 0
+    reauthentications: int = 0
+    resolutions: int = 0  # fresh redirects in a row since the redirect target last worked
     hashed_watermark: int = 0
     committing: bool = False
     finished_rates: deque = field(default_factory=lambda: deque(maxlen=16))  # B/s of finished chunks
@@ -320,14 +174,6 @@ def _content_range_start(value: str | None) -> int | None:
     return int(first) if first.isdigit() else None
 
 
-def _put_back(blob: _Blob, chunks: list[int]) -> None:
-    """Return chunks to a blob's sorted queue (they are fetched before later ones)."""
-    for chunk in chunks:
-        i = bisect.bisect_left(blob.pending, chunk)
-        if i == len(blob.pending) or blob.pending[i] != chunk:
-            blob.pending.insert(i, chunk)
-
-
 def _call_safely(callback: Callable[[], None]) -> None:
     try:
         callback()
@@ -348,12 +194,11 @@ class FetchEngine:
         self.stats = FetchStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._hash_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._received_so_far = 0  # published by the loop for received_bytes()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._hashers: list[threading.Thread] = []
+        self._hashers: Hashers | None = None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -382,7 +227,7 @@ class FetchEngine:
             future.set_exception(FastpullError("fetch engine is closed"))
             return future
         self._ensure_started()
-        self._post(("fetch", store, source, digest, size, future, on_open, on_downloaded))
+        self._post(_Fetch(store, source, digest, size, future, on_open, on_downloaded))
         return future
 
     def received_bytes(self) -> int:
@@ -396,12 +241,10 @@ class FetchEngine:
             return
         self._closed = True
         if self._thread is not None:
-            self._post(("stop",))
+            self._post(_Stop())
             self._thread.join()
-            for _ in self._hashers:
-                self._hash_queue.put(None)
-            for t in self._hashers:
-                t.join()
+            assert self._hashers is not None
+            self._hashers.stop()
         os.close(self._wake_fd)
 
     def __enter__(self) -> FetchEngine:
@@ -415,14 +258,12 @@ class FetchEngine:
     def _ensure_started(self) -> None:
         with self._start_lock:
             if self._thread is None:
+                self._hashers = Hashers(self.options.hasher_threads,
+                                        lambda blob, result: self._post(_Committed(blob, result)))
                 self._thread = threading.Thread(target=self._run, name="fastpull-fetch", daemon=True)
                 self._thread.start()
-                for i in range(self.options.hasher_threads):
-                    t = threading.Thread(target=self._hasher, name=f"fastpull-hash-{i}", daemon=True)
-                    t.start()
-                    self._hashers.append(t)
 
-    def _post(self, command: tuple) -> None:
+    def _post(self, command: _Fetch | _Locked | _Committed | _Stop) -> None:
         self._commands.put(command)
         os.eventfd_write(self._wake_fd, 1)
 
@@ -492,7 +333,7 @@ class FetchEngine:
         while self._retry_heap and self._retry_heap[0][0] <= now:
             _, _, blob, chunks = heapq.heappop(self._retry_heap)
             if blob.writer is not None:
-                _put_back(blob, chunks)
+                put_back(blob.pending, chunks)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + _HOUSEKEEPING_S
             self._reissue_stragglers(now)
@@ -529,22 +370,21 @@ class FetchEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            kind = command[0]
-            if kind == "fetch":
-                self._on_fetch(*command[1:])
-            elif kind == "locked":
-                self._on_locked(*command[1:])
-            elif kind == "hashed":
-                self._on_hashed(*command[1:])
-            elif kind == "stop":
-                self._running = False
+            match command:
+                case _Fetch():
+                    self._on_fetch(command)
+                case _Locked():
+                    self._on_locked(command.blob, command.writer, command.error)
+                case _Committed():
+                    self._on_committed(command.blob, command.result)
+                case _Stop():
+                    self._running = False
 
     # ---- blob life cycle --------------------------------------------------------------
 
-    def _on_fetch(
-        self, store: ContentStore, source: BlobSource, digest: str, size: int, future: Future, on_open,
-        on_downloaded,
-    ) -> None:
+    def _on_fetch(self, command: _Fetch) -> None:
+        store, source, digest, size = command.store, command.source, command.digest, command.size
+        future, on_open, on_downloaded = command.future, command.on_open, command.on_downloaded
         key = (str(store.root), digest)
         blob = self._blobs.get(key)
         if blob is not None:
@@ -591,9 +431,9 @@ class FetchEngine:
         try:
             writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=True)
         except BaseException as exc:
-            self._post(("locked", blob, None, exc))
+            self._post(_Locked(blob, None, exc))
         else:
-            self._post(("locked", blob, writer, None))
+            self._post(_Locked(blob, writer, None))
 
     def _on_locked(self, blob: _Blob, writer: BlobWriter | None, exc: BaseException | None) -> None:
         if exc is not None:
@@ -657,12 +497,13 @@ class FetchEngine:
                 command = self._commands.get(block=committing)
             except queue.Empty:
                 return
-            if command[0] == "hashed":
-                self._on_hashed(*command[1:])
-            elif command[0] == "fetch":
-                command[5].set_exception(FastpullError("fetch engine closed"))
-            elif command[0] == "locked" and command[2] is not None:
-                command[2].close()
+            match command:
+                case _Committed():
+                    self._on_committed(command.blob, command.result)
+                case _Fetch():
+                    command.future.set_exception(FastpullError("fetch engine closed"))
+                case _Locked() if command.writer is not None:
+                    command.writer.close()
 
     # ---- transfers ------------------------------------------------------------------
 
@@ -699,28 +540,6 @@ class FetchEngine:
             if budget <= 0:
                 return
 
-    def _take_run(self, blob: _Blob) -> range:
-        """The next request of a blob: consecutive pending chunks adding up to the request size.
-
-        A streamed blob (one an unpacker reads as it lands) gets shorter requests: about 1/8 s
-        of one stream, but no fewer than 1/64 of the blob (each request costs CPU on both
-        ends). Its reader follows the contiguous watermark, which trails the requests in
-        flight by (transfers x request size); and with slots going to blobs in order, the blob
-        takes the link and lands front to back instead of every layer crawling at once.
-        A request size the user fixed is kept.
-        """
-        bitmap = blob.writer.bitmap
-        tuner = self._tuner
-        span = max(1, -(-tuner.request_bytes // bitmap.chunk_size))
-        if blob.streamed and tuner.adapt_size:
-            span = min(span, max(span // 8, -(-bitmap.nchunks // 64), 1))
-        first = blob.pending.pop(0)
-        last = first
-        while (last - first + 1 < span and blob.pending and blob.pending[0] == last + 1
-               and blob.pending[0] not in blob.resume_at):
-            last = blob.pending.pop(0)
-        return range(first, last + 1)
-
     def _start_transfer(self, blob: _Blob) -> None:
         opts = self.options
         writer = blob.writer
@@ -729,7 +548,10 @@ class FetchEngine:
             blob.pending.clear()
             chunks = None
         else:
-            chunks = self._take_run(blob)
+            bitmap = writer.bitmap
+            span = request_chunks(self._tuner.request_bytes, bitmap.chunk_size, bitmap.nchunks,
+                                  streamed=blob.streamed, adapt_size=self._tuner.adapt_size)
+            chunks = next_request(blob.pending, span, blob.resume_at)
             valid_from = writer.bitmap.chunk_span(chunks[0])[0]
             end = writer.bitmap.chunk_span(chunks[-1])[1]
             start = blob.resume_at.pop(chunks[0], valid_from)
@@ -774,7 +596,7 @@ class FetchEngine:
         """Drop a transfer; its chunks go back to the queue, resuming from the bytes written."""
         self._release(transfer)
         if transfer.blob.writer is not None:
-            _put_back(transfer.blob, self._unfinished(transfer))
+            put_back(transfer.blob.pending, self._unfinished(transfer))
 
     def _unfinished(self, t: _Transfer) -> list[int]:
         """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote."""
@@ -798,7 +620,6 @@ class FetchEngine:
 
     def _on_done(self, t: _Transfer, curl_code: int, message: str) -> None:
         blob = t.blob
-        status = t.status
         self._release(t)
         self._tuner.multiplexed |= t.http2
         if blob.writer is None:
@@ -806,74 +627,54 @@ class FetchEngine:
         if t.sink.error is not None:
             self._finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
             return
-        if curl_code == 0 and status in (200, 206) and t.sink.armed and t.sink.offset == t.end:
-            blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
-            blob.attempts.pop("resolve", None)  # its redirect works
-            self._on_chunk_done(blob)
-            return
-        if status in THROTTLE_STATUSES:
-            self._tuner.throttled(time.monotonic())
-        if curl_code == 0 and status in REDIRECT_STATUSES and "location" in t.headers:
-            blob.redirects += 1
-            if blob.redirects > MAX_REDIRECTS:
-                self._finish(blob, TransferError(blob.url, f"more than {MAX_REDIRECTS} redirects"))
-                return
-            blob.url = urljoin(blob.url, t.headers["location"])  # reused for all its chunks
-            self._requeue(t, delay=0)
-            return
+        key = t.chunks[0] if t.chunks is not None else "single"
         elsewhere = urlsplit(t.url).netloc != blob.registry_netloc
-        if curl_code == 0 and elsewhere and status in (400, 401, 403):
-            # A signed redirect target (CDN, S3) that expired or refuses us: ask the registry for a
-            # fresh one; the chunks already written stay. Bounded: resolutions in a row that
-            # bring no chunk home.
-            if t.url != blob.url:  # another transfer of the blob has resolved it again already
+        exchange = Exchange(t.status, t.headers, curl_code, message,
+                            complete=t.sink.armed and t.sink.offset == t.end, elsewhere=elsewhere)
+        counters = Counters(blob.tries.get(key, 0) + 1, blob.redirects, blob.reauthentications, blob.resolutions)
+        verdict = judge(exchange, counters, self.options.retry)
+        if t.status in THROTTLE_STATUSES:
+            self._tuner.throttled(time.monotonic())
+        match verdict.action:
+            case Action.DONE:
+                blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
+                blob.resolutions = 0  # its redirect target works
+                self._on_chunk_done(blob)
+            case Action.FOLLOW:
+                blob.redirects += 1
+                blob.url = urljoin(blob.url, verdict.location)  # reused for all its chunks
                 self._requeue(t, delay=0)
-                return
-            blob.redirects = 0
-            blob.attempts["resolve"] = tries = blob.attempts.get("resolve", 0) + 1
-            if tries > self.options.retries:
-                self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
-                return
-            log.info("%s answered HTTP %d for %s: resolving its redirect again", urlsplit(blob.url).netloc,
-                     status, blob.digest)
-            blob.url = blob.source.blob_url(blob.digest)
-            self._requeue(t, delay=0)
-            return
-        if curl_code == 0 and status in (401, 403):
-            if status == 401 and t.headers.get("www-authenticate") and blob.attempts.get("auth", 0) < 2:
-                blob.attempts["auth"] = blob.attempts.get("auth", 0) + 1
+            case Action.RESOLVE_AGAIN:
+                # A signed redirect target (CDN, S3) expired or refuses us: ask the registry for a
+                # fresh one; the chunks already written stay.
+                if t.url == blob.url:  # else another transfer of the blob resolved it again already
+                    log.info("%s answered HTTP %d for %s: resolving its redirect again",
+                             urlsplit(t.url).netloc, t.status, blob.digest)
+                    blob.redirects, blob.resolutions = 0, blob.resolutions + 1
+                    blob.url = blob.source.blob_url(blob.digest)
+                self._requeue(t, delay=0)
+            case Action.REAUTHENTICATE:
+                blob.reauthentications += 1
                 try:
                     blob.auth = blob.source.reauthorize(t.headers["www-authenticate"], blob.auth)
                 except FastpullError as exc:
                     self._finish(blob, exc)
                     return
-            else:
-                self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
-                return
-            self._requeue(t, delay=0)
-            return
-        if curl_code == 0 and status and status not in RETRY_STATUSES and not (200 <= status < 300):
-            self._finish(blob, RegistryError(status, "GET", blob.url, t.sink.error_body))
-            return
-        # Transient: connection reset, stall, timeout, 408/429/5xx, short or mismatched body.
-        key = t.chunks[0] if t.chunks is not None else "single"
-        tries = blob.attempts.get(key, 0) + 1
-        blob.attempts[key] = tries
-        if tries > self.options.retries:
-            why = message or (f"HTTP {status}" if status else "no response")
-            self._finish(blob, TransferError(blob.url, f"{why} after {tries} tries", curl_code or None))
-            return
-        self.stats.retries += 1
-        delay = min(self.options.backoff_max, self.options.backoff_base * 2 ** (tries - 1))
-        delay *= random.uniform(0.5, 1.0)
-        delay = max(delay, min(retry_after(t.headers.get("retry-after")), self.options.backoff_max * 4))
-        log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, delay, message or status)
-        self._requeue(t, delay)
+                self._requeue(t, delay=0)
+            case Action.RETRY:
+                blob.tries[key] = counters.tries
+                self.stats.retries += 1
+                log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, verdict.delay, verdict.why)
+                self._requeue(t, verdict.delay)
+            case Action.FAIL if curl_code or t.status < 400:
+                self._finish(blob, TransferError(t.url, verdict.why, curl_code or None))
+            case Action.FAIL:
+                self._finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body))
 
     def _requeue(self, t: _Transfer, delay: float) -> None:
         chunks = self._unfinished(t)
         if delay <= 0:
-            _put_back(t.blob, chunks)
+            put_back(t.blob.pending, chunks)
         else:
             heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), t.blob, chunks))
 
@@ -883,15 +684,15 @@ class FetchEngine:
             self._maybe_commit(blob)
         elif watermark > blob.hashed_watermark:
             blob.hashed_watermark = watermark
-            self._hash_queue.put(("advance", blob, blob.writer))
+            self._hashers.advance(blob.writer)
 
     def _maybe_commit(self, blob: _Blob) -> None:
         if blob.committing or blob.transfers or not blob.writer.bitmap.complete():
             return
         blob.committing = True
-        self._hash_queue.put(("commit", blob, blob.writer))
+        self._hashers.commit(blob, blob.digest, blob.writer)
 
-    def _on_hashed(self, blob: _Blob, result: Path | BaseException) -> None:
+    def _on_committed(self, blob: _Blob, result: Path | BaseException) -> None:
         blob.committing = False
         blob.writer = None  # commit() closed it, whatever the outcome
         if not isinstance(result, BaseException):
@@ -903,8 +704,6 @@ class FetchEngine:
     def _reissue_stragglers(self, now: float) -> None:
         """Cut a ranged transfer far slower than its blob's other transfers, running or finished,
         and re-issue its remaining bytes on a fresh request."""
-        import statistics  # here, not at the top: keeps every pull's start-up short
-
         opts = self.options
         for t in self._transfers.values():
             received = t.sink.received
@@ -915,32 +714,8 @@ class FetchEngine:
                 continue
             for t in list(blob.transfers):
                 peers = [p.rate for p in blob.transfers if p is not t] + list(blob.finished_rates)
-                if len(peers) < 2 or now - t.started < opts.straggler_min_age:
-                    continue
-                typical = statistics.median(peers)
-                remaining = t.end - t.sink.offset
-                if t.rate * opts.straggler_ratio < typical and remaining > t.rate * opts.straggler_min_age:
-                    log.info("re-issuing slow range %d-%d of %s (%.0f B/s, typical %.0f B/s)",
-                             t.sink.offset, t.end, blob.digest, t.rate, typical)
+                if is_straggler(t.rate, t.end - t.sink.offset, now - t.started, peers,
+                                ratio=opts.straggler_ratio, min_age=opts.straggler_min_age):
+                    log.info("re-issuing slow range %d-%d of %s (%.0f B/s)", t.sink.offset, t.end, blob.digest, t.rate)
                     self.stats.stragglers_reissued += 1
                     self._cancel(t)
-
-    # ---- hashing (hasher threads) ---------------------------------------------------------
-
-    def _hasher(self) -> None:
-        while True:
-            job = self._hash_queue.get()
-            if job is None:
-                return
-            kind, blob, writer = job
-            if kind == "advance":
-                try:
-                    writer.advance_digest()
-                except (FastpullError, OSError, ValueError):
-                    pass  # the writer was closed under us (blob failed); commit reports real errors
-                continue
-            try:
-                result: Path | BaseException = writer.commit(blob.digest)
-            except BaseException as exc:
-                result = exc
-            self._post(("hashed", blob, result))

@@ -1,0 +1,13 @@
+"""The fetch engine: blobs into content stores over one CurlMulti loop.
+
+- :mod:`.options`: what the engine may do (``FetchOptions``), its counters and the ``BlobSource``
+  interface through which callers say where a blob lives;
+- :mod:`.planner`: what to fetch next (transfers, connections, request sizes, stragglers), pure;
+- :mod:`.loop`: the loop thread that owns the curl handles (``FetchEngine``);
+- :mod:`.hashing`: the threads that follow each blob with sha256 and commit it.
+"""
+
+from fastpull.engine.loop import FetchEngine
+from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
+
+__all__ = ["BlobSource", "FetchEngine", "FetchOptions", "FetchStats"]
