@@ -448,7 +448,7 @@ def main() -> int:
                 md.append(f"## Concurrent pulls of {key} ({image.total_size / MB:.0f} MB): wall of the slowest, "
                           f"median of {concurrency_runs} run(s)\n\n"
                           "fastpull: N identical `python -m fastpull pull` processes into one layout: the "
-                          "first leads, the others wait for it and print its result (`fastpull.singleflight`). "
+                          "first leads, the others wait for it and print its result (`fastpull.cli.singleflight`). "
                           "fastpull, no join: the same with `--no-join`: each process resolves and pulls, "
                           "sharing only each blob's download through the store's per-digest lock. containerd: N `ctr` clients against "
                           "one fresh daemon: `ctr image pull` (fetch + unpack to overlayfs) and `ctr content "

@@ -67,7 +67,7 @@ command starts with its memory in that state."""
 _APPLY_DRIVER = """
 import json, sys, time
 from pathlib import Path
-from fastpull.archive import apply_layer
+from fastpull.unpack.archive import apply_layer
 cpu = 0.0
 for tar, target in zip(sys.argv[1::2], sys.argv[2::2]):
     with open(tar, "rb", buffering=1 << 20) as f:

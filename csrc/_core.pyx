@@ -3,7 +3,7 @@
 shared chunk bitmap.
 
 Kept deliberately small; ``fastpull/_pycore.py`` is the pure-Python reference
-with the same behaviour, and ``fastpull.core`` picks one of the two.
+with the same behaviour, and ``fastpull.content.core`` picks one of the two.
 """
 
 from libc.errno cimport errno, EINTR, EAGAIN, ETIMEDOUT

@@ -3,7 +3,7 @@
 >>> import fastpull
 >>> result = fastpull.pull("127.0.0.1:5000/app:v1", layout="/var/lib/images")
 
-``Puller`` runs many pulls over one fetch engine; ``fastpull.core.BACKEND`` says
+``Puller`` runs many pulls over one fetch engine; ``fastpull.content.core.BACKEND`` says
 whether the compiled core (``"cy"``) or its pure-Python reference (``"py"``) is active.
 
 The names below are imported on first use: ``import fastpull`` (and so every ``fastpull``

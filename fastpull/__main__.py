@@ -9,6 +9,6 @@ if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
     if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) == os.getcwd():
         sys.path.append(cwd)
 
-from fastpull.cli import main  # noqa: E402
+from fastpull.cli.main import main  # noqa: E402
 
 raise SystemExit(main())

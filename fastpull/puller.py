@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fastpull.content.layout import ImageLayout
+from fastpull.content.store import ContentStore
 from fastpull.engine import FetchEngine, FetchOptions
 from fastpull.errors import ManifestError, PlatformNotFound, UnpackError
-from fastpull.layout import ImageLayout
-from fastpull.manifest import (
+from fastpull.oci.manifest import (
     DOCKER_FOREIGN_LAYER,
     OCI_LAYER_NONDIST,
     OCI_LAYER_NONDIST_GZIP,
@@ -27,16 +28,15 @@ from fastpull.manifest import (
     ImageManifest,
     Platform,
 )
-from fastpull.reference import Reference, check_digest, parse_reference
-from fastpull.registry import RegistryClient, Resolved
-from fastpull.rootfs import assemble, inherit_implied, remove_tree
-from fastpull.snapshots import Snapshotter, SnapshotWriter, chain_ids
-from fastpull.store import ContentStore
+from fastpull.oci.reference import Reference, check_digest, parse_reference
+from fastpull.registry.client import RegistryClient, Resolved
+from fastpull.unpack.rootfs import assemble, inherit_implied, remove_tree
+from fastpull.unpack.snapshots import Snapshotter, SnapshotWriter, chain_ids
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: imported when used
-    from fastpull.unpack import LayerJob, Unpacker
+    from fastpull.unpack.workers import LayerJob, Unpacker
 
 
 class RepositorySource:
@@ -142,7 +142,7 @@ class Puller:
             return client
 
     def unpacker(self) -> Unpacker:
-        from fastpull.unpack import Unpacker
+        from fastpull.unpack.workers import Unpacker
 
         with self._lock:
             if self._unpacker is None:
@@ -311,7 +311,7 @@ def _diff_ids(config_path: Path, manifest: ImageManifest) -> list[str]:
 
 
 def _job(store: ContentStore, layer: Descriptor, diff_id: str, target: Path, whiteouts="overlay") -> LayerJob:
-    from fastpull.unpack import LayerJob
+    from fastpull.unpack.workers import LayerJob
 
     return LayerJob(str(store.root), layer.digest, layer.size, layer.media_type, diff_id, str(target), whiteouts)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fastpull.archive import ApplyStats, apply_layer
 from fastpull.errors import UnpackError
+from fastpull.unpack.archive import ApplyStats, apply_layer
 
 MTIME = 1_600_000_000
 CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)  # v2, effective, cap_net_bind_service

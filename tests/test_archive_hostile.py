@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_archive import entry, layer
 
-from fastpull.archive import apply_layer
 from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
+from fastpull.unpack.archive import apply_layer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confining the applier needs root")
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from fastpull.auth import (
+from fastpull.errors import AuthError
+from fastpull.http.transport import Headers, Response, Transport
+from fastpull.registry.auth import (
     Authenticator,
     Challenge,
     Credentials,
@@ -23,8 +25,6 @@ from fastpull.auth import (
     load_docker_credentials,
     parse_www_authenticate,
 )
-from fastpull.errors import AuthError
-from fastpull.http.transport import Headers, Response, Transport
 from fastpull.testbed.tokenserver import TokenServer
 
 

@@ -216,7 +216,7 @@ def test_core_sink_as_libcurl_write_callback(core, tmp_path, data_fd):
     import pycurl
     from faultserver import FaultRegistry
 
-    from fastpull.core import C_WRITE_CALLBACK
+    from fastpull.content.core import C_WRITE_CALLBACK
 
     body = os.urandom(300_000)
     core.preallocate(data_fd, len(body))

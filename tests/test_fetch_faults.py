@@ -12,7 +12,7 @@ import pytest
 from faultserver import FaultRegistry
 
 from fastpull import DigestMismatch, FastpullError, FetchOptions, RegistryError, StoreError, pull
-from fastpull.store import ContentStore
+from fastpull.content.store import ContentStore
 from fastpull.testbed.images import LayerSpec, build_image
 
 MiB = 1 << 20
@@ -215,7 +215,7 @@ def test_fetch_full_disk_is_a_clear_error_and_keeps_stored_blobs(server, image, 
 def test_fetch_engine_closed_mid_download_fails_fast_and_keeps_partial_data(server, image, layout):
     from fastpull.engine import FetchEngine
     from fastpull.puller import RepositorySource
-    from fastpull.registry import RegistryClient
+    from fastpull.registry.client import RegistryClient
 
     big = image.layers[0]
     server.slow(big.digest, 256 * 1024)  # every range crawls: the download is mid-way when we close

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from fastpull import manifest as m
 from fastpull.errors import ManifestError, PlatformNotFound
-from fastpull.manifest import Descriptor, ImageIndex, ImageManifest, Platform, parse_manifest, select_platform
+from fastpull.oci import manifest as m
+from fastpull.oci.manifest import Descriptor, ImageIndex, ImageManifest, Platform, parse_manifest, select_platform
 
 
 def dg(n: int) -> str:

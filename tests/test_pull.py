@@ -16,12 +16,12 @@ import pytest
 from conftest import blob_storage_path, blocked_on, wait_until
 
 from fastpull import DigestMismatch, FetchOptions, Puller, pull
-from fastpull.core import ChunkBitmap
+from fastpull.content.core import ChunkBitmap
+from fastpull.content.layout import REF_NAME
+from fastpull.content.store import ContentStore
 from fastpull.engine import FetchEngine
-from fastpull.layout import REF_NAME
 from fastpull.puller import RepositorySource
-from fastpull.registry import RegistryClient
-from fastpull.store import ContentStore
+from fastpull.registry.client import RegistryClient
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 
 MiB = 1 << 20

@@ -11,8 +11,8 @@ import pytest
 
 from fastpull import AuthError, FetchOptions, Puller, pull
 from fastpull.http.transport import Transport
-from fastpull.manifest import Platform
-from fastpull.registry import RegistryClient
+from fastpull.oci.manifest import Platform
+from fastpull.registry.client import RegistryClient
 from fastpull.testbed.images import LayerSpec, build_image, build_index, push_image, push_index
 from fastpull.testbed.registry import LocalRegistry
 from fastpull.testbed.tls import server_certificate

@@ -7,7 +7,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fastpull.errors import InvalidReference
-from fastpull.reference import Reference, parse_reference
+from fastpull.oci.reference import Reference, parse_reference
 
 D = "sha256:" + "ab" * 32
 

@@ -12,8 +12,8 @@ import pytest
 from test_archive import MTIME, _reference_apply, apply, entry, layer
 
 from fastpull.errors import UnpackError
-from fastpull.rootfs import assemble, can_chown, remove_tree, rootless_owner
 from fastpull.testbed.reference import describe
+from fastpull.unpack.rootfs import assemble, can_chown, remove_tree, rootless_owner
 
 LAYERS = [
     layer(

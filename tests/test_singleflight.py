@@ -1,4 +1,4 @@
-"""Identical concurrent commands run once (fastpull.singleflight).
+"""Identical concurrent commands run once (fastpull.cli.singleflight).
 
 flock locks belong to open file descriptions, so threads that each open the lock file contend like
 processes do. Tests learn that a waiter is blocked from /proc/locks, never from a sleep.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import blocked_on, wait_until
 
-from fastpull.singleflight import run_once
+from fastpull.cli.singleflight import run_once
 
 
 def outcome(text: str, code: int = 0) -> dict:
@@ -109,7 +109,7 @@ def test_a_leader_whose_work_raises_records_nothing_and_a_waiter_leads(tmp_path)
 
 _KILLED_LEADER = """
 import sys, time
-from fastpull.singleflight import run_once
+from fastpull.cli.singleflight import run_once
 def lead():
     print("leading", flush=True)
     time.sleep(60)

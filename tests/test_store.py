@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from fastpull.content.store import ContentStore, digest_hex
 from fastpull.errors import DigestMismatch
-from fastpull.store import ContentStore, digest_hex
 
 
 def _digest(data: bytes) -> str:
@@ -152,7 +152,7 @@ def test_store_lock_released_when_writer_process_dies(tmp_path):
 
 
 def test_store_reader_follows_a_download_in_progress(tmp_path):
-    from fastpull.store import BlobReader
+    from fastpull.content.store import BlobReader
 
     store = ContentStore(tmp_path)
     data = os.urandom(1_000_000)
@@ -174,8 +174,8 @@ def test_store_reader_follows_a_download_in_progress(tmp_path):
 
 
 def test_store_reader_stops_when_download_is_abandoned(tmp_path):
+    from fastpull.content.store import BlobReader
     from fastpull.errors import StoreError
-    from fastpull.store import BlobReader
 
     store = ContentStore(tmp_path)
     data = os.urandom(300_000)
@@ -193,8 +193,8 @@ def test_store_reader_stops_when_download_is_abandoned(tmp_path):
 
 
 def test_store_reader_of_committed_blob_and_of_nothing(tmp_path):
+    from fastpull.content.store import BlobReader
     from fastpull.errors import StoreError
-    from fastpull.store import BlobReader
 
     store = ContentStore(tmp_path)
     d = _digest(b"hello")

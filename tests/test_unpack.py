@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from fastpull import DigestMismatch, FetchOptions, pull
-from fastpull.rootfs import OPAQUE_XATTR
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 from fastpull.testbed.reference import describe, reference_rootfs
+from fastpull.unpack.rootfs import OPAQUE_XATTR
 
 MiB = 1 << 20
 ROOT = os.geteuid() == 0
@@ -177,7 +177,7 @@ def _with_config(image, config: bytes, out: Path):
     """A copy of ``image`` whose config blob is replaced (and the manifest rewritten to match)."""
     import dataclasses
 
-    from fastpull.manifest import Descriptor
+    from fastpull.oci.manifest import Descriptor
 
     digest = "sha256:" + hashlib.sha256(config).hexdigest()
     blobs = out / "blobs" / "sha256"
@@ -239,7 +239,7 @@ def _hostile_directory(where: Path, markers: Path, package: bool) -> Path:
 
 
 CONSOLE_SCRIPT = """import sys
-from fastpull.cli import main
+from fastpull.cli.main import main
 if __name__ == "__main__":
     sys.exit(main())
 """

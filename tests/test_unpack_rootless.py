@@ -24,9 +24,9 @@ from test_unpack import OPTS, _add, special_image  # noqa: F401 - special_image 
 
 import fastpull
 from fastpull import pull
-from fastpull.rootfs import OPAQUE_XATTR, ROOTLESS_XATTR, USER_OPAQUE_XATTR, can_chown
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 from fastpull.testbed.reference import describe
+from fastpull.unpack.rootfs import OPAQUE_XATTR, ROOTLESS_XATTR, USER_OPAQUE_XATTR, can_chown
 
 NOBODY = 65534
 SOURCE_ROOT = Path(fastpull.__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def unprivileged() -> Iterator[Unprivileged]:
         for python, packages in _interpreters():
             user = Unprivileged(home, python, packages)
             try:
-                probe = user.run(python, "-c", "import fastpull.puller, fastpull.unpack")
+                probe = user.run(python, "-c", "import fastpull.puller, fastpull.unpack.workers")
             except OSError as err:
                 failures.append(f"{python}: {err.strerror}")
                 continue

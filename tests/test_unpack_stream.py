@@ -1,4 +1,4 @@
-"""fastpull.unpack's layer streams: gzip members inflated block by block from one reused buffer, the
+"""fastpull.unpack.workers's layer streams: gzip members inflated block by block from one reused buffer, the
 diffID hashed once per block, malformed gzip refused by name."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from fastpull.errors import MalformedArchive
-from fastpull.unpack import _BLOCK, _READ_SIZE, _TarStream, layer_blocks
+from fastpull.unpack.workers import _BLOCK, _READ_SIZE, _TarStream, layer_blocks
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"

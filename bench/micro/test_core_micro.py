@@ -14,7 +14,7 @@ import os
 import pytest
 
 from fastpull import _core, _pycore
-from fastpull.store import ContentStore
+from fastpull.content.store import ContentStore
 
 BACKENDS = [pytest.param(_core, id="cy"), pytest.param(_pycore, id="py")]
 BLOB = 64 << 20

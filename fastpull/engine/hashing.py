@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastpull.content.store import BlobWriter
 from fastpull.errors import FastpullError
-from fastpull.store import BlobWriter
 
 
 class Hashers:

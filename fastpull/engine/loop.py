@@ -33,13 +33,13 @@ from urllib.parse import urljoin, urlsplit
 
 import pycurl
 
+from fastpull.content.store import BlobWriter, ContentStore
 from fastpull.engine.hashing import Hashers
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
 from fastpull.engine.planner import Tuner, is_straggler, next_request, put_back, request_chunks
 from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
 from fastpull.http.transport import USER_AGENT, configure_tls
-from fastpull.store import BlobWriter, ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class FetchEngine:
         """Fetch one blob into ``store`` unless it is there; the Future gives its path.
 
         ``on_open`` is called (from the engine's thread; keep it short) as soon as the blob can
-        be followed with :class:`fastpull.store.BlobReader`: when its ingest is opened here, or
+        be followed with :class:`fastpull.content.store.BlobReader`: when its ingest is opened here, or
         when it is found committed. It is not called if the fetch fails first.
 
         ``on_downloaded`` is called (from the engine's thread, before the Future is settled) if

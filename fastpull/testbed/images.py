@@ -32,7 +32,7 @@ import numpy as np
 import zstandard
 
 from fastpull.errors import AuthError, DigestMismatch, RegistryError
-from fastpull.manifest import Descriptor
+from fastpull.oci.manifest import Descriptor
 
 Platform = tuple[str, str, str | None]
 """(os, architecture, variant), e.g. ``("linux", "arm64", "v8")``."""

@@ -1,6 +1,6 @@
 """Streaming unpack: worker processes decompress and untar layers while they download.
 
-A worker opens the layer with :class:`fastpull.store.BlobReader`, which follows the blob's
+A worker opens the layer with :class:`fastpull.content.store.BlobReader`, which follows the blob's
 chunk watermark (sleeping on the bitmap's futex), so unpacking starts with the first chunk
 and runs alongside the download. The diffID (sha256 of the uncompressed tar) is computed on
 the way and checked; the caller makes the result visible only after both the blob's digest
@@ -30,10 +30,10 @@ from pathlib import Path
 
 from isal.igzip_lib import DECOMP_GZIP, IgzipDecompressor, IsalError
 
-from fastpull.archive import DEVICE_NODE, apply_layer
+from fastpull.content.store import BlobReader, ContentStore
 from fastpull.errors import DigestMismatch, FastpullError, MalformedArchive, ManifestError
-from fastpull.manifest import LAYER_COMPRESSION
-from fastpull.store import BlobReader, ContentStore
+from fastpull.oci.manifest import LAYER_COMPRESSION
+from fastpull.unpack.archive import DEVICE_NODE, apply_layer
 
 _READ_SIZE = 256 << 10
 """Compressed bytes per read of the blob, into one reused buffer."""
@@ -188,7 +188,7 @@ class Unpacker:
         if workers <= 0:
             raise ValueError("workers must be greater than zero")
         context = multiprocessing.get_context("forkserver")  # the parent runs threads: no plain fork
-        context.set_forkserver_preload(["fastpull.unpack"])
+        context.set_forkserver_preload(["fastpull.unpack.workers"])
         _start_forkserver()
         self.workers = workers
         self._lock = threading.Lock()

@@ -11,11 +11,10 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
-from fastpull.auth import Authenticator, Challenge, Credentials, load_docker_credentials, parse_www_authenticate
 from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError, TransferError
 from fastpull.http.policy import SSL_CONNECT_ERROR
 from fastpull.http.transport import Response, Transport
-from fastpull.manifest import (
+from fastpull.oci.manifest import (
     ACCEPT,
     MAX_MANIFEST_BYTES,
     Descriptor,
@@ -26,7 +25,14 @@ from fastpull.manifest import (
     parse_manifest,
     select_platform,
 )
-from fastpull.reference import DEFAULT_TAG, DOCKER_HUB, DOCKER_HUB_API_HOST, Reference
+from fastpull.oci.reference import DEFAULT_TAG, DOCKER_HUB, DOCKER_HUB_API_HOST, Reference
+from fastpull.registry.auth import (
+    Authenticator,
+    Challenge,
+    Credentials,
+    load_docker_credentials,
+    parse_www_authenticate,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ recreates the tar's entries under ``root``, in one of three whiteout modes:
 - ``"overlay"``: build a snapshot usable as an overlayfs lower dir, laid out like
   containerd's overlayfs snapshotter: ``dir/.wh.NAME`` becomes a 0/0 character device
   ``dir/NAME`` and ``dir/.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on ``dir``
-  (``user.overlay.opaque`` when unprivileged: see ``fastpull.rootfs``).
-- ``"keep"``: build one layer of a rootfs that ``fastpull.rootfs`` merges: whiteouts stay
+  (``user.overlay.opaque`` when unprivileged: see ``fastpull.unpack.rootfs``).
+- ``"keep"``: build one layer of a rootfs that ``fastpull.unpack.rootfs`` merges: whiteouts stay
   empty files with the tar's names, applied when the layers are merged.
 - ``"apply"``: apply the layer in place on a rootfs holding the layers below. Whiteouts
   remove what lower layers put there and keep what this layer writes, wherever the marker
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
-from fastpull.rootfs import (
+from fastpull.unpack.rootfs import (
     OPAQUE_MARKER,
     OVERLAY_XATTRS,
     ROOTLESS_XATTR,
@@ -110,7 +110,7 @@ def apply_layer(
     applied.
 
     Owners are set with CAP_CHOWN, else recorded in ``user.rootlesscontainers`` (see
-    ``fastpull.rootfs``); device nodes and xattrs this process may not create are skipped
+    ``fastpull.unpack.rootfs``); device nodes and xattrs this process may not create are skipped
     and counted in ``ApplyStats.skipped`` (``DEVICE_NODE`` for the nodes). Raises
     ``UnsafeArchive`` for a refused entry, ``MalformedArchive`` for a malformed one and
     ``UnpackError`` when the target filesystem fails.

@@ -8,7 +8,7 @@ Layout under ``root``::
 
 A snapshot is visible only once complete: a crashed unpack leaves a ``.tmp`` directory that
 the next writer of that ChainID removes. Snapshots built without privileges mark opaque
-directories with ``user.overlay.opaque`` (mount them with ``-o userxattr``; see ``fastpull.rootfs``).
+directories with ``user.overlay.opaque`` (mount them with ``-o userxattr``; see ``fastpull.unpack.rootfs``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastpull.content.store import acquire_key_lock, digest_hex
 from fastpull.errors import UnpackError
-from fastpull.rootfs import remove_tree
-from fastpull.store import acquire_key_lock, digest_hex
+from fastpull.unpack.rootfs import remove_tree
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:

@@ -13,9 +13,9 @@ import os
 import threading
 from pathlib import Path
 
+from fastpull.content.store import ContentStore
 from fastpull.errors import StoreError
-from fastpull.manifest import Descriptor
-from fastpull.store import ContentStore
+from fastpull.oci.manifest import Descriptor
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}

@@ -5,7 +5,7 @@ Layout under ``root`` (an OCI image layout directory can be the root)::
     blobs/sha256/<hex>               committed, verified content
     .fastpull/ingest/<hex>.lock      per-digest lock (flock) held by the one writer
     .fastpull/ingest/<hex>/data      the blob, preallocated, written at offsets
-    .fastpull/ingest/<hex>/bitmap    shared chunk bitmap (see fastpull.core.ChunkBitmap)
+    .fastpull/ingest/<hex>/bitmap    shared chunk bitmap (see fastpull.content.core.ChunkBitmap)
 
 The store knows nothing of HTTP. A writer is obtained under an exclusive per-digest
 ``flock`` (per open file, so it excludes threads of one process as well as other
@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from fastpull.core import ChunkBitmap, RangeSink, preallocate, start_writeback
+from fastpull.content.core import ChunkBitmap, RangeSink, preallocate, start_writeback
 from fastpull.errors import DigestMismatch, StoreError
 
 _DIGEST = re.compile(r"^sha256:([a-f0-9]{64})$")

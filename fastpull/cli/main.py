@@ -1,7 +1,7 @@
 """Command line: ``fastpull pull``, ``fastpull demo``, ``fastpull bench``.
 
 Start-up matters here: a node may start many ``fastpull pull`` processes at once, and an identical
-pull that is already in flight is joined (:mod:`fastpull.singleflight`) before the engine is even
+pull that is already in flight is joined (:mod:`fastpull.cli.singleflight`) before the engine is even
 imported. So this module imports the engine, the registry client and ``logging`` only where used.
 """
 
@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     import argparse
     from typing import NoReturn
 
+    from fastpull.cli.singleflight import Outcome
     from fastpull.engine import FetchOptions
     from fastpull.puller import PullResult
-    from fastpull.singleflight import Outcome
 
 MiB = 1 << 20
 PULL_LOCKS = os.path.join(".fastpull", "pulls")
@@ -120,7 +120,7 @@ def _platform(spec: str) -> str:
     """Check ``--platform`` (kept as text: it is part of a pull's key; see :func:`_pull_key`)."""
     import argparse
 
-    from fastpull.manifest import Platform
+    from fastpull.oci.manifest import Platform
 
     try:
         Platform.parse(spec)
@@ -154,7 +154,7 @@ def _pull_key(args: argparse.Namespace) -> str:
 def _cmd_pull(args: argparse.Namespace) -> int:
     """Pull, or join an identical pull already in flight (another process with the same command,
     layout and environment) and report its outcome."""
-    from fastpull.singleflight import run_once
+    from fastpull.cli.singleflight import run_once
 
     started = False
 
@@ -198,7 +198,7 @@ def _pull(args: argparse.Namespace) -> str:
 def _pull_and_report(args: argparse.Namespace, ref: str, layout: str, *, unpack_workers: int | None = None,
                      **unpack: str | None) -> str:
     """Pull ``ref`` with the fetch options in ``args``, a progress bar on a terminal; the report."""
-    from fastpull.manifest import Platform
+    from fastpull.oci.manifest import Platform
     from fastpull.puller import Puller
 
     with Puller(
@@ -267,7 +267,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bench", "bench_bed.py")
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "bench",
+                            "bench_bed.py")
 
 
 def _log_to_stderr(verbose: int) -> None:
