@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         UnsafeArchive,
     )
     from fastpull.puller import Puller, PullResult, pull
+    from fastpull.registry.client import RegistryClient
 
 _MODULES = {
     "fastpull.errors": ("AuthError", "DigestMismatch", "FastpullError", "InvalidReference", "MalformedArchive",
@@ -35,6 +36,7 @@ _MODULES = {
                         "UnpackError", "UnsafeArchive"),
     "fastpull.engine": ("FetchEngine", "FetchOptions"),
     "fastpull.puller": ("PullResult", "Puller", "pull"),
+    "fastpull.registry.client": ("RegistryClient",),
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -50,6 +52,7 @@ __all__ = [
     "PlatformNotFound",
     "PullResult",
     "Puller",
+    "RegistryClient",
     "RegistryError",
     "StoreError",
     "TransferError",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from fastpull.content.layout import ImageLayout
 from fastpull.content.store import ContentStore
+from fastpull.digests import check_digest
 from fastpull.engine import FetchEngine, FetchOptions
 from fastpull.errors import ManifestError, PlatformNotFound, UnpackError
 from fastpull.oci.manifest import (
@@ -28,7 +29,7 @@ from fastpull.oci.manifest import (
     ImageManifest,
     Platform,
 )
-from fastpull.oci.reference import Reference, check_digest, parse_reference
+from fastpull.oci.reference import Reference, parse_reference
 from fastpull.registry.client import RegistryClient, Resolved
 from fastpull.unpack.rootfs import assemble, inherit_implied, remove_tree
 from fastpull.unpack.snapshots import Snapshotter, SnapshotWriter, chain_ids

@@ -1,6 +1,6 @@
 """The package's layers import one way (as go-containerregistry checks its own):
 
-    errors, _core/_pycore              used by all
+    errors, digests, _core/_pycore     used by all
     oci         -> (nothing of ours)   references, descriptors, manifests, platforms: pure data
     http        -> (nothing of ours)   transport and the HTTP policy; no OCI
     registry    -> oci, http           credentials, tokens, the registry client
@@ -21,7 +21,7 @@ from pathlib import Path
 import fastpull
 
 PACKAGE = Path(fastpull.__file__).parent
-COMMON = {"fastpull", "fastpull.errors", "fastpull._core", "fastpull._pycore"}
+COMMON = {"fastpull", "fastpull.errors", "fastpull.digests", "fastpull._core", "fastpull._pycore"}
 ALLOWED = {
     "oci": {"oci"},
     "http": {"http"},
@@ -33,7 +33,8 @@ ALLOWED = {
     "cli": {"cli", "puller", "oci", "engine", "testbed"},
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }
-TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "_pycore": "common", "puller": "puller"}
+TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "digests": "common", "_pycore": "common",
+       "puller": "puller"}
 OCI_FREE = ("http/*.py", "engine/*.py", "content/store.py", "content/core.py")  # no manifests, no references
 
 

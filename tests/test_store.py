@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from fastpull.content.store import ContentStore, digest_hex
+from fastpull.content.store import ContentStore
+from fastpull.digests import digest_hex
 from fastpull.errors import DigestMismatch
 
 

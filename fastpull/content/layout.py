@@ -59,10 +59,10 @@ class ImageLayout:
             os.close(lock_fd)
 
     def resolve(self, ref_name: str) -> Descriptor | None:
-        """The descriptor ``ref_name`` points at, if any."""
+        """The descriptor ``ref_name`` points at, if any; ManifestError if its entry is malformed."""
         for m in self.index().get("manifests", []):
             if m.get("annotations", {}).get(REF_NAME) == ref_name:
-                return Descriptor.from_dict(m)
+                return Descriptor.from_dict(m, f"{self.root / 'index.json'} entry {ref_name!r}")
         return None
 
     @staticmethod

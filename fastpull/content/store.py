@@ -20,24 +20,15 @@ import fcntl
 import hashlib
 import io
 import os
-import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from fastpull.content.core import ChunkBitmap, RangeSink, preallocate, start_writeback
+from fastpull.digests import digest_hex
 from fastpull.errors import DigestMismatch, StoreError
 
-_DIGEST = re.compile(r"^sha256:([a-f0-9]{64})$")
 _HASH_BLOCK = 1 << 20
-
-
-def digest_hex(digest: str) -> str:
-    """The hex part of a ``sha256:<hex>`` digest; ValueError for anything else."""
-    m = _DIGEST.match(digest)
-    if not m:
-        raise ValueError(f"unsupported digest {digest!r} (want sha256:<64 hex>)")
-    return m.group(1)
 
 
 _thread_buffers = threading.local()

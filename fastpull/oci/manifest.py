@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpull.digests import check_digest
 from fastpull.errors import ManifestError, PlatformNotFound
-from fastpull.oci.reference import check_digest
 
 MAX_MANIFEST_BYTES = 4 << 20
 """Largest manifest or index body fastpull accepts (the limit distribution and containerd use)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fastpull.digests import check_digest
 from fastpull.errors import InvalidReference
 
 DOCKER_HUB = "docker.io"
@@ -20,14 +21,10 @@ MAX_NAME_LENGTH = 255
 _LEGACY_HUB = "index.docker.io"
 _OFFICIAL_NAMESPACE = "library"
 
-DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-"""The only digest form fastpull accepts (matched with ``fullmatch``)."""
-
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST_RE = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::(?P<port>[0-9]+))?")
 _PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG_RE = re.compile(r"\w[\w.-]{0,127}")
-_DIGEST_FORM_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
 _IMAGE_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -57,18 +54,6 @@ class Reference:
         if self.digest is not None:
             s += f"@{self.digest}"
         return s
-
-
-def check_digest(digest: str) -> str | None:
-    """Return why ``digest`` is not a ``sha256:<64 lowercase hex>`` digest, or None if it is."""
-    if DIGEST_RE.fullmatch(digest):
-        return None
-    algorithm, _, encoded = digest.partition(":")
-    if algorithm == "sha256":
-        return f"a sha256 digest needs 64 lowercase hex characters, got {encoded!r}"
-    if _DIGEST_FORM_RE.fullmatch(digest):
-        return f"unsupported digest algorithm {algorithm!r} (only sha256)"
-    return f"malformed digest {digest!r}"
 
 
 def parse_reference(s: str) -> Reference:

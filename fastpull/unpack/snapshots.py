@@ -19,7 +19,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastpull.content.store import acquire_key_lock, digest_hex
+from fastpull.content.store import acquire_key_lock
+from fastpull.digests import digest_hex
 from fastpull.errors import UnpackError
 from fastpull.unpack.rootfs import remove_tree
 
