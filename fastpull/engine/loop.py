@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -37,6 +37,7 @@ from fastpull.content.store import BlobWriter, ContentStore
 from fastpull.engine.hashing import Hashers
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
 from fastpull.engine.planner import Tuner, is_straggler, next_request, put_back, request_chunks
+from fastpull.engine.transfers import BlobFetch, Transfer
 from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
 from fastpull.http.transport import USER_AGENT, configure_tls
@@ -64,7 +65,7 @@ class _Fetch:
 class _Locked:
     """A side thread's wait for another writer's per-digest lock ended."""
 
-    blob: _Blob
+    blob: BlobFetch
     writer: BlobWriter | None
     error: BaseException | None
 
@@ -73,105 +74,13 @@ class _Locked:
 class _Committed:
     """A hasher thread verified and committed a blob (or failed to)."""
 
-    blob: _Blob
+    blob: BlobFetch
     result: Path | BaseException
 
 
 @dataclass(frozen=True)
 class _Stop:
     pass
-
-
-# ---- state of blobs and transfers (the loop thread's only) ----------------------------------------
-
-
-@dataclass(eq=False)
-class _Blob:
-    store: ContentStore
-    source: BlobSource
-    digest: str
-    size: int
-    futures: list[Future] = field(default_factory=list)
-    openers: list = field(default_factory=list)  # on_open callbacks not yet called
-    streamed: bool = False  # someone reads it while it downloads (on_open): favour its head
-    on_downloaded: Callable[[], None] | None = None  # of the request that created it
-    writer: BlobWriter | None = None
-    url: str = ""
-    registry_netloc: str = ""
-    auth: str | None = None
-    mode: str = "probe"  # probe: first transfer tells Range support; then "ranged" or "single"
-    pending: list = field(default_factory=list)  # chunk indices to fetch, sorted
-    resume_at: dict = field(default_factory=dict)  # chunk index -> first byte not yet written
-    tries: dict = field(default_factory=dict)  # first chunk of a request -> failed tries
-    transfers: set = field(default_factory=set)
-    redirects: int = 0
-    reauthentications: int = 0
-    resolutions: int = 0  # fresh redirects in a row since the redirect target last worked
-    hashed_watermark: int = 0
-    committing: bool = False
-    finished_rates: deque = field(default_factory=lambda: deque(maxlen=16))  # B/s of finished chunks
-
-    def headers(self, extra: list[str]) -> list[str]:
-        # The registry's credentials never go to a redirect target on another host.
-        if self.auth and urlsplit(self.url).netloc == self.registry_netloc:
-            return extra + [f"Authorization: {self.auth}"]
-        return extra
-
-
-@dataclass(eq=False)
-class _Transfer:
-    blob: _Blob
-    chunks: range | None  # bitmap chunks this request covers; None: the whole blob in one stream
-    start: int
-    end: int
-    curl: pycurl.Curl
-    sink: object
-    started: float
-    url: str
-    status: int = 0
-    headers: dict = field(default_factory=dict)
-    window_bytes: int = 0
-    rate: float = 0.0
-    http2: bool = False
-
-    def on_header(self, line: bytes) -> None:
-        text = line.decode("latin-1").strip()
-        if text.startswith("HTTP/"):
-            self.http2 = text.startswith("HTTP/2")
-            parts = text.split()
-            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-            self.headers = {}
-        elif ":" in text:
-            name, _, value = text.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        elif not text:
-            self._arm_if_body_is_ours()
-
-    def _arm_if_body_is_ours(self) -> None:
-        """At the end of the headers: decide whether the body is blob bytes for our range."""
-        blob = self.blob
-        if self.status == 206 and self.chunks is not None:
-            if _content_range_start(self.headers.get("content-range")) == self.start:
-                self.sink.arm()
-                if blob.mode == "probe":  # Range works: the other requests start now, not after this one
-                    blob.mode = "ranged"
-        elif self.status == 200 and (self.chunks is None or blob.mode == "probe"):
-            # Whole body from offset 0: asked so, or the server ignored our Range.
-            if self.chunks is not None:
-                log.info("%s ignores Range requests: fetching %s in one stream", blob.url, blob.digest)
-                blob.mode = "single"
-                self.chunks = None
-            self.start, self.end = 0, blob.size
-            self.sink.rebase(0, blob.size, 0)
-            self.sink.arm()
-
-
-def _content_range_start(value: str | None) -> int | None:
-    # "bytes 100-199/1000"
-    if not value or not value.startswith("bytes "):
-        return None
-    first = value[6:].split("-", 1)[0].strip()
-    return int(first) if first.isdigit() else None
 
 
 def _call_safely(callback: Callable[[], None]) -> None:
@@ -275,10 +184,10 @@ class FetchEngine:
         self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
         self._fds: dict[int, int] = {}
         self._deadline: float | None = None
-        self._blobs: dict[tuple[str, str], _Blob] = {}
-        self._active: list[_Blob] = []
-        self._queued: deque[_Blob] = deque()
-        self._transfers: dict[pycurl.Curl, _Transfer] = {}
+        self._blobs: dict[tuple[str, str], BlobFetch] = {}
+        self._active: list[BlobFetch] = []
+        self._queued: deque[BlobFetch] = deque()
+        self._transfers: dict[pycurl.Curl, Transfer] = {}
         self._free_curls: list[pycurl.Curl] = []
         self._retry_heap: list = []
         self._seq = itertools.count()
@@ -402,7 +311,7 @@ class FetchEngine:
             future.set_result(store.blob_path(digest))
             return
         url = source.blob_url(digest)
-        blob = _Blob(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc,
+        blob = BlobFetch(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc,
                      streamed=on_open is not None, on_downloaded=on_downloaded)
         if on_open is not None:
             blob.openers.append(on_open)
@@ -427,7 +336,7 @@ class FetchEngine:
             else:
                 self._start_blob(blob, writer)
 
-    def _wait_for_lock(self, blob: _Blob) -> None:
+    def _wait_for_lock(self, blob: BlobFetch) -> None:
         try:
             writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=True)
         except BaseException as exc:
@@ -435,7 +344,7 @@ class FetchEngine:
         else:
             self._post(_Locked(blob, writer, None))
 
-    def _on_locked(self, blob: _Blob, writer: BlobWriter | None, exc: BaseException | None) -> None:
+    def _on_locked(self, blob: BlobFetch, writer: BlobWriter | None, exc: BaseException | None) -> None:
         if exc is not None:
             self._finish(blob, exc)
         elif writer is None:
@@ -447,12 +356,12 @@ class FetchEngine:
             # The other writer died: resume its partial download (front of the queue).
             self._start_blob(blob, writer)
 
-    def _call_openers(self, blob: _Blob) -> None:
+    def _call_openers(self, blob: BlobFetch) -> None:
         openers, blob.openers = blob.openers, []
         for on_open in openers:
             _call_safely(on_open)
 
-    def _start_blob(self, blob: _Blob, writer: BlobWriter) -> None:
+    def _start_blob(self, blob: BlobFetch, writer: BlobWriter) -> None:
         blob.writer = writer
         self._call_openers(blob)
         blob.auth = blob.source.authorization()
@@ -462,7 +371,7 @@ class FetchEngine:
         if not blob.pending:
             self._maybe_commit(blob)
 
-    def _finish(self, blob: _Blob, result: Path | BaseException) -> None:
+    def _finish(self, blob: BlobFetch, result: Path | BaseException) -> None:
         """Settle every future of a blob and forget it; releases the writer unless committed."""
         for t in list(blob.transfers):
             self._cancel(t)
@@ -540,7 +449,7 @@ class FetchEngine:
             if budget <= 0:
                 return
 
-    def _start_transfer(self, blob: _Blob) -> None:
+    def _start_transfer(self, blob: BlobFetch) -> None:
         opts = self.options
         writer = blob.writer
         if blob.mode == "single":
@@ -557,7 +466,7 @@ class FetchEngine:
             start = blob.resume_at.pop(chunks[0], valid_from)
         sink = writer.sink(start, end, valid_from)
         c = self._free_curls.pop() if self._free_curls else pycurl.Curl()
-        transfer = _Transfer(blob, chunks, start, end, c, sink, time.monotonic(), blob.url)
+        transfer = Transfer(blob, chunks, start, end, c, sink, time.monotonic(), blob.url)
         ranged = chunks is not None
         extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
         c.setopt(pycurl.URL, blob.url)
@@ -582,7 +491,7 @@ class FetchEngine:
         self.stats.requests += 1
         self._multi.add_handle(c)
 
-    def _release(self, transfer: _Transfer) -> None:
+    def _release(self, transfer: Transfer) -> None:
         c = transfer.curl
         self._multi.remove_handle(c)
         self._transfers.pop(c, None)
@@ -592,13 +501,13 @@ class FetchEngine:
         c.reset()
         self._free_curls.append(c)
 
-    def _cancel(self, transfer: _Transfer) -> None:
+    def _cancel(self, transfer: Transfer) -> None:
         """Drop a transfer; its chunks go back to the queue, resuming from the bytes written."""
         self._release(transfer)
         if transfer.blob.writer is not None:
             put_back(transfer.blob.pending, self._unfinished(transfer))
 
-    def _unfinished(self, t: _Transfer) -> list[int]:
+    def _unfinished(self, t: Transfer) -> list[int]:
         """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote."""
         if t.chunks is None:
             return [0]  # one stream restarts from 0: a server that ignores Range cannot resume
@@ -618,7 +527,7 @@ class FetchEngine:
             if not queued:
                 return
 
-    def _on_done(self, t: _Transfer, curl_code: int, message: str) -> None:
+    def _on_done(self, t: Transfer, curl_code: int, message: str) -> None:
         blob = t.blob
         self._release(t)
         self._tuner.multiplexed |= t.http2
@@ -671,14 +580,14 @@ class FetchEngine:
             case Action.FAIL:
                 self._finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body))
 
-    def _requeue(self, t: _Transfer, delay: float) -> None:
+    def _requeue(self, t: Transfer, delay: float) -> None:
         chunks = self._unfinished(t)
         if delay <= 0:
             put_back(t.blob.pending, chunks)
         else:
             heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), t.blob, chunks))
 
-    def _on_chunk_done(self, blob: _Blob) -> None:
+    def _on_chunk_done(self, blob: BlobFetch) -> None:
         watermark = blob.writer.bitmap.watermark()
         if blob.writer.bitmap.complete():
             self._maybe_commit(blob)
@@ -686,13 +595,13 @@ class FetchEngine:
             blob.hashed_watermark = watermark
             self._hashers.advance(blob.writer)
 
-    def _maybe_commit(self, blob: _Blob) -> None:
+    def _maybe_commit(self, blob: BlobFetch) -> None:
         if blob.committing or blob.transfers or not blob.writer.bitmap.complete():
             return
         blob.committing = True
         self._hashers.commit(blob, blob.digest, blob.writer)
 
-    def _on_committed(self, blob: _Blob, result: Path | BaseException) -> None:
+    def _on_committed(self, blob: BlobFetch, result: Path | BaseException) -> None:
         blob.committing = False
         blob.writer = None  # commit() closed it, whatever the outcome
         if not isinstance(result, BaseException):
