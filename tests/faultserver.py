@@ -2,8 +2,9 @@
 
 ``FaultRegistry`` serves manifests and blobs held in memory or on disk over HTTP/1.1 keep-alive
 on 127.0.0.x, and lets a test make any single digest misbehave: ignore Range, corrupt bytes, fail,
-reset mid-body, trickle, stall, redirect to another host, or demand a bearer token. Every request
-is logged so a test can check what a client asked for and what it got.
+reset or close mid-body, lie about Content-Length, trickle, stall, redirect to another host, or
+demand a bearer token (and let it expire mid-blob). Every request is logged so a test can check
+what a client asked for and what it got.
 
 Blobs are served under every repository name. Faults are set per digest (a manifest's digest
 works too), apply to requests that start after they are set, and stay until cleared;
@@ -59,6 +60,8 @@ class Served:
     authorization: bool
     client_port: int
     digest: str | None
+    arrived: float = 0.0
+    """``time.monotonic()`` when the request was answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +105,17 @@ class _Faults:
 
     ignore_range: bool = False
     corrupt: bool = False
+    corrupt_at: int | None = None
+    corrupt_left: int | None = None
     fail_left: int = 0
     fail_status: int = 503
     retry_after: int | str | None = None
-    reset_left: int = 0
-    reset_after: int | None = None
+    cut_left: int = 0
+    cut_after: int | None = None
+    cut_reset: bool = True
+    length_delta: int = 0
+    length_left: int | None = None
+    expire_token_in: int | None = None
     slow_rate: float | None = None
     slow_starts: frozenset[int] | None = None
     stall_bytes: int | None = None
@@ -123,8 +132,9 @@ class _Plan:
     fail: tuple[int, int | str | None] | None = None
     ignore_range: bool = False
     corrupt: bool = False
-    reset_after: int | None = None
-    reset: bool = False
+    cut_after: int | None = None
+    cut: Literal["reset", "close"] | None = None
+    length_delta: int = 0
     stall_after: int | None = None
     slow_rate: float | None = None
     slow_starts: frozenset[int] | None = None
@@ -262,24 +272,29 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
         else:
             start, end, status = 0, content.size, 200
-        record = self._begin(status, headers, end - start, content.digest)
+        record = self._begin(status, headers, max(0, end - start + plan.length_delta), content.digest)
         if self.command == "HEAD":
             return
         cut = end
-        if plan.reset:
-            cut = start + (plan.reset_after if plan.reset_after is not None else (end - start) // 2)
+        if plan.cut is not None:
+            cut = start + (plan.cut_after if plan.cut_after is not None else (end - start) // 2)
         elif plan.stall_after is not None:
             cut = start + plan.stall_after
         cut = min(cut, end)
         slowed = plan.slow_starts is None or start in plan.slow_starts
-        self._stream(record, content, start, cut, plan.corrupt, plan.slow_rate if slowed else None)
-        if plan.reset:
+        flip = reg._take_corruption(content.digest, start, cut)
+        self._stream(record, content, start, cut, plan.corrupt, flip, plan.slow_rate if slowed else None)
+        if plan.cut == "reset":
             self._reset()
         elif plan.stall_after is not None:
             self._hang()
+        elif plan.cut is not None or plan.length_delta:
+            self.close_connection = True  # an orderly close (FIN) where the client expects more, or after extra bytes
 
-    def _stream(self, record: Served, content: _Content, start: int, end: int, corrupt: bool, rate: float | None) -> None:
-        """Write ``[start, end)`` of ``content``, paced to ``rate`` bytes/s if given."""
+    def _stream(
+        self, record: Served, content: _Content, start: int, end: int, corrupt: bool, flip: int | None, rate: float | None
+    ) -> None:
+        """Write ``[start, end)`` of ``content`` (the byte at blob offset ``flip`` inverted), paced to ``rate`` bytes/s if given."""
         stopping = self.server.registry._stopping
         step = CHUNK if rate is None else max(1, min(CHUNK, int(rate / 50)))
         began = time.monotonic()
@@ -287,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
         for piece in content.read(start, end):
             if corrupt:
                 piece = _corrupted(piece, pos)
+            if flip is not None and pos <= flip < pos + len(piece):
+                piece = piece[: flip - pos] + bytes([piece[flip - pos] ^ 0xFF]) + piece[flip - pos + 1 :]
             for i in range(0, len(piece), step):
                 if rate is not None and stopping.wait(max(0.0, began + record.bytes_sent / rate - time.monotonic())):
                     raise ConnectionAbortedError("registry stopping")
@@ -304,6 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
             authorization="Authorization" in self.headers,
             client_port=self.client_address[1],
             digest=digest,
+            arrived=time.monotonic(),
         )
         self.server.registry._log_request(record)
         self.send_response(status)
@@ -442,10 +460,20 @@ class FaultRegistry:
         with self._lock:
             self._knobs(digest).ignore_range = on
 
-    def corrupt(self, digest: str, on: bool = True) -> None:
-        """Serve the digest's bytes with every byte at an offset multiple of ``CORRUPT_STRIDE`` inverted."""
+    def corrupt(self, digest: str, on: bool = True, *, offset: int | None = None, first: int | None = None) -> None:
+        """Serve the digest's bytes with every byte at an offset multiple of ``CORRUPT_STRIDE`` inverted.
+
+        With ``offset``, only the byte at that blob offset is inverted, in every response that
+        carries it or in the next ``first`` of them.
+        """
+        if (offset is not None and offset < 0) or (first is not None and (first < 0 or offset is None)):
+            raise ValueError(f"corrupt needs offset >= 0 and first >= 0 (with an offset), got {offset}, {first}")
         with self._lock:
-            self._knobs(digest).corrupt = on
+            knobs = self._knobs(digest)
+            if offset is None:
+                knobs.corrupt = on
+            else:
+                knobs.corrupt_at, knobs.corrupt_left = (offset, first) if on else (None, None)
 
     def fail_first(self, digest: str, n: int, status: int = 503, retry_after: int | str | None = None) -> None:
         """Answer the next ``n`` requests (GET or HEAD) with ``status``, a JSON error and ``Retry-After`` if given."""
@@ -457,11 +485,29 @@ class FaultRegistry:
 
     def reset_first(self, digest: str, n: int, after: int | None = None) -> None:
         """Make the next ``n`` GETs send ``after`` body bytes (default half) and then reset the connection (RST)."""
+        self._cut_first(digest, n, after, reset=True)
+
+    def truncate_first(self, digest: str, n: int, after: int | None = None) -> None:
+        """Make the next ``n`` GETs send ``after`` body bytes (default half) and then close the
+        connection in order (FIN): a body shorter than its Content-Length."""
+        self._cut_first(digest, n, after, reset=False)
+
+    def _cut_first(self, digest: str, n: int, after: int | None, *, reset: bool) -> None:
         if n < 0 or (after is not None and after < 0):
-            raise ValueError(f"reset_first needs n >= 0 and after >= 0, got n={n}, after={after}")
+            raise ValueError(f"cutting a body needs n >= 0 and after >= 0, got n={n}, after={after}")
         with self._lock:
             knobs = self._knobs(digest)
-            knobs.reset_left, knobs.reset_after = n, after
+            knobs.cut_left, knobs.cut_after, knobs.cut_reset = n, after, reset
+
+    def wrong_length(self, digest: str, delta: int, first: int | None = None) -> None:
+        """Send ``Content-Length`` off by ``delta`` with the true body, on every GET or the next
+        ``first``: the connection then closes (too long: the client waits for bytes that never come;
+        too short: the bytes past it are garbage to a keep-alive client). ``delta=0`` lifts it."""
+        if first is not None and first < 0:
+            raise ValueError(f"wrong_length needs first >= 0, got {first}")
+        with self._lock:
+            knobs = self._knobs(digest)
+            knobs.length_delta, knobs.length_left = delta, first
 
     def slow(self, digest: str, rate_bytes_per_s: float | None, ranges: Iterable[int] | None = None) -> None:
         """Pace GET bodies to ``rate_bytes_per_s`` (``None`` lifts it), only for responses starting at offsets in ``ranges`` if given."""
@@ -525,6 +571,16 @@ class FaultRegistry:
             if self._token_base is None:
                 raise ValueError("expire_token needs require_bearer first")
             self._token_generation += 1
+
+    def expire_token_after(self, digest: str, n: int) -> None:
+        """Invalidate the current token as the ``n``-th GET of ``digest`` from now is answered
+        (that GET is served; the requests after it are refused until a fresh token is fetched)."""
+        if n < 1:
+            raise ValueError(f"expire_token_after needs n >= 1, got {n}")
+        with self._lock:
+            if self._token_base is None:
+                raise ValueError("expire_token_after needs require_bearer first")
+            self._knobs(digest).expire_token_in = n
 
     @property
     def token(self) -> str | None:
@@ -609,23 +665,42 @@ class FaultRegistry:
             if k.fail_left:
                 k.fail_left -= 1
                 return _Plan(fail=(k.fail_status, k.retry_after))
-            reset = get and k.reset_left > 0
-            if reset:
-                k.reset_left -= 1
+            if get and k.expire_token_in is not None:
+                k.expire_token_in -= 1
+                if k.expire_token_in == 0:
+                    k.expire_token_in = None
+                    self._token_generation += 1
+            cut = get and k.cut_left > 0
+            if cut:
+                k.cut_left -= 1
             stall = None
-            if get and not reset and k.stall_bytes is not None and k.stall_left != 0:
+            if get and not cut and k.stall_bytes is not None and k.stall_left != 0:
                 stall = k.stall_bytes
                 if k.stall_left is not None:
                     k.stall_left -= 1
+            delta = k.length_delta if get and k.length_left != 0 else 0
+            if delta and k.length_left is not None:
+                k.length_left -= 1
             return _Plan(
                 ignore_range=k.ignore_range,
                 corrupt=k.corrupt,
-                reset=reset,
-                reset_after=k.reset_after,
+                cut=("reset" if k.cut_reset else "close") if cut else None,
+                cut_after=k.cut_after,
+                length_delta=delta,
                 stall_after=stall,
                 slow_rate=k.slow_rate,
                 slow_starts=k.slow_starts,
             )
+
+    def _take_corruption(self, digest: str, start: int, end: int) -> int | None:
+        """The blob offset to invert in a response carrying ``[start, end)``, consuming a use."""
+        with self._lock:
+            k = self._faults.get(digest)
+            if k is None or k.corrupt_at is None or not start <= k.corrupt_at < end or k.corrupt_left == 0:
+                return None
+            if k.corrupt_left is not None:
+                k.corrupt_left -= 1
+            return k.corrupt_at
 
     def _take_signature(self, query: str) -> bool:
         """Whether a blob request with ``query`` may be served: always, unless signatures are

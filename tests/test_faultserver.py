@@ -195,6 +195,51 @@ def test_reset_first_closes_mid_body(reg: FaultRegistry) -> None:
     assert [r.bytes_sent for r in reg.requests_for(digest)] == [70_000, len(DATA) - 71_000]
 
 
+def test_truncate_first_closes_in_order_mid_body(reg: FaultRegistry) -> None:
+    digest = reg.add_blob(DATA)
+    reg.truncate_first(digest, 1, after=70_000)
+    url = f"{reg.url}/v2/r/blobs/{digest}"
+    first = curl(url, byte_range="1000-")
+    assert (first.status, first.error, first.body) == (206, pycurl.E_PARTIAL_FILE, DATA[1000:71_000])  # a clean EOF
+    assert curl(url).body == DATA
+
+
+@pytest.mark.parametrize("delta", [100, -100])
+def test_wrong_length_sends_the_true_body_then_closes(reg: FaultRegistry, delta: int) -> None:
+    digest = reg.add_blob(DATA)
+    reg.wrong_length(digest, delta, first=1)
+    host, port = reg.host.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(f"GET /v2/r/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        reply = b""
+        while piece := sock.recv(65536):  # until the server closes
+            reply += piece
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(DATA) + delta}".encode() in head and body == DATA
+    assert curl(f"{reg.url}/v2/r/blobs/{digest}").body == DATA  # only the first GET lies
+
+
+def test_corrupt_one_offset_in_the_first_responses_that_carry_it(reg: FaultRegistry) -> None:
+    digest = reg.add_blob(DATA)
+    reg.corrupt(digest, offset=150_000, first=1)
+    url = f"{reg.url}/v2/r/blobs/{digest}"
+    assert curl(url, byte_range="0-99999").body == DATA[:100_000]  # does not carry it: not counted
+    body = curl(url, byte_range="100000-").body
+    assert [i for i in range(len(body)) if body[i] != DATA[100_000 + i]] == [50_000]
+    assert curl(url).body == DATA
+
+
+def test_expire_token_after_the_nth_get(reg: FaultRegistry) -> None:
+    digest = reg.add_blob(DATA)
+    reg.require_bearer("t0")
+    reg.expire_token_after(digest, 2)
+    path = f"/v2/r/blobs/{digest}"
+    with connect(reg) as conn:
+        statuses = [get(conn, path, Authorization="Bearer t0")[0].status for _ in range(3)]
+    assert statuses == [200, 200, 401] and reg.token not in (None, "t0")
+    assert [r.arrived for r in reg.log] == sorted(r.arrived for r in reg.log) and reg.log[0].arrived > 0
+
+
 def test_redirect_drops_auth_on_other_host(reg: FaultRegistry) -> None:
     digest = reg.add_blob(DATA)
     reg.require_bearer("secret")
