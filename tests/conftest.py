@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import faultmatrix
 import pytest
 
 if shutil.which("docker-registry") is None:  # pragma: no cover - a set-up problem, said plainly
@@ -79,3 +83,61 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Callable[[str], None]]:
+    """A tmpfs of ``size`` (``mount -o size=``) mounted on a new directory ``path``; yields a
+    function that resizes it. Skips the test, saying why, where mounting is not allowed."""
+    path.mkdir()
+    tried = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+    if tried.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs CAP_SYS_ADMIN): {tried.stderr.strip()}")
+
+    def resize(new_size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+
+    try:
+        yield resize
+    finally:
+        # Not lazily: a file still open on it (a leak) fails the test, and then it is detached.
+        busy = subprocess.run(["umount", str(path)], capture_output=True, text=True)
+        if busy.returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+            raise AssertionError(f"{path} could not be unmounted: {busy.stderr.strip()}")
+
+
+# ---- the fault matrix's table (tests/faultmatrix.py) --------------------------------------------
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault_cell(fault, phase): a cell of the fault matrix (tests/faultmatrix.py)")
+    config.stash[_CELL_OUTCOMES] = {}
+
+
+_CELL_OUTCOMES = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    marker = item.get_closest_marker("fault_cell")
+    if marker is not None and (report.when == "call" or report.outcome != "passed"):
+        outcomes = item.config.stash[_CELL_OUTCOMES]
+        if report.failed:
+            outcomes[marker.args] = None
+        elif hasattr(report, "wasxfail"):
+            outcomes[marker.args] = f"xfail: {report.wasxfail.removeprefix('reason: ')}"
+        elif report.passed:
+            outcomes[marker.args] = dict(item.user_properties).get("fault_outcome", "passed")
+    return report
+
+
+def pytest_sessionfinish(session):
+    """Write docs/faults.md when every cell of the matrix ran and none failed."""
+    outcomes = session.config.stash.get(_CELL_OUTCOMES, {})
+    if set(outcomes) == set(faultmatrix.cells()) and None not in outcomes.values():
+        text = faultmatrix.render(outcomes)
+        if not faultmatrix.DOC.exists() or faultmatrix.DOC.read_text() != text:
+            faultmatrix.DOC.parent.mkdir(exist_ok=True)
+            faultmatrix.DOC.write_text(text)

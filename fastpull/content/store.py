@@ -159,6 +159,8 @@ class BlobWriter:
         self.hashed = 0
         self._hash_lock = threading.Lock()
         self._closed = False
+        self.bitmap: ChunkBitmap | None = None
+        self.fd = -1
         try:
             self.dir.mkdir(exist_ok=True)
             self.bitmap = self._open_bitmap(chunk_size)
@@ -166,7 +168,11 @@ class BlobWriter:
             if os.fstat(self.fd).st_size != size or self.bitmap.count() == 0:
                 preallocate(self.fd, size)
                 os.ftruncate(self.fd, size)
-        except OSError as e:
+        except OSError as e:  # e.g. ENOSPC preallocating: release what was opened (the caller closes the lock)
+            if self.fd >= 0:
+                os.close(self.fd)
+            if self.bitmap is not None:
+                self.bitmap.close()
             raise StoreError(str(self.dir), e.strerror or str(e)) from e
         self.resumed_bytes = self._finished_bytes()
         self.bitmap.set_abandoned(False)  # followers of an earlier, dead writer carry on with us

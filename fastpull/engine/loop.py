@@ -38,7 +38,7 @@ from fastpull.engine.hashing import Hashers
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
 from fastpull.engine.planner import Tuner, is_straggler, next_request, put_back, request_chunks
 from fastpull.engine.transfers import BlobFetch, Transfer
-from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
+from fastpull.errors import DigestMismatch, FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
 from fastpull.http.transport import USER_AGENT, configure_tls
 
@@ -466,7 +466,7 @@ class FetchEngine:
             start = blob.resume_at.pop(chunks[0], valid_from)
         sink = writer.sink(start, end, valid_from)
         c = self._free_curls.pop() if self._free_curls else pycurl.Curl()
-        transfer = Transfer(blob, chunks, start, end, c, sink, time.monotonic(), blob.url)
+        transfer = Transfer(blob, chunks, start, end, c, sink, time.monotonic(), blob.url, blob.auth)
         ranged = chunks is not None
         extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
         c.setopt(pycurl.URL, blob.url)
@@ -520,10 +520,13 @@ class FetchEngine:
     def _reap(self) -> None:
         while True:
             queued, ok, failed = self._multi.info_read()
+            # A transfer settled earlier in this batch may have failed its blob and released the rest.
             for c in ok:
-                self._on_done(self._transfers[c], 0, "")
+                if c in self._transfers:
+                    self._on_done(self._transfers[c], 0, "")
             for c, code, message in failed:
-                self._on_done(self._transfers[c], code, message)
+                if c in self._transfers:
+                    self._on_done(self._transfers[c], code, message)
             if not queued:
                 return
 
@@ -535,6 +538,9 @@ class FetchEngine:
             return
         if t.sink.error is not None:
             self._finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
+            return
+        if curl_code == 0 and t.status == 401 and t.auth != blob.auth:
+            self._requeue(t, delay=0)  # sent before another transfer of the blob renewed the token
             return
         key = t.chunks[0] if t.chunks is not None else "single"
         elsewhere = urlsplit(t.url).netloc != blob.registry_netloc
@@ -548,6 +554,7 @@ class FetchEngine:
             case Action.DONE:
                 blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
                 blob.resolutions = 0  # its redirect target works
+                blob.reauthentications = 0  # and its token: a later expiry may be renewed again
                 self._on_chunk_done(blob)
             case Action.FOLLOW:
                 blob.redirects += 1
@@ -604,6 +611,15 @@ class FetchEngine:
     def _on_committed(self, blob: BlobFetch, result: Path | BaseException) -> None:
         blob.committing = False
         blob.writer = None  # commit() closed it, whatever the outcome
+        if isinstance(result, DigestMismatch) and not blob.refetched and not blob.streamed and self._running:
+            # A byte flipped on the way (a proxy, a NIC) costs one more download, not the pull; the
+            # same mismatch twice is the registry's copy. commit() discarded the ingest. A blob read
+            # as it landed is not fetched again: its reader has consumed the bad bytes.
+            log.warning("%s failed its digest check: fetching it once more from scratch", blob.digest)
+            blob.refetched, blob.hashed_watermark = True, 0
+            self._active.remove(blob)
+            self._queued.appendleft(blob)
+            return
         if not isinstance(result, BaseException):
             self.stats.blobs_fetched += 1
             if blob.on_downloaded is not None:

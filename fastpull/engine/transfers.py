@@ -44,6 +44,7 @@ class BlobFetch:
     resolutions: int = 0  # fresh redirects in a row since the redirect target last worked
     hashed_watermark: int = 0
     committing: bool = False
+    refetched: bool = False  # failed its digest once and was fetched again from scratch
     finished_rates: deque = field(default_factory=lambda: deque(maxlen=16))  # B/s of finished chunks
 
     def headers(self, extra: list[str]) -> list[str]:
@@ -65,6 +66,7 @@ class Transfer:
     sink: object
     started: float
     url: str
+    auth: str | None = None  # the Authorization value it was sent with
     status: int = 0
     headers: dict = field(default_factory=dict)
     window_bytes: int = 0
