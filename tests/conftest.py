@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,6 +86,57 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         time.sleep(0.01)
+
+
+def _try_chown(scratch: Path) -> None:
+    os.chown(scratch, 12345, 12345)
+
+
+def _try_mknod(scratch: Path) -> None:
+    os.mknod(scratch / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+
+
+def _try_xattr(namespace: str) -> Callable[[Path], None]:
+    return lambda scratch: os.setxattr(scratch, f"{namespace}.fastpull-probe", b"1")
+
+
+def _try_run(*command: str) -> Callable[[Path], None]:
+    def run(_: Path) -> None:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{' '.join(command)}: {done.stderr.strip() or f'exit status {done.returncode}'}")
+    return run
+
+
+PRIVILEGES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    # name: (what it takes, a probe that raises OSError without it)
+    "chown": ("CAP_CHOWN", _try_chown),
+    "mknod": ("CAP_MKNOD", _try_mknod),
+    "trusted-xattr": ("CAP_SYS_ADMIN (trusted.* xattrs)", _try_xattr("trusted")),
+    "security-xattr": ("CAP_SYS_ADMIN (security.* xattrs)", _try_xattr("security")),
+    "confine": ("a mount namespace and chroot", _try_run("unshare", "--mount", "--", "chroot", "/", "true")),
+    "netns-tc": ("a network namespace and tc qdiscs",
+                 _try_run("unshare", "--net", "--", "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb")),
+}
+
+
+@functools.cache
+def lacking(privilege: str) -> str | None:
+    """Why this process cannot do ``privilege`` (a key of ``PRIVILEGES``), found by trying it in a
+    scratch directory; None if it can."""
+    needs, probe = PRIVILEGES[privilege]
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            probe(Path(scratch))
+        except OSError as e:
+            return f"needs {needs}: {e}"
+    return None
+
+
+def needs(*privileges: str) -> pytest.MarkDecorator:
+    """Skip unless this process has each of ``privileges`` (tried, not guessed from the uid)."""
+    reasons = [r for p in privileges if (r := lacking(p)) is not None]
+    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
 
 
 @contextlib.contextmanager

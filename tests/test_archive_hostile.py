@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import needs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_archive import entry, layer
@@ -27,7 +28,7 @@ from test_archive import entry, layer
 from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
 from fastpull.unpack.archive import apply_layer
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confining the applier needs root")
+pytestmark = needs("confine", "chown", "trusted-xattr")
 
 ROOT = "/l1/l2/l3/root"
 """The root as the confined child sees it; the sandbox is its "/"."""

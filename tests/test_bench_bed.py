@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "curl", "docker-registry")),
-    reason="needs root, iproute2 (ip, tc), curl and docker-registry",
-)
+pytestmark = [
+    pytest.mark.skipif(not all(shutil.which(t) for t in ("ip", "tc", "curl", "docker-registry")),
+                       reason="needs iproute2 (ip, tc), curl and docker-registry"),
+    needs("netns-tc"),
+]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 

@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import needs
 
 from fastpull import DigestMismatch, FetchOptions, pull
 from fastpull.testbed.images import LayerSpec, build_image, push_image
@@ -20,7 +21,6 @@ from fastpull.testbed.reference import describe, reference_rootfs
 from fastpull.unpack.rootfs import OPAQUE_XATTR
 
 MiB = 1 << 20
-ROOT = os.geteuid() == 0
 OPTS = FetchOptions(chunk_size=256 * 1024, chunks_per_blob=4)
 
 
@@ -115,7 +115,7 @@ def special_image(registry, image_cache):
     return image, f"{registry.host}/unpack/special:v1"
 
 
-@pytest.mark.skipif(not ROOT, reason="owners, devices and security xattrs need root")
+@needs("chown", "mknod", "security-xattr")
 def test_unpack_rootfs_equals_layer_by_layer_gnu_tar(special_image, tmp_path):
     image, ref = special_image
     result = pull(ref, tmp_path / "layout", rootfs=tmp_path / "rootfs", options=OPTS)
@@ -137,7 +137,7 @@ def test_unpack_rootfs_equals_layer_by_layer_gnu_tar(special_image, tmp_path):
     assert not list(tmp_path.glob(".rootfs.fastpull-*"))  # work directories removed
 
 
-@pytest.mark.skipif(not ROOT, reason="overlay whiteouts are 0/0 character devices: root only")
+@needs("trusted-xattr")  # opaque directories; whiteouts (0/0 devices) need no privilege
 def test_unpack_snapshots_in_overlay_form(special_image, tmp_path):
     image, ref = special_image
     result = pull(ref, tmp_path / "layout", snapshots=tmp_path / "snapshots", options=OPTS)
