@@ -240,3 +240,46 @@ def test_core_sink_as_libcurl_write_callback(core, tmp_path, data_fd):
     assert os.pread(data_fd, len(body) - 100_000, 100_000) == body[100_000:]
     assert bm.missing() == [0]  # chunk 0 ends before the range; 1 was completed from valid_from
     bm.close()
+
+
+@pytest.mark.skipif(bool(os.environ.get("FASTPULL_NO_EXTENSIONS")), reason="FASTPULL_NO_EXTENSIONS selects the reference")
+def test_core_engine_writes_through_the_c_callback_in_a_normal_build(tmp_path, monkeypatch):
+    """A normal build binds libcurl and every transfer of the engine writes through the C callback:
+    none silently falls back to pycurl calling the sink for each buffer."""
+    import pycurl
+    from faultserver import FaultRegistry
+
+    from fastpull.content import core
+    from fastpull.content.store import ContentStore
+    from fastpull.engine import FetchEngine, FetchOptions
+
+    assert (core.BACKEND, core.C_WRITE_CALLBACK) == ("cy", True)
+    handles, fallbacks = [], []
+
+    class SpyCurl(pycurl.Curl):
+        def __init__(self):
+            super().__init__()
+            handles.append(self)
+
+        def setopt(self, option, value):
+            if option == pycurl.WRITEFUNCTION and isinstance(value, core.RangeSink):
+                fallbacks.append(value)
+            return super().setopt(option, value)
+
+    monkeypatch.setattr(pycurl, "Curl", SpyCurl)
+
+    class Source:
+        ca_file, tls_verify = None, True
+
+        def blob_url(self, digest):
+            return f"{server.url}/v2/any/blobs/{digest}"
+
+        def authorization(self):
+            return None
+
+    body = os.urandom(1 << 20)
+    with FaultRegistry() as server, FetchEngine(FetchOptions(chunk_size=128 * 1024, chunks_per_blob=4)) as engine:
+        digest = server.add_blob(body)
+        path = engine.fetch(ContentStore(tmp_path), Source(), digest, len(body)).result(timeout=30)
+        assert path.read_bytes() == body
+    assert handles and not fallbacks

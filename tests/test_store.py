@@ -9,10 +9,11 @@ import threading
 import time
 
 import pytest
+from conftest import blocked_on, wait_until
 
 from fastpull.content.store import ContentStore
 from fastpull.digests import digest_hex
-from fastpull.errors import DigestMismatch
+from fastpull.errors import DigestMismatch, StoreError
 
 
 def _digest(data: bytes) -> str:
@@ -63,7 +64,7 @@ def test_store_commit_refuses_incomplete_blob(tmp_path):
     d = _digest(data)
     writer = store.open_writer(d, len(data), chunk_size=64 * 1024)
     _land(writer, data, 0, 100_000)
-    with pytest.raises(Exception, match="before all chunks arrived"):
+    with pytest.raises(StoreError, match="before all chunks arrived"):
         writer.commit(d)
     assert not store.has(d)
 
@@ -111,42 +112,40 @@ def test_store_lock_excludes_threads_and_wakes_waiter_on_commit(tmp_path):
     first = store.open_writer(d, len(data), 65536)
     assert store.open_writer(d, len(data), 65536, block=False) is None
     result = {}
-
-    def second():
-        started = time.monotonic()
-        result["writer"] = store.open_writer(d, len(data), 65536, block=True)
-        result["waited"] = time.monotonic() - started
-
-    t = threading.Thread(target=second)
+    t = threading.Thread(target=lambda: result.update(writer=store.open_writer(d, len(data), 65536, block=True)))
     t.start()
-    time.sleep(0.3)
-    assert t.is_alive()  # blocked behind the first writer
+    wait_until(lambda: blocked_on(store.ingest_dir) == 1, "the second writer blocks in flock")
+    assert t.is_alive()
     _write_all(first, data)
     first.commit(d)
     t.join(5)
-    assert result["writer"] is None and result["waited"] >= 0.25
+    assert result == {"writer": None}
 
 
-def _hold_lock_then_die(root, digest, size, ready):
+def _hold_lock_then_die(root, digest, size, ready, die):
     store = ContentStore(root)
     writer = store.open_writer(digest, size, 65536)
     sink = writer.sink(0, 65536, 0)
     sink.arm()
     sink(b"\0" * 65536)
     ready.set()
-    time.sleep(0.5)
+    die.wait(10)
     os._exit(1)  # killed: no commit, no close
 
 
 def test_store_lock_released_when_writer_process_dies(tmp_path):
     data = bytes(200_000)
     d = _digest(data)
-    ready = mp.get_context("fork").Event()
-    child = mp.get_context("fork").Process(target=_hold_lock_then_die, args=(str(tmp_path), d, len(data), ready))
+    ready, die = mp.get_context("fork").Event(), mp.get_context("fork").Event()
+    child = mp.get_context("fork").Process(target=_hold_lock_then_die, args=(str(tmp_path), d, len(data), ready, die))
     child.start()
     assert ready.wait(10)
     store = ContentStore(tmp_path)
-    writer = store.open_writer(d, len(data), 65536, block=True)  # woken by the child's death
+    # The child dies once we block on its lock; we are woken by its death.
+    killer = threading.Thread(target=lambda: (wait_until(lambda: blocked_on(store.ingest_dir) == 1, "we block"), die.set()))
+    killer.start()
+    writer = store.open_writer(d, len(data), 65536, block=True)
+    killer.join()
     child.join(5)
     assert writer is not None and writer.missing_chunks() == [1, 2, 3]
     writer.close()
@@ -176,7 +175,6 @@ def test_store_reader_follows_a_download_in_progress(tmp_path):
 
 def test_store_reader_stops_when_download_is_abandoned(tmp_path):
     from fastpull.content.store import BlobReader
-    from fastpull.errors import StoreError
 
     store = ContentStore(tmp_path)
     data = os.urandom(300_000)
@@ -195,7 +193,6 @@ def test_store_reader_stops_when_download_is_abandoned(tmp_path):
 
 def test_store_reader_of_committed_blob_and_of_nothing(tmp_path):
     from fastpull.content.store import BlobReader
-    from fastpull.errors import StoreError
 
     store = ContentStore(tmp_path)
     d = _digest(b"hello")
