@@ -218,15 +218,8 @@ def test_transient_fault_ends_identical(cell, server, fault, phase):
 
 
 # The bytes past the short Content-Length reach the next request on the kept-alive connection as
-# its status line: curl error 8 (Invalid status line), which fastpull/http/policy.py does not retry.
-POISONED_CONNECTION = pytest.mark.xfail(
-    strict=True, reason="the next request on the connection fails with curl error 8, not retried")
-
-
-@pytest.mark.parametrize(("fault", "phase"), [
-    pytest.param(*p.values, id=p.id, marks=[*p.marks, POISONED_CONNECTION])
-    for p in cell_params(["length-short"], ["blob", "unpack"])
-])
+# its status line: curl error 8 (Invalid status line), which the HTTP policy retries.
+@pytest.mark.parametrize(("fault", "phase"), cell_params(["length-short"], ["blob", "unpack"]))
 def test_short_content_length_is_requested_again(cell, server, fault, phase):
     server.wrong_length(cell.target, -100, first=2)
     cell.pull(server.host)
@@ -523,15 +516,9 @@ def test_kill_9(cell, server, fault, phase):
             _end_session(proc.pid)  # anything the killed pull left (a failed test may leave workers)
 
 
-# The CLI stops on a signal by raising in the main thread, but a manifest GET stuck in the synchronous
-# transport's perform() runs no Python until the transfer's timeout (30 s) ends it.
-STUCK_IN_PERFORM = pytest.mark.xfail(strict=True, reason="SIGTERM waits for a stalled manifest GET's 30 s timeout")
-
-
-@pytest.mark.parametrize(("fault", "phase"), [
-    p if p.values[1] != "manifest" else pytest.param(*p.values, id=p.id, marks=[*p.marks, STUCK_IN_PERFORM])
-    for p in cell_params(["sigterm"])
-])
+# The CLI stops on a signal by raising in the main thread; a manifest GET stuck in the synchronous
+# transport's perform() lets the handler run from its progress callback.
+@pytest.mark.parametrize(("fault", "phase"), cell_params(["sigterm"]))
 def test_sigterm(cell, server, fault, phase):
     with _interrupt(cell, server, signal.SIGTERM) as proc:
         try:

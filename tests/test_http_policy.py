@@ -43,6 +43,7 @@ def verdict(status=200, headers=None, curl_code=0, *, complete=True, elsewhere=F
     (dict(status=404), Action.FAIL),
     (dict(status=0, curl_code=56), Action.RETRY),  # connection reset
     (dict(status=0, curl_code=28), Action.RETRY),  # timeout, or a stall
+    (dict(status=0, curl_code=8), Action.RETRY),  # a garbled status line (an earlier body ran over)
     (dict(status=0, curl_code=60), Action.FAIL),  # a certificate that does not verify: never retried
     (dict(status=0, curl_code=6), Action.FAIL),  # no such host
 ] + [(dict(status=s), Action.RETRY) for s in sorted(RETRY_STATUSES)])

@@ -32,6 +32,7 @@ SSL_CONNECT_ERROR = pycurl.E_SSL_CONNECT_ERROR
 RETRY_CURL_CODES = frozenset(
     {
         pycurl.E_COULDNT_CONNECT,
+        8,  # CURLE_WEIRD_SERVER_REPLY: e.g. the excess of an earlier body on a kept-alive connection
         pycurl.E_HTTP2,
         pycurl.E_PARTIAL_FILE,
         pycurl.E_OPERATION_TIMEDOUT,  # also a stall (CURLOPT_LOW_SPEED_TIME)

@@ -155,6 +155,11 @@ class Transport:
         curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
         curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.USERAGENT, USER_AGENT)
+        # Python runs signal handlers only while Python code runs in the main thread: libcurl calls
+        # this no-op at least once a second, so a SIGTERM handler's exception (the CLI's Stopped)
+        # ends a request that waits on a stalled server, and perform() raises it.
+        curl.setopt(pycurl.NOPROGRESS, 0)
+        curl.setopt(pycurl.XFERINFOFUNCTION, _let_signal_handlers_run)
         configure_tls(curl, self.ca_file, verify)
         if method == "HEAD":
             curl.setopt(pycurl.NOBODY, 1)
@@ -183,6 +188,10 @@ class Transport:
         else:
             curl.reset()
         return curl
+
+
+def _let_signal_handlers_run(*_: int) -> int:
+    return 0
 
 
 class _CurlFailure(Exception):
