@@ -191,3 +191,12 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:
         return b""
+
+
+@pytest.mark.parametrize(("given", "streams"), [([], 1), (["--streams-per-connection", "4"], 4),
+                                                (["--streams-per-connection", "auto"], None)])
+def test_streams_per_connection_is_one_unless_asked(given, streams):
+    from fastpull.cli.main import _fetch_options, build_parser
+
+    args = build_parser().parse_args(["pull", "127.0.0.1:1/x:y", "--layout", "unused", *given])
+    assert _fetch_options(args).streams_per_connection == streams

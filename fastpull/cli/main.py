@@ -68,7 +68,8 @@ def _fetch_options(args: argparse.Namespace) -> FetchOptions:
             blobs_in_flight=args.blobs_in_flight or defaults.blobs_in_flight,
             max_transfers=args.max_transfers or defaults.max_transfers,
             http2=not args.http1,
-            streams_per_connection=args.streams_per_connection,
+            streams_per_connection=(defaults.streams_per_connection if args.streams_per_connection is None
+                                    else None if args.streams_per_connection == "auto" else args.streams_per_connection),
         )
     except ValueError as e:  # FetchOptions checks what the argument types cannot (e.g. the chunk size's floor)
         raise UsageError(f"invalid fetch options: {e}") from None
@@ -84,8 +85,8 @@ def _add_fetch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blobs-in-flight", type=_count, metavar="N", help="blobs fetched at once")
     g.add_argument("--max-transfers", type=_count, metavar="N", help="transfers (connections) in flight in all")
     g.add_argument("--http1", action="store_true", help="never negotiate HTTP/2")
-    g.add_argument("--streams-per-connection", type=_count, metavar="N",
-                   help="HTTP/2 streams one connection carries at most (default: tuned, from 1)")
+    g.add_argument("--streams-per-connection", type=_count_or_auto, metavar="N|auto",
+                   help="HTTP/2 streams one connection carries at most (default 1; auto: tuned, from 1)")
     g.add_argument("--durable", action="store_true", help="fdatasync every blob before committing it")
     g.add_argument("--platform", type=_platform, help="os/arch[/variant] (default: this host)")
     g.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
@@ -100,6 +101,10 @@ def _count(text: str) -> int:
     if not (text.strip().isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"expected a whole number greater than zero, got {text!r}")
     return int(text)
+
+
+def _count_or_auto(text: str) -> int | str:
+    return "auto" if text == "auto" else _count(text)
 
 
 def _positive_number(text: str) -> float:
