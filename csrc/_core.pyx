@@ -363,30 +363,50 @@ ctypedef int (*easy_setopt_t)(void *, int, ...) noexcept nogil
 ctypedef int (*easy_getinfo_t)(void *, int, ...) noexcept nogil
 cdef easy_setopt_t _easy_setopt = NULL
 cdef easy_getinfo_t _easy_getinfo = NULL
+cdef int _bound = -1  # -1: not tried yet; then 0 or 1
 cdef enum:
     _CURLOPT_WRITEDATA = 10001
     _CURLOPT_WRITEFUNCTION = 20011
     _CURLINFO_PRIVATE = 0x100015  # CURLINFO_STRING + 21
 
 
-def bind_libcurl(path):
-    """Find curl_easy_setopt/getinfo in the libcurl already loaded from ``path``; True if found.
+def bind_libcurl():
+    """Find curl_easy_setopt/getinfo in the libcurl that pycurl loaded; True if found.
 
     With them, :meth:`RangeSink.attach` hands libcurl a C write callback: no Python runs per
-    received buffer.
+    received buffer. Tried once, on the first ``attach`` (pycurl is loaded by then): importing the
+    core does not load libcurl, so processes that never fetch (unpack workers) never map it.
     """
-    global _easy_setopt, _easy_getinfo
-    cdef bytes encoded = os.fsencode(path)
-    cdef void *lib = dlopen(encoded, RTLD_LAZY | RTLD_NOLOAD)
-    if lib == NULL:
-        return False
-    _easy_setopt = <easy_setopt_t> dlsym(lib, b"curl_easy_setopt")
-    _easy_getinfo = <easy_getinfo_t> dlsym(lib, b"curl_easy_getinfo")
-    if _easy_setopt == NULL or _easy_getinfo == NULL:
-        _easy_setopt = NULL
-        _easy_getinfo = NULL
-        return False
-    return True
+    global _easy_setopt, _easy_getinfo, _bound
+    cdef bytes path
+    cdef void *lib
+    if _bound < 0:
+        found = _loaded_libcurl()
+        if found is None:  # pycurl not imported yet: try again later
+            return False
+        _bound = 0
+        path = os.fsencode(found)
+        lib = dlopen(path, RTLD_LAZY | RTLD_NOLOAD)
+        if lib == NULL:
+            return False
+        _easy_setopt = <easy_setopt_t> dlsym(lib, b"curl_easy_setopt")
+        _easy_getinfo = <easy_getinfo_t> dlsym(lib, b"curl_easy_getinfo")
+        if _easy_setopt == NULL or _easy_getinfo == NULL:
+            _easy_setopt = NULL
+            _easy_getinfo = NULL
+            return False
+        _bound = 1
+    return _bound == 1
+
+
+def _loaded_libcurl():
+    """Path of the libcurl this process runs on (a pycurl wheel bundles its own copy), or None."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip().rpartition(" ")[2]  # (the core is built without wraparound)
+            if "/libcurl" in path and ".so" in path:
+                return path
+    return None
 
 
 cdef class RangeSink:
@@ -430,7 +450,7 @@ cdef class RangeSink:
     def attach(self, curl):
         """Make this sink the C write callback of a pycurl handle; False if that cannot be done
         safely (then pass the sink itself as WRITEFUNCTION)."""
-        if _easy_setopt == NULL:
+        if not bind_libcurl():
             return False
         cdef void *handle = fp_pycurl_handle(<PyObject *> curl)
         cdef void *owner = NULL

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -216,8 +218,6 @@ def test_core_sink_as_libcurl_write_callback(core, tmp_path, data_fd):
     import pycurl
     from faultserver import FaultRegistry
 
-    from fastpull.content.core import C_WRITE_CALLBACK
-
     body = os.urandom(300_000)
     core.preallocate(data_fd, len(body))
     bm = core.ChunkBitmap(tmp_path / "bm", size=len(body), chunk_size=65536, create=True)
@@ -229,7 +229,7 @@ def test_core_sink_as_libcurl_write_callback(core, tmp_path, data_fd):
             c.setopt(pycurl.URL, f"{server.url}/v2/any/blobs/{digest}")
             c.setopt(pycurl.HTTPHEADER, [f"Range: bytes=100000-{len(body) - 1}"])
             attached = sink.attach(c)
-            assert attached == (core is _core and C_WRITE_CALLBACK)
+            assert attached == (core is _core)  # the libcurl that pycurl loaded was found
             if not attached:
                 c.setopt(pycurl.WRITEFUNCTION, sink)
             sink.arm()
@@ -253,7 +253,7 @@ def test_core_engine_writes_through_the_c_callback_in_a_normal_build(tmp_path, m
     from fastpull.content.store import ContentStore
     from fastpull.engine import FetchEngine, FetchOptions
 
-    assert (core.BACKEND, core.C_WRITE_CALLBACK) == ("cy", True)
+    assert core.BACKEND == "cy"
     handles, fallbacks = [], []
 
     class SpyCurl(pycurl.Curl):
@@ -283,3 +283,16 @@ def test_core_engine_writes_through_the_c_callback_in_a_normal_build(tmp_path, m
         path = engine.fetch(ContentStore(tmp_path), Source(), digest, len(body)).result(timeout=30)
         assert path.read_bytes() == body
     assert handles and not fallbacks
+
+
+def test_core_import_leaves_libcurl_unloaded(tmp_path):
+    """Unpack workers import the store and the core but never fetch: no pycurl, libcurl or OpenSSL."""
+    code = (
+        "import sys, fastpull.unpack.workers\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('pycurl' in sys.modules, '/libcurl' in maps, '/libssl' in maps)\n"
+    )
+    for env in ({}, {"FASTPULL_NO_EXTENSIONS": "1"}):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True,
+                             capture_output=True, text=True).stdout
+        assert out.split() == ["False", "False", "False"], env

@@ -12,6 +12,9 @@
   pwrites a response at its offset and marks the chunks it completes; ``attach(curl)``
   installs it as a C-level libcurl write callback instead (compiled core only), so no
   Python runs per received buffer.
+
+Importing this module does not import pycurl: the compiled core finds libcurl on the first
+``attach``, so the unpack workers, which never fetch, never load libcurl and OpenSSL.
 """
 
 from __future__ import annotations
@@ -20,32 +23,14 @@ import os
 
 if os.environ.get("FASTPULL_NO_EXTENSIONS"):
     from fastpull._pycore import BACKEND, ChunkBitmap, RangeSink, preallocate, pwrite_all, start_writeback
-
-    C_WRITE_CALLBACK = False
 else:
-    import pycurl  # noqa: F401  (loads the libcurl that bind_libcurl looks up)
-
     from fastpull._core import (  # type: ignore[no-redef]
         BACKEND,
         ChunkBitmap,
         RangeSink,
-        bind_libcurl,
         preallocate,
         pwrite_all,
         start_writeback,
     )
 
-    def _loaded_libcurl() -> str | None:
-        """Path of the libcurl pycurl runs on (a pycurl wheel bundles its own copy)."""
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if "/libcurl" in path and ".so" in path:
-                    return path
-        return None
-
-    _libcurl = _loaded_libcurl()
-    C_WRITE_CALLBACK = bool(_libcurl and bind_libcurl(_libcurl))
-    """Whether sinks attach to libcurl as C callbacks (else pycurl calls them per buffer)."""
-
-__all__ = ["BACKEND", "C_WRITE_CALLBACK", "ChunkBitmap", "RangeSink", "preallocate", "pwrite_all", "start_writeback"]
+__all__ = ["BACKEND", "ChunkBitmap", "RangeSink", "preallocate", "pwrite_all", "start_writeback"]
