@@ -294,6 +294,38 @@ def test_archive_overlay_implied_parents_copy_the_lower_directory(tmp_path):
     assert (tmp_path / "snap/lib").is_dir() and not (tmp_path / "snap/lib").is_symlink()
 
 
+# u::rwx g::--- o::--- as a system.posix_acl_default value: files created below get at most 0700
+PRIVATE_ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                             for tag, perm in ((0x01, 7), (0x04, 0), (0x20, 0)))
+
+
+@needs_root
+@pytest.mark.parametrize("setup", ["umask", "setgid-root", "acl-root", "acl-entry"])
+def test_archive_files_get_their_mode_and_owner_where_creation_would_not(tmp_path, setup):
+    """Files are created with their final mode and not chowned only where that gives the entry's
+    mode and owner: not under a umask that drops bits, a setgid directory or a default ACL."""
+    root = tmp_path / "root"
+    root.mkdir()
+    files = [entry("d/plain", data=b"p"), entry("d/shared", data=b"s", mode=0o664),
+             entry("d/open", data=b"o", mode=0o777), entry("d/tool", data=b"t", mode=0o4755),
+             entry("d/readonly", data=b"r", mode=0o444, xattrs={"user.k": b"v"})]
+    dir_xattrs = {"system.posix_acl_default": PRIVATE_ACL} if setup == "acl-entry" else None
+    umask = os.umask(0o077 if setup == "umask" else 0o022)
+    try:
+        if setup == "setgid-root":
+            os.chown(root, 0, 4321)
+            os.chmod(root, 0o2755)
+        elif setup == "acl-root":
+            os.setxattr(root, "system.posix_acl_default", PRIVATE_ACL)
+        apply(layer(entry("d", "dir", xattrs=dir_xattrs), *files), root, "overlay")
+    finally:
+        os.umask(umask)
+    for ti, _ in files:
+        st = os.stat(root / ti.name)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (ti.mode, 0, 0), ti.name
+    assert os.getxattr(root / "d/readonly", "user.k") == b"v"
+
+
 def test_archive_lower_is_only_for_overlay(tmp_path):
     with pytest.raises(ValueError):
         apply(layer(), tmp_path / "r", "apply", lower=tmp_path)

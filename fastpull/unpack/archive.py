@@ -43,6 +43,7 @@ import os
 import posixpath
 import stat
 import struct
+import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -68,12 +69,13 @@ DEVICE_NODE = "device node (needs CAP_MKNOD)"
 
 
 class LayerStream(Protocol):
-    """An uncompressed layer tar: ``read(n)`` returns at most n bytes, ``b""`` at the end.
+    """An uncompressed layer tar: ``read(n)`` returns at most n bytes (a memoryview will do),
+    empty at the end.
 
     A ``readinto`` method, when present, is used for file contents.
     """
 
-    def read(self, n: int, /) -> bytes: ...
+    def read(self, n: int, /) -> bytes | memoryview: ...
 
 
 @dataclass
@@ -240,6 +242,9 @@ class _Input:
         """Write the next ``n`` bytes to ``fd`` at ``offset``."""
         while n:
             avail = len(self._buf) - self._at
+            if avail < n < _READAHEAD:  # a small file across the read-ahead's end: one write, not two
+                self._fill(n)
+                avail = len(self._buf)
             if not avail:
                 if n >= _READAHEAD:
                     self._copy_direct(fd, n, offset)
@@ -315,6 +320,8 @@ _TRAILING = b"x"
 _NO_OWNER = 0xFFFFFFFF
 _NO_DATA = frozenset((_LINK, _SYMLINK, _CHAR, _BLOCKDEV, _DIR, _FIFO))
 _XATTR = b"SCHILY.xattr."
+_TIME_LIMIT = 1 << 63
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode, inlined
 
 
 class _Entry:
@@ -397,7 +404,7 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
                     e.type, e.name = typ, os.fsdecode(fields[0].partition(b"\0")[0])
                     yield e
                 continue
-            e, end = _member(block, fields, pax, long_name, long_link, source)
+            e, end = _member(block, fields, size, pax, long_name, long_link, source)
         except ValueError as err:
             raise MalformedArchive(layer, at, str(err)) from None
         pax = {}
@@ -409,49 +416,51 @@ def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
 def _member(
     block: bytes,
     fields: tuple,
+    phys: int,
     pax: dict[bytes, bytes],
     long_name: bytes | None,
     long_link: bytes | None,
     source: _Input,
 ) -> tuple[_Entry, int]:
     """The entry a header describes, its extension headers merged (GNU long names win over
-    PAX, which wins over the header), and the offset of the next header. Reads a sparse
-    map, if any; raises ValueError on malformed fields."""
-    name, mode, uid, gid, size, mtime, _, typ, link, magic, _, _, devmajor, devminor, prefix = fields
+    PAX, which wins over the header), and the offset of the next header. ``phys`` is the
+    header's size field. Reads a sparse map, if any; raises ValueError on malformed fields."""
+    name, mode, uid, gid, _, mtime, _, flag, link, magic, _, _, devmajor, devminor, prefix = fields
     e = _Entry()
     raw_name = name.partition(b"\0")[0]
     if magic == _USTAR and prefix[0]:
         raw_name = prefix.partition(b"\0")[0] + b"/" + raw_name
     raw_link = link.partition(b"\0")[0]
-    phys = _num(size)  # bytes stored after the header
-    e.uid, e.gid = _num(uid), _num(gid)
+    uid, gid = _num(uid), _num(gid)
     mtime_ns = _num(mtime) * 1_000_000_000
     atime_ns = 0
-    e.xattrs = None
+    xattrs = None
     if pax:
         raw_name = pax.get(b"path", raw_name)
         raw_link = pax.get(b"linkpath", raw_link)
         if b"size" in pax:
             phys = _decimal(pax[b"size"])
         if b"uid" in pax:
-            e.uid = _decimal(pax[b"uid"])
+            uid = _decimal(pax[b"uid"])
         if b"gid" in pax:
-            e.gid = _decimal(pax[b"gid"])
+            gid = _decimal(pax[b"gid"])
         if b"mtime" in pax:
             mtime_ns = _pax_time(pax[b"mtime"])
         if b"atime" in pax:
             atime_ns = _pax_time(pax[b"atime"])
-        xattrs = {os.fsdecode(k[len(_XATTR) :]): v for k, v in pax.items() if k.startswith(_XATTR)}
-        e.xattrs = xattrs or None
+        xattrs = {os.fsdecode(k[len(_XATTR) :]): v for k, v in pax.items() if k.startswith(_XATTR)} or None
     if long_name is not None:
         raw_name = long_name
     if long_link is not None:
         raw_link = long_link
     if phys < 0:
         raise ValueError(f"negative size {phys}")
-    for what, owner in (("uid", e.uid), ("gid", e.gid)):
-        if not 0 <= owner <= _NO_OWNER:  # the largest, (uid_t)-1, makes chown leave the owner as is
-            raise ValueError(f"{what} {owner} out of range")
+    # The largest owner, (uid_t)-1, makes chown leave the owner as is.
+    if not 0 <= uid <= _NO_OWNER:
+        raise ValueError(f"uid {uid} out of range")
+    if not 0 <= gid <= _NO_OWNER:
+        raise ValueError(f"gid {gid} out of range")
+    typ = flag
     if typ == b"\0":
         typ = _DIR if raw_name.endswith(b"/") else _REGULAR
     elif typ in (b"7", b"S"):
@@ -461,19 +470,22 @@ def _member(
     elif typ == b"D":  # a GNU dumpdir: a directory; its data (a listing for incremental restores) is skipped
         typ = _DIR
     e.type = typ
+    e.uid, e.gid = uid, gid
     e.mode = _num(mode) & 0o7777
-    e.mtime_ns = _bound_time(mtime_ns)
-    e.atime_ns = max(_bound_time(atime_ns), e.mtime_ns)
+    # Times before the epoch or past 2262 become the epoch, as containerd does.
+    e.mtime_ns = mtime_ns = mtime_ns if 0 <= mtime_ns < _TIME_LIMIT else 0
+    e.atime_ns = atime_ns if mtime_ns < atime_ns < _TIME_LIMIT else mtime_ns
+    e.xattrs = xattrs
     if typ in (_CHAR, _BLOCKDEV):
         e.devmajor, e.devminor = _num(devmajor), _num(devminor)
         if not (0 <= e.devmajor < 1 << 32 and 0 <= e.devminor < 1 << 32):
             raise ValueError("device number out of range")
     e.size = phys
     e.sparse = None
-    if block[156:157] == b"S":
+    if flag == b"S":
         e.sparse, e.size = _old_gnu_sparse(block, source)
     data_start = source.pos
-    if typ == _REGULAR and pax and _is_pax_sparse(pax):
+    if pax and typ == _REGULAR and _is_pax_sparse(pax):
         raw_name = pax.get(b"GNU.sparse.name", raw_name)
         e.size = _decimal(pax.get(b"GNU.sparse.size") or pax.get(b"GNU.sparse.realsize", b"0"))
         if pax.get(b"GNU.sparse.major") == b"1":
@@ -482,8 +494,8 @@ def _member(
             e.sparse = _pairs(pax.get(b"GNU.sparse.map", b"").split(b","))
     if e.sparse is not None:
         _check_sparse(e.sparse, e.size, data_start + phys - source.pos)
-    e.name = os.fsdecode(raw_name)
-    e.linkname = os.fsdecode(raw_link)
+    e.name = raw_name.decode(_FS_ENCODING, _FS_ERRORS)
+    e.linkname = raw_link.decode(_FS_ENCODING, _FS_ERRORS) if raw_link else ""
     return e, data_start + phys + (-phys % _BLOCK)
 
 
@@ -529,11 +541,6 @@ def _pax_time(v: bytes) -> int:
     if frac:
         ns += _decimal(frac[:9].ljust(9, b"0"))
     return -ns if negative else ns
-
-
-def _bound_time(ns: int) -> int:
-    """Times before the epoch or past 2262 become the epoch, as containerd does."""
-    return ns if 0 <= ns < 1 << 63 else 0
 
 
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
@@ -647,6 +654,8 @@ _GONE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
 _ARCHIVE_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL))
 """Errors the archive's content causes (a parent that is a file, a symlink loop...)."""
 _NODE_KINDS = {_CHAR: stat.S_IFCHR, _BLOCKDEV: stat.S_IFBLK, _FIFO: stat.S_IFIFO}
+_DEFAULT_ACL = "system.posix_acl_default"
+"""A directory's default ACL: files created in it take their mode from it, not from the umask."""
 
 
 class _Applier:
@@ -684,6 +693,14 @@ class _Applier:
             self._root_prefix = os.readlink(f"/proc/self/fd/{self._root}").rstrip("/") + "/"
             if lower is not None:
                 self._lower = _open_dir(lower)
+            # Fresh: every directory under the root is this layer's, none setgid (directory modes
+            # are set at the end) or with a default ACL, so a new file gets this process's owner and
+            # its mode less the umask; files are then created with their mode and chowned only when
+            # their owner is another. Not for setuid, setgid and sticky bits (chown clears them) or
+            # bits the umask drops: those files are chmodded as before.
+            self._fresh = not self._track and _plain_empty_dir(self._root)
+            self._ids = (os.geteuid(), os.getegid()) if self._chown else None
+            self._not_at_create = 0o7000 | _umask()
         except OSError as err:
             os.close(self._root)
             why = err.strerror or str(err)
@@ -755,11 +772,16 @@ class _Applier:
                 os.close(fd)
 
     def _file(self, pfd: int, base: str, e: _Entry) -> None:
+        mode = e.mode
+        # Created with its final mode if that is exact and leaves it writable by its owner (user.*
+        # xattrs need that); else 0600 and fchmod at the end.
+        chmod = not (self._fresh and mode & 0o200 and not mode & self._not_at_create)
+        create = 0o600 if chmod else mode
         try:
-            fd = os.open(base, _CREATE, 0o600, dir_fd=pfd)
+            fd = os.open(base, _CREATE, create, dir_fd=pfd)
         except FileExistsError:
             self._clear(pfd, base)
-            fd = os.open(base, _CREATE, 0o600, dir_fd=pfd)
+            fd = os.open(base, _CREATE, create, dir_fd=pfd)
         try:
             if e.sparse is None:
                 if e.size:
@@ -770,10 +792,12 @@ class _Applier:
                     self._in.copy_to(fd, length, offset)
                     self.stats.bytes += length
                 os.ftruncate(fd, e.size)
-            self._own(fd, e.uid, e.gid)
+            if not self._fresh or (e.uid, e.gid) != self._ids:
+                self._own(fd, e.uid, e.gid)
             if e.xattrs:
                 self._set_xattrs(fd, e.xattrs)
-            os.fchmod(fd, e.mode)  # after chown, which clears setuid/setgid
+            if chmod:
+                os.fchmod(fd, mode)  # after chown, which clears setuid/setgid
             os.utime(fd, ns=(e.atime_ns, e.mtime_ns))
         finally:
             os.close(fd)
@@ -882,6 +906,8 @@ class _Applier:
             if key.startswith(OVERLAY_XATTRS):
                 self._skip(f"xattr {key.partition('.')[0]}.overlay.* from the archive")
                 continue
+            if key == _DEFAULT_ACL:
+                self._fresh = False
             try:
                 os.setxattr(target, key, value, follow_symlinks=follow)
             except OSError as err:
@@ -1148,6 +1174,29 @@ def _open_dir(path: Path) -> int:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
         raise UnpackError(str(path), err.strerror or str(err)) from err
+
+
+def _plain_empty_dir(fd: int) -> bool:
+    """Whether the directory ``fd`` is empty, not setgid and without a default ACL."""
+    if os.fstat(fd).st_mode & stat.S_ISGID:
+        return False
+    try:
+        os.getxattr(fd, _DEFAULT_ACL)
+        return False
+    except OSError as err:
+        if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+    with os.scandir(fd) as it:
+        return next(it, None) is None
+
+
+def _umask() -> int:
+    """This process's umask (read, not set: ``os.umask`` would change it for every thread)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777  # unknown: no file is created with its final mode
 
 
 def _join(parent: str, name: str) -> str:
