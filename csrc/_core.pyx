@@ -8,6 +8,7 @@ with the same behaviour, and ``fastpull.content.core`` picks one of the two.
 
 from libc.errno cimport errno, EINTR, EAGAIN, ETIMEDOUT
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.types cimport off_t
 
@@ -16,6 +17,12 @@ cdef extern from "fcntl.h" nogil:
 
 cdef extern from "unistd.h" nogil:
     ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+
+cdef extern from "sys/uio.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
     long syscall(long number, ...)
 
 cdef extern from "fcntl.h" nogil:
@@ -295,16 +302,22 @@ def _create_bitmap_file(path, uint64_t size, uint64_t chunk_size):
     os.replace(tmp, path)
 
 
+cdef enum:
+    _COALESCE = 128 << 10  # bytes a sink gathers before writing (TLS hands it 8-16 KiB records)
+
+
 cdef struct SinkState:
     int fd
     uint8_t *bitmap          # the blob's mmap'd chunk bitmap (header included)
     uint64_t chunk_size
     uint64_t nchunks
     uint64_t size
-    uint64_t offset
+    uint64_t offset          # bytes from the range's start that are in the file
     uint64_t end
     uint64_t valid_from
-    uint64_t received
+    uint64_t received        # bytes received: in the file, or held in buf
+    char *buf                # received bytes not written yet (after offset); allocated when armed
+    size_t held
     int armed
     int finished_chunks
     int write_errno
@@ -313,7 +326,11 @@ cdef struct SinkState:
 
 
 cdef size_t _sink_write(SinkState *st, const char *data, size_t n) noexcept nogil:
-    """The write path, free of Python: returns n, or 0 to abort the transfer."""
+    """The write path, free of Python: returns n, or 0 to abort the transfer.
+
+    Small pieces are gathered and written together: when the buffer would fill, when a chunk (or
+    the range) is complete, so that a bit is set only once its bytes are in the file.
+    """
     cdef size_t keep
     if not st.armed:  # an error page: keep its start for the message
         keep = n if n < sizeof(st.error_body) - st.error_len else sizeof(st.error_body) - st.error_len
@@ -322,26 +339,27 @@ cdef size_t _sink_write(SinkState *st, const char *data, size_t n) noexcept nogi
         return n
     if n == 0:
         return 0
-    if st.offset + n > st.end:
+    cdef uint64_t upto = st.offset + st.held + n
+    if upto > st.end:
         return 0  # more than was asked for
-    cdef ssize_t w
-    cdef size_t left = n
-    cdef const char *p = data
-    cdef uint64_t at = st.offset
-    while left > 0:
-        w = pwrite(st.fd, p, left, at)
-        if w < 0:
-            if errno == EINTR:
-                continue
-            st.write_errno = errno  # e.g. ENOSPC: the engine reports it
-            return 0
-        p += w
-        left -= w
-        at += w
-    cdef uint64_t before = st.offset
-    st.offset += n
-    st.received += n
     cdef uint64_t cs = st.chunk_size
+    if st.held + n < _COALESCE and upto < st.end and upto // cs == st.offset // cs:
+        memcpy(st.buf + st.held, data, n)
+        st.held += n
+        st.received += n
+        return n
+    cdef iovec iov[2]
+    iov[0].iov_base = st.buf
+    iov[0].iov_len = st.held
+    iov[1].iov_base = <void *> data
+    iov[1].iov_len = n
+    if _pwritev_all(st.fd, iov, 2, st.offset) < 0:
+        st.write_errno = errno  # e.g. ENOSPC: the engine reports it
+        return 0
+    cdef uint64_t before = st.offset
+    st.offset = upto
+    st.held = 0
+    st.received += n
     cdef uint64_t lo = before // cs
     cdef uint64_t first = (st.valid_from + cs - 1) // cs  # first chunk wholly inside [valid_from, ...)
     cdef uint64_t hi = st.nchunks if st.offset == st.size else st.offset // cs
@@ -352,6 +370,30 @@ cdef size_t _sink_write(SinkState *st, const char *data, size_t n) noexcept nogi
             st.finished_chunks += 1
         lo += 1
     return n
+
+
+cdef int _pwritev_all(int fd, iovec *iov, int count, uint64_t at) noexcept nogil:
+    """Write the ``count`` buffers of ``iov`` (empty ones allowed) at ``at``; -1 with errno on failure."""
+    cdef ssize_t w
+    while count > 0:
+        if iov[0].iov_len == 0:
+            iov += 1
+            count -= 1
+            continue
+        w = pwritev(fd, iov, count, at)
+        if w < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        at += w
+        while count > 0 and <size_t> w >= iov[0].iov_len:
+            w -= iov[0].iov_len
+            iov += 1
+            count -= 1
+        if count > 0:
+            iov[0].iov_base = <char *> iov[0].iov_base + w
+            iov[0].iov_len -= w
+    return 0
 
 
 cdef size_t _curl_write(char *ptr, size_t size, size_t nmemb, void *userdata) noexcept nogil:
@@ -414,12 +456,21 @@ cdef class RangeSink:
 
     Until :meth:`arm` is called (on a 2xx status) the body is an error page:
     the first few KiB are kept for the error message and nothing touches the file.
-    Chunks whose bytes are all written since ``valid_from`` are marked in the bitmap.
+    Received bytes are gathered (up to 128 KiB) and written together; a chunk is marked in the
+    bitmap once all its bytes since ``valid_from`` are in the file. ``offset`` is where the bytes
+    in the file end: reading it writes the bytes held first, so a transfer cut short resumes from
+    every byte it received. ``received`` counts the bytes received.
     A failed write aborts the transfer and is kept in ``error``.
     """
 
     cdef SinkState st
     cdef ChunkBitmap bitmap  # keeps the mapping alive while libcurl writes through st
+
+    def __cinit__(self):
+        self.st.buf = NULL
+
+    def __dealloc__(self):
+        free(self.st.buf)
 
     def __init__(self, int fd, ChunkBitmap bitmap, uint64_t start, uint64_t end, uint64_t valid_from):
         bitmap._bits()
@@ -440,11 +491,16 @@ cdef class RangeSink:
         self.st.valid_from = valid_from
         self.st.armed = 0
         self.st.received = 0
+        self.st.held = 0
         self.st.finished_chunks = 0
         self.st.write_errno = 0
         self.st.error_len = 0
 
     def arm(self):
+        if self.st.buf == NULL:
+            self.st.buf = <char *> malloc(_COALESCE)
+            if self.st.buf == NULL:
+                raise MemoryError()
         self.st.armed = 1
 
     def attach(self, curl):
@@ -463,6 +519,15 @@ cdef class RangeSink:
 
     @property
     def offset(self):
+        cdef iovec held
+        if self.st.held and not self.st.write_errno:  # held bytes never complete a chunk: no bit to set
+            held.iov_base = self.st.buf
+            held.iov_len = self.st.held
+            if _pwritev_all(self.st.fd, &held, 1, self.st.offset) < 0:
+                self.st.write_errno = errno
+            else:
+                self.st.offset += self.st.held
+                self.st.held = 0
         return self.st.offset
 
     @property

@@ -19,6 +19,7 @@ _ABANDONED_OFFSET = 40
 _SYS_FUTEX = 202  # x86_64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _SYNC_FILE_RANGE_WRITE = 2
+_COALESCE = 128 << 10  # bytes a sink gathers before writing (TLS hands it 8-16 KiB records)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -183,20 +184,24 @@ class RangeSink:
 
     Until :meth:`arm` is called (on a 2xx status) the body is an error page:
     the first few KiB are kept for the error message and nothing touches the file.
-    Chunks whose bytes are all written since ``valid_from`` are marked in the bitmap.
+    Received bytes are gathered (up to 128 KiB) and written together; a chunk is marked in the
+    bitmap once all its bytes since ``valid_from`` are in the file. ``offset`` is where the bytes
+    in the file end: reading it writes the bytes held first, so a transfer cut short resumes from
+    every byte it received. ``received`` counts the bytes received.
     A failed write aborts the transfer and is kept in ``error``.
     """
 
     def __init__(self, fd: int, bitmap: ChunkBitmap, start: int, end: int, valid_from: int):
         self.fd = fd
         self.bitmap = bitmap
+        self._held: bytearray | None = None  # received bytes not written yet; allocated when armed
         self.rebase(start, end, valid_from)
 
     def rebase(self, start: int, end: int, valid_from: int) -> None:
         """Point the sink at a new byte range (e.g. a server that ignored Range sends from 0)."""
         if not valid_from <= start <= end:
             raise ValueError("need valid_from <= start <= end")
-        self.offset = start
+        self._offset = start
         self.end = end
         self.valid_from = valid_from
         self.armed = False
@@ -204,13 +209,30 @@ class RangeSink:
         self.finished_chunks = 0
         self.error: OSError | None = None
         self._error_body = bytearray()
+        if self._held is not None:
+            self._held.clear()
 
     def arm(self) -> None:
+        if self._held is None:
+            self._held = bytearray()
         self.armed = True
 
     def attach(self, curl) -> bool:
         """The reference has no C callback: pass the sink itself as WRITEFUNCTION."""
         return False
+
+    @property
+    def offset(self) -> int:
+        held = self._held
+        if held and self.error is None:  # held bytes never complete a chunk: no bit to set
+            try:
+                pwrite_all(self.fd, held, self._offset)
+            except OSError as exc:
+                self.error = exc
+            else:
+                self._offset += len(held)
+                held.clear()
+        return self._offset
 
     @property
     def error_body(self) -> bytes:
@@ -224,19 +246,26 @@ class RangeSink:
             return None
         if n == 0:
             return None
-        if self.offset + n > self.end:
+        held = self._held
+        upto = self._offset + len(held) + n
+        if upto > self.end:
             return 0  # more than was asked for: abort the transfer (CURLE_WRITE_ERROR)
+        cs = self.bitmap.chunk_size
+        held += data
+        if len(held) < _COALESCE and upto < self.end and upto // cs == self._offset // cs:
+            self.received += n
+            return None  # written when the buffer fills, a chunk or the range is complete
         try:
-            pwrite_all(self.fd, data, self.offset)
+            pwrite_all(self.fd, held, self._offset)
         except OSError as exc:  # e.g. ENOSPC: kept for the engine, the transfer aborts
             self.error = exc
             return 0
-        before = self.offset
-        self.offset += n
+        held.clear()
         self.received += n
-        cs = self.bitmap.chunk_size
+        before = self._offset
+        self._offset = upto
         lo = max(before // cs, -(-self.valid_from // cs))
-        hi = self.bitmap.nchunks if self.offset == self.bitmap.size else self.offset // cs
+        hi = self.bitmap.nchunks if upto == self.bitmap.size else upto // cs
         for index in range(lo, hi):
             if self.bitmap.set(index):
                 self.finished_chunks += 1

@@ -138,6 +138,54 @@ def test_core_sink_writes_range_and_marks_chunks(core, tmp_path, data_fd):
     bm.close()
 
 
+def test_core_sink_gathers_small_pieces_until_a_chunk_or_128k(core, tmp_path, data_fd):
+    """TLS records (~16 KiB) are written 128 KiB at a time, and always before a chunk's bit is set;
+    reading ``offset`` writes what is held, so a transfer cut short resumes from every byte received."""
+    size, chunk, piece, start = 3 << 20, 1 << 20, 16 << 10, 5000
+    body = os.urandom(size)
+    core.preallocate(data_fd, size)
+    bm = core.ChunkBitmap(tmp_path / "bm", size=size, chunk_size=chunk, create=True)
+    sink = core.RangeSink(data_fd, bm, start, size, 0)
+    sink.arm()
+
+    def in_file() -> int:  # bytes of the range written so far (always whole pieces)
+        n = 0
+        while n < size - start and os.pread(data_fd, piece, start + n) == body[start + n : start + n + piece]:
+            n += piece
+        return min(n, size - start)
+
+    for at in range(start, start + 10 * piece, piece):
+        assert sink(body[at : at + piece]) is None
+        assert in_file() == (8 * piece if at >= start + 7 * piece else 0)  # the 8th piece fills 128 KiB
+    assert sink.received == 10 * piece and sink.offset == start + 10 * piece and in_file() == 10 * piece
+    for at in range(start + 10 * piece, size, piece):
+        assert sink(body[at : at + piece]) is None
+        written = in_file()
+        assert sink.received - written < 128 << 10
+        assert not bm.test(0) or written >= chunk - start  # a bit only once its bytes are in the file
+        if at < chunk <= at + piece:  # the piece that completes chunk 0 is written with all before it
+            assert written == at + piece - start and bm.test(0)
+    assert (sink.offset, sink.received, sink.finished_chunks) == (size, size - start, 3)
+    assert bm.complete() and in_file() == size - start
+    bm.close()
+
+
+def test_core_sink_rebase_drops_held_bytes(core, tmp_path, data_fd):
+    core.preallocate(data_fd, 1 << 20)
+    bm = core.ChunkBitmap(tmp_path / "bm", size=1 << 20, chunk_size=1 << 20, create=True)
+    sink = core.RangeSink(data_fd, bm, 500_000, 1 << 20, 0)
+    sink.arm()
+    sink(b"a" * 1000)
+    sink.rebase(0, 1 << 20, 0)
+    sink.arm()
+    assert (sink.offset, sink.received) == (0, 0)
+    assert os.pread(data_fd, 1 << 20, 0) == bytes(1 << 20)  # the a's are not written, here or there
+    assert sink(b"b" * 1000) is None and sink(b"c" * ((1 << 20) - 1000)) is None
+    assert sink.offset == 1 << 20 and bm.complete()
+    assert os.pread(data_fd, 1 << 20, 0) == b"b" * 1000 + b"c" * ((1 << 20) - 1000)
+    bm.close()
+
+
 def test_core_sink_resumed_mid_chunk_marks_that_chunk(core, tmp_path, data_fd):
     """A chunk resumed from its already-written bytes is complete once the rest lands."""
     core.preallocate(data_fd, 300)
