@@ -77,6 +77,13 @@ class Trickle:
         return out
 
 
+class Views(Trickle):
+    """Short reads as memoryviews of fresh blocks, as the unpack worker's inflated stream gives them."""
+
+    def read(self, n: int) -> memoryview:
+        return memoryview(super().read(n))
+
+
 def apply(data: bytes, root: Path, whiteouts="apply", *, stream=io.BytesIO, **kw) -> ApplyStats:
     root.mkdir(parents=True, exist_ok=True)
     return apply_layer(stream(data), root, layer="sha256:test", whiteouts=whiteouts, **kw)
@@ -140,7 +147,7 @@ ALL_TYPES = [
 
 
 @needs_root
-@pytest.mark.parametrize("stream", [io.BytesIO, Trickle], ids=["readinto", "read-only"])
+@pytest.mark.parametrize("stream", [io.BytesIO, Trickle, Views], ids=["readinto", "read-only", "memoryviews"])
 def test_archive_all_entry_types_and_attributes(tmp_path, stream):
     stats = apply(layer(*ALL_TYPES), tmp_path / "root", "overlay", stream=stream)
     root = tmp_path / "root"

@@ -69,8 +69,8 @@ DEVICE_NODE = "device node (needs CAP_MKNOD)"
 
 
 class LayerStream(Protocol):
-    """An uncompressed layer tar: ``read(n)`` returns at most n bytes (a memoryview will do),
-    empty at the end.
+    """An uncompressed layer tar: ``read(n)`` returns at most n bytes, empty at the end; a
+    memoryview will do if later reads leave what it shows unchanged (no reused buffer).
 
     A ``readinto`` method, when present, is used for file contents.
     """
@@ -220,7 +220,7 @@ class _Input:
         out = self._buf[at : at + n]
         self._at = at + len(out)
         self.pos += len(out)
-        return out
+        return out if type(out) is bytes else bytes(out)
 
     def skip(self, n: int) -> None:
         avail = len(self._buf) - self._at
@@ -268,7 +268,8 @@ class _Input:
             self.pos += len(more)
 
     def _fill(self, n: int) -> None:
-        """Buffer at least ``n`` unread bytes, or all that is left."""
+        """Buffer at least ``n`` unread bytes, or all that is left. A stream's memoryview that holds
+        them all is kept as it is: file contents are written from it without a copy."""
         parts = [self._buf[self._at :]]
         have = len(parts[0])
         while have < n:
@@ -277,7 +278,7 @@ class _Input:
                 break
             parts.append(more)
             have += len(more)
-        self._buf = b"".join(parts)
+        self._buf = parts[1] if len(parts) == 2 and not parts[0] else b"".join(parts)
         self._at = 0
 
     def _copy_direct(self, fd: int, n: int, offset: int) -> None:
