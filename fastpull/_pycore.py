@@ -192,8 +192,8 @@ class RangeSink:
     """
 
     def __init__(self, fd: int, bitmap: ChunkBitmap, start: int, end: int, valid_from: int):
-        self.fd = fd
-        self.bitmap = bitmap
+        self._fd = fd
+        self._bitmap = bitmap
         self._held: bytearray | None = None  # received bytes not written yet; allocated when armed
         self.rebase(start, end, valid_from)
 
@@ -226,7 +226,7 @@ class RangeSink:
         held = self._held
         if held and self.error is None:  # held bytes never complete a chunk: no bit to set
             try:
-                pwrite_all(self.fd, held, self._offset)
+                pwrite_all(self._fd, held, self._offset)
             except OSError as exc:
                 self.error = exc
             else:
@@ -250,13 +250,13 @@ class RangeSink:
         upto = self._offset + len(held) + n
         if upto > self.end:
             return 0  # more than was asked for: abort the transfer (CURLE_WRITE_ERROR)
-        cs = self.bitmap.chunk_size
+        cs = self._bitmap.chunk_size
         held += data
         if len(held) < _COALESCE and upto < self.end and upto // cs == self._offset // cs:
             self.received += n
             return None  # written when the buffer fills, a chunk or the range is complete
         try:
-            pwrite_all(self.fd, held, self._offset)
+            pwrite_all(self._fd, held, self._offset)
         except OSError as exc:  # e.g. ENOSPC: kept for the engine, the transfer aborts
             self.error = exc
             return 0
@@ -265,8 +265,8 @@ class RangeSink:
         before = self._offset
         self._offset = upto
         lo = max(before // cs, -(-self.valid_from // cs))
-        hi = self.bitmap.nchunks if upto == self.bitmap.size else upto // cs
+        hi = self._bitmap.nchunks if upto == self._bitmap.size else upto // cs
         for index in range(lo, hi):
-            if self.bitmap.set(index):
+            if self._bitmap.set(index):
                 self.finished_chunks += 1
         return None
