@@ -255,6 +255,7 @@ cdef class ChunkBitmap:
     @property
     def sequence(self):
         """Counter bumped on every newly finished chunk; pass it to :meth:`wait`."""
+        self._bits()
         return fp_load32(<uint32_t *> (self._map + _SEQ_OFFSET))
 
     def wait(self, uint32_t seen, double timeout):

@@ -93,9 +93,13 @@ class ChunkBitmap:
             self._map.close()
             self._map = None
 
-    def _check(self, index: int) -> None:
+    def _open(self) -> mmap.mmap:
         if self._map is None:
             raise ValueError("chunk bitmap is closed")
+        return self._map
+
+    def _check(self, index: int) -> None:
+        self._open()
         if not 0 <= index < self.nchunks:
             raise IndexError(index)
 
@@ -118,15 +122,11 @@ class ChunkBitmap:
     @property
     def abandoned(self) -> bool:
         """True once the writer stopped without committing (set by :meth:`set_abandoned`)."""
-        if self._map is None:
-            raise ValueError("chunk bitmap is closed")
-        return struct.unpack_from("<I", self._map, _ABANDONED_OFFSET)[0] != 0
+        return struct.unpack_from("<I", self._open(), _ABANDONED_OFFSET)[0] != 0
 
     def set_abandoned(self, value: bool) -> None:
         """Mark the download stopped (True) or taken up again (False), waking every waiter."""
-        if self._map is None:
-            raise ValueError("chunk bitmap is closed")
-        struct.pack_into("<I", self._map, _ABANDONED_OFFSET, int(value))
+        struct.pack_into("<I", self._open(), _ABANDONED_OFFSET, int(value))
         self._bump_and_wake()
 
     def test(self, index: int) -> bool:
@@ -166,12 +166,12 @@ class ChunkBitmap:
     @property
     def sequence(self) -> int:
         """Counter bumped on every newly finished chunk; pass it to :meth:`wait`."""
+        self._open()
         return self._seq.value
 
     def wait(self, seen: int, timeout: float) -> int:
         """Block until :attr:`sequence` differs from ``seen`` or ``timeout`` seconds pass (no polling)."""
-        if self._map is None:
-            raise ValueError("chunk bitmap is closed")
+        self._open()
         ts = _Timespec(int(timeout), int((timeout - int(timeout)) * 1e9))
         _libc.syscall(
             _SYS_FUTEX, ctypes.byref(self._seq), _FUTEX_WAIT, ctypes.c_uint32(seen), ctypes.byref(ts), None, 0

@@ -62,3 +62,15 @@ def test_classes_have_what_the_stub_declares(backend, tmp_path):
     finally:
         instances["ChunkBitmap"].close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("backend", [_core, _pycore], ids=["cy", "py"])
+def test_a_closed_bitmap_raises_instead_of_reading_freed_memory(backend, tmp_path):
+    bitmap = backend.ChunkBitmap(str(tmp_path / "bitmap"), 4 << 20, 1 << 20, create=True)
+    bitmap.close()
+    bitmap.close()  # closing twice is harmless
+    for use in (lambda: bitmap.set(0), lambda: bitmap.test(0), bitmap.count, bitmap.missing, bitmap.watermark,
+                bitmap.complete, lambda: bitmap.abandoned, lambda: bitmap.sequence,
+                lambda: bitmap.set_abandoned(True), lambda: bitmap.wait(0, 0.01)):
+        with pytest.raises(ValueError, match="closed"):
+            use()
