@@ -1,3 +1,3 @@
-"""Layers into trees: the tar applier (:mod:`.archive`), the worker processes that decompress and
+"""Layers into trees: the streaming tar reader (:mod:`.tar`), the applier (:mod:`.archive`), the worker processes that decompress and
 apply layers while they download (:mod:`.workers`), ChainID snapshots (:mod:`.snapshots`) and the
 rootfs merge (:mod:`.rootfs`). Reads blobs from the content store; knows nothing of HTTP."""

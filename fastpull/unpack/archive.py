@@ -22,9 +22,8 @@ parent's descriptor and never followed. A refused entry raises ``UnsafeArchive``
 malformed or unsupported header ``MalformedArchive`` (naming its byte offset). The partial tree
 is left for the caller to discard.
 
-Formats: what Go's archive/tar (containerd's reader) reads: v7, ustar, PAX (``x``, Solaris
-``X``; global headers ignored), GNU and old GNU (long names, base-256 numbers, dumpdirs as
-directories), sparse files in old GNU, PAX 0.0, 0.1 and 1.0 form (holes stay holes).
+Formats: what Go's archive/tar (containerd's reader) reads, parsed by :mod:`fastpull.unpack.tar`;
+sparse files keep their holes.
 
 Memory: file contents go through one reused 1 MiB buffer; what is kept across entries is
 per directory (64 cached descriptors, modes and times set at the end) plus, in "apply" mode,
@@ -43,13 +42,11 @@ import os
 import posixpath
 import stat
 import struct
-import sys
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
 from fastpull.unpack.rootfs import (
@@ -61,21 +58,28 @@ from fastpull.unpack.rootfs import (
     rootless_owner,
     set_opaque,
 )
+from fastpull.unpack.tar import (
+    BLOCKDEV,
+    CHAR,
+    DIR,
+    FIFO,
+    GLOBAL,
+    LINK,
+    NO_DATA,
+    REGULAR,
+    SYMLINK,
+    TRAILING,
+    LayerStream,
+    TarEntry,
+    TarInput,
+    entries,
+)
 
 __all__ = ["DEVICE_NODE", "ApplyStats", "LayerStream", "apply_layer"]
 
 DEVICE_NODE = "device node (needs CAP_MKNOD)"
 """The ``ApplyStats.skipped`` reason of device nodes that could not be created."""
 
-
-class LayerStream(Protocol):
-    """An uncompressed layer tar: ``read(n)`` returns at most n bytes, empty at the end; a
-    memoryview will do if later reads leave what it shows unchanged (no reused buffer).
-
-    A ``readinto`` method, when present, is used for file contents.
-    """
-
-    def read(self, n: int, /) -> bytes | memoryview: ...
 
 
 @dataclass
@@ -121,10 +125,10 @@ def apply_layer(
         raise ValueError(f"whiteouts must be 'overlay', 'keep' or 'apply', not {whiteouts!r}")
     if lower is not None and whiteouts != "overlay":
         raise ValueError("lower is only used with whiteouts='overlay'")
-    source = _Input(stream)
+    source = TarInput(stream)
     applier = _Applier(source, Path(root), layer, whiteouts, lower)
     try:
-        for entry in _entries(source, layer):
+        for entry in entries(source, layer):
             applier.apply(entry)
         applier.finish()
     except EOFError:
@@ -181,468 +185,6 @@ def _openat2(dirfd: int, path: str, how: bytes) -> int:
     raise OSError(err, os.strerror(err), path)
 
 
-# --- the stream ------------------------------------------------------------------------
-
-_BLOCK = 512
-_CHUNK = 1 << 20
-"""Largest single read and write of file contents."""
-_READAHEAD = 64 << 10
-"""Read-ahead for headers and small files."""
-_MAX_META = 1 << 20
-"""Largest PAX header, GNU long name or sparse map accepted (Go's archive/tar limit)."""
-
-
-class _Input:
-    """The layer stream, read forward only, with a small read-ahead for headers.
-
-    Raises ``EOFError`` where the tar needs bytes the stream no longer has.
-    """
-
-    __slots__ = ("_at", "_buf", "_chunk", "_read", "_readinto", "entry_at", "pos")
-
-    def __init__(self, stream: LayerStream):
-        self._read = stream.read
-        self._readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
-        self._buf = b""
-        self._at = 0
-        self._chunk: memoryview | None = None
-        self.pos = 0
-        """Offset in the tar of the next unread byte."""
-        self.entry_at = 0
-        """Offset of the header of the entry being read."""
-
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes; fewer only at the end of the stream."""
-        at = self._at
-        if at + n > len(self._buf):
-            self._fill(n)
-            at = 0
-        out = self._buf[at : at + n]
-        self._at = at + len(out)
-        self.pos += len(out)
-        return out if type(out) is bytes else bytes(out)
-
-    def skip(self, n: int) -> None:
-        avail = len(self._buf) - self._at
-        if n <= avail:
-            self._at += n
-            self.pos += n
-            return
-        self._buf, self._at = b"", 0
-        self.pos += avail
-        n -= avail
-        while n:
-            got = len(self._read(min(n, _CHUNK)))
-            if not got:
-                raise EOFError
-            n -= got
-            self.pos += got
-
-    def copy_to(self, fd: int, n: int, offset: int) -> None:
-        """Write the next ``n`` bytes to ``fd`` at ``offset``."""
-        while n:
-            avail = len(self._buf) - self._at
-            if avail < n < _READAHEAD:  # a small file across the read-ahead's end: one write, not two
-                self._fill(n)
-                avail = len(self._buf)
-            if not avail:
-                if n >= _READAHEAD:
-                    self._copy_direct(fd, n, offset)
-                    return
-                self._fill(n)
-                avail = len(self._buf)
-                if not avail:
-                    raise EOFError
-            k = min(avail, n)
-            _pwrite_all(fd, memoryview(self._buf)[self._at : self._at + k], offset)
-            self._at += k
-            self.pos += k
-            offset += k
-            n -= k
-
-    def drain(self) -> None:
-        """Read to the end of the stream (all of it counts toward the layer's diffID)."""
-        self.pos += len(self._buf) - self._at
-        self._buf, self._at = b"", 0
-        while more := self._read(_CHUNK):
-            self.pos += len(more)
-
-    def _fill(self, n: int) -> None:
-        """Buffer at least ``n`` unread bytes, or all that is left. A stream's memoryview that holds
-        them all is kept as it is: file contents are written from it without a copy."""
-        parts = [self._buf[self._at :]]
-        have = len(parts[0])
-        while have < n:
-            more = self._read(max(n - have, _READAHEAD))
-            if not more:
-                break
-            parts.append(more)
-            have += len(more)
-        self._buf = parts[1] if len(parts) == 2 and not parts[0] else b"".join(parts)
-        self._at = 0
-
-    def _copy_direct(self, fd: int, n: int, offset: int) -> None:
-        """Large contents: ``readinto`` one reused 1 MiB buffer when the stream has it."""
-        readinto = self._readinto
-        if readinto is not None and self._chunk is None:
-            self._chunk = memoryview(bytearray(_CHUNK))
-        while n:
-            want = min(n, _CHUNK)
-            data: bytes | memoryview
-            if readinto is not None and self._chunk is not None:
-                data = self._chunk[: readinto(self._chunk[:want]) or 0]
-            else:
-                data = self._read(want)
-            if not data:
-                raise EOFError
-            _pwrite_all(fd, data, offset)
-            self.pos += len(data)
-            offset += len(data)
-            n -= len(data)
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    done = os.pwrite(fd, data, offset)
-    if done < len(data):
-        view = memoryview(data)
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-
-
-# --- tar headers -----------------------------------------------------------------------
-
-_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
-_ZERO_BLOCK = bytes(_BLOCK)
-_USTAR = b"ustar\x0000"
-_REGULAR, _LINK, _SYMLINK, _CHAR, _BLOCKDEV, _DIR, _FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
-_GLOBAL = b"g"
-_TRAILING = b"x"
-"""Extension headers that no entry follows: the archive ended."""
-_NO_OWNER = 0xFFFFFFFF
-_NO_DATA = frozenset((_LINK, _SYMLINK, _CHAR, _BLOCKDEV, _DIR, _FIFO))
-_XATTR = b"SCHILY.xattr."
-_TIME_LIMIT = 1 << 63
-_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode, inlined
-
-
-class _Entry:
-    """One tar member, extension headers merged.
-
-    ``type`` is one of the ``_REGULAR``.. ``_FIFO`` flags (contiguous and sparse files are
-    ``_REGULAR``), ``_GLOBAL``, or an unsupported flag. ``size`` is the file's logical size;
-    a sparse file's data follows as the runs of ``sparse`` (offset, length).
-    """
-
-    __slots__ = (
-        "atime_ns", "devmajor", "devminor", "gid", "linkname", "mode", "mtime_ns", "name",
-        "size", "sparse", "type", "uid", "xattrs",
-    )  # fmt: skip
-
-    name: str
-    type: bytes
-    linkname: str
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    atime_ns: int
-    devmajor: int
-    devminor: int
-    xattrs: dict[str, bytes] | None
-    sparse: list[tuple[int, int]] | None
-
-
-def _entries(source: _Input, layer: str) -> Iterator[_Entry]:
-    """The tar's members in order, read the way Go's archive/tar (containerd, moby) does.
-
-    After each entry is yielded, whatever the consumer left of its data is skipped. Global
-    PAX headers are yielded as ``_GLOBAL`` entries and not merged (Go ignores them too), and
-    extension headers that the end of the archive follows as one ``_TRAILING`` entry (Go reads
-    such an archive as empty). ``source.entry_at`` follows the header being read. The stream
-    is read to its end.
-    """
-    pax: dict[bytes, bytes] = {}
-    long_name = long_link = None
-    while True:
-        at = source.entry_at = source.pos
-        block = source.read(_BLOCK)
-        if len(block) < _BLOCK or block == _ZERO_BLOCK:
-            if 0 < len(block) < _BLOCK:
-                raise EOFError
-            if block:  # like Go: a second block, if any, must be zeros too; the rest is not read
-                second = source.read(_BLOCK)
-                if 0 < len(second) < _BLOCK:
-                    raise EOFError
-                if second and second != _ZERO_BLOCK:
-                    raise MalformedArchive(layer, at, "a lone zero block inside the archive")
-            if pax or long_name is not None or long_link is not None:
-                e = _Entry()
-                e.type, e.name = _TRAILING, ""
-                yield e
-            source.drain()
-            return
-        try:
-            fields = _HEADER.unpack(block)
-            if not _checksum_ok(block, _num(fields[6])):
-                raise ValueError("header checksum mismatch")
-            typ, size = fields[7], _num(fields[4])
-            if typ in (b"x", b"X", _GLOBAL, b"L", b"K"):
-                if not 0 <= size <= _MAX_META:
-                    raise ValueError(f"extension header of {size} bytes (at most {_MAX_META} accepted)")
-                data = source.read(size)
-                if len(data) < size:
-                    raise EOFError
-                source.skip(-size % _BLOCK)
-                if typ in (b"x", b"X"):  # X: Solaris tar's older name for it (GNU tar reads it too)
-                    pax = _parse_pax(data)
-                elif typ == b"L":
-                    long_name = data.partition(b"\0")[0]
-                elif typ == b"K":
-                    long_link = data.partition(b"\0")[0]
-                else:
-                    e = _Entry()
-                    e.type, e.name = typ, os.fsdecode(fields[0].partition(b"\0")[0])
-                    yield e
-                continue
-            e, end = _member(block, fields, size, pax, long_name, long_link, source)
-        except ValueError as err:
-            raise MalformedArchive(layer, at, str(err)) from None
-        pax = {}
-        long_name = long_link = None
-        yield e
-        source.skip(end - source.pos)
-
-
-def _member(
-    block: bytes,
-    fields: tuple,
-    phys: int,
-    pax: dict[bytes, bytes],
-    long_name: bytes | None,
-    long_link: bytes | None,
-    source: _Input,
-) -> tuple[_Entry, int]:
-    """The entry a header describes, its extension headers merged (GNU long names win over
-    PAX, which wins over the header), and the offset of the next header. ``phys`` is the
-    header's size field. Reads a sparse map, if any; raises ValueError on malformed fields."""
-    name, mode, uid, gid, _, mtime, _, flag, link, magic, _, _, devmajor, devminor, prefix = fields
-    e = _Entry()
-    raw_name = name.partition(b"\0")[0]
-    if magic == _USTAR and prefix[0]:
-        raw_name = prefix.partition(b"\0")[0] + b"/" + raw_name
-    raw_link = link.partition(b"\0")[0]
-    uid, gid = _num(uid), _num(gid)
-    mtime_ns = _num(mtime) * 1_000_000_000
-    atime_ns = 0
-    xattrs = None
-    if pax:
-        raw_name = pax.get(b"path", raw_name)
-        raw_link = pax.get(b"linkpath", raw_link)
-        if b"size" in pax:
-            phys = _decimal(pax[b"size"])
-        if b"uid" in pax:
-            uid = _decimal(pax[b"uid"])
-        if b"gid" in pax:
-            gid = _decimal(pax[b"gid"])
-        if b"mtime" in pax:
-            mtime_ns = _pax_time(pax[b"mtime"])
-        if b"atime" in pax:
-            atime_ns = _pax_time(pax[b"atime"])
-        xattrs = {os.fsdecode(k[len(_XATTR) :]): v for k, v in pax.items() if k.startswith(_XATTR)} or None
-    if long_name is not None:
-        raw_name = long_name
-    if long_link is not None:
-        raw_link = long_link
-    if phys < 0:
-        raise ValueError(f"negative size {phys}")
-    # The largest owner, (uid_t)-1, makes chown leave the owner as is.
-    if not 0 <= uid <= _NO_OWNER:
-        raise ValueError(f"uid {uid} out of range")
-    if not 0 <= gid <= _NO_OWNER:
-        raise ValueError(f"gid {gid} out of range")
-    typ = flag
-    if typ == b"\0":
-        typ = _DIR if raw_name.endswith(b"/") else _REGULAR
-    elif typ in (b"7", b"S"):
-        typ = _REGULAR
-    if typ in _NO_DATA:
-        phys = 0
-    elif typ == b"D":  # a GNU dumpdir: a directory; its data (a listing for incremental restores) is skipped
-        typ = _DIR
-    e.type = typ
-    e.uid, e.gid = uid, gid
-    e.mode = _num(mode) & 0o7777
-    # Times before the epoch or past 2262 become the epoch, as containerd does.
-    e.mtime_ns = mtime_ns = mtime_ns if 0 <= mtime_ns < _TIME_LIMIT else 0
-    e.atime_ns = atime_ns if mtime_ns < atime_ns < _TIME_LIMIT else mtime_ns
-    e.xattrs = xattrs
-    if typ in (_CHAR, _BLOCKDEV):
-        e.devmajor, e.devminor = _num(devmajor), _num(devminor)
-        if not (0 <= e.devmajor < 1 << 32 and 0 <= e.devminor < 1 << 32):
-            raise ValueError("device number out of range")
-    e.size = phys
-    e.sparse = None
-    if flag == b"S":
-        e.sparse, e.size = _old_gnu_sparse(block, source)
-    data_start = source.pos
-    if pax and typ == _REGULAR and _is_pax_sparse(pax):
-        raw_name = pax.get(b"GNU.sparse.name", raw_name)
-        e.size = _decimal(pax.get(b"GNU.sparse.size") or pax.get(b"GNU.sparse.realsize", b"0"))
-        if pax.get(b"GNU.sparse.major") == b"1":
-            e.sparse = _sparse_map_10(source, min(phys, _MAX_META))
-        else:
-            e.sparse = _pairs(pax.get(b"GNU.sparse.map", b"").split(b","))
-    if e.sparse is not None:
-        _check_sparse(e.sparse, e.size, data_start + phys - source.pos)
-    e.name = raw_name.decode(_FS_ENCODING, _FS_ERRORS)
-    e.linkname = raw_link.decode(_FS_ENCODING, _FS_ERRORS) if raw_link else ""
-    return e, data_start + phys + (-phys % _BLOCK)
-
-
-def _checksum_ok(block: bytes, stored: int) -> bool:
-    """Whether ``stored`` is the header's unsigned (or historic signed) byte sum.
-
-    zlib.adler32's low half is 1 + the byte sum mod 65521, which is exact for 256 bytes
-    (at most 65280), so two halves give the sum at C speed.
-    """
-    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
-    unsigned += 256 - sum(block[148:156])  # the checksum field counts as eight spaces
-    if stored == unsigned:
-        return True
-    return stored == unsigned - 256 * sum(b > 127 for b in block[:148] + block[156:])
-
-
-def _num(f: bytes) -> int:
-    """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
-    digits = f.strip(b" \0")
-    if digits.isdigit():
-        return int(digits, 8)
-    if f[0] & 0x80:
-        if f[0] & 0x40:
-            return int.from_bytes(f, "big", signed=True)
-        return int.from_bytes(bytes((f[0] & 0x7F,)) + f[1:], "big")
-    digits = digits.partition(b"\0")[0].strip(b" ")  # text after a NUL is ignored
-    if digits and not digits.isdigit():
-        raise ValueError(f"bad numeric field {f!r}")
-    return int(digits or b"0", 8)
-
-
-def _decimal(v: bytes) -> int:
-    if not v.isdigit():
-        raise ValueError(f"bad number {v!r}")
-    return int(v)
-
-
-def _pax_time(v: bytes) -> int:
-    """A PAX time (``[-]seconds[.fraction]``) in nanoseconds, exactly."""
-    sec, _, frac = v.partition(b".")
-    negative = sec.startswith(b"-")
-    ns = _decimal(sec[negative:]) * 1_000_000_000
-    if frac:
-        ns += _decimal(frac[:9].ljust(9, b"0"))
-    return -ns if negative else ns
-
-
-def _parse_pax(data: bytes) -> dict[bytes, bytes]:
-    """PAX records (``"%d %s=%s\\n"``); repeated GNU 0.0 sparse pairs become ``GNU.sparse.map``."""
-    records: dict[bytes, bytes] = {}
-    runs: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos, pos + 21)
-        nxt = pos + _decimal(data[pos:space]) if space > pos else -1
-        if not space + 1 < nxt <= len(data) or data[nxt - 1] != 0x0A:
-            raise ValueError("bad PAX record")
-        key, eq, value = data[space + 1 : nxt - 1].partition(b"=")
-        if not eq or not key:
-            raise ValueError("bad PAX record")
-        if key in (b"GNU.sparse.offset", b"GNU.sparse.numbytes"):
-            runs.append(value)
-        elif value:
-            records[key] = value
-        else:  # an empty value unsets the key
-            records.pop(key, None)
-        pos = nxt
-    if runs:
-        records[b"GNU.sparse.map"] = b",".join(runs)
-    return records
-
-
-def _is_pax_sparse(pax: dict[bytes, bytes]) -> bool:
-    version = (pax.get(b"GNU.sparse.major"), pax.get(b"GNU.sparse.minor"))
-    if version in ((b"1", b"0"), (b"0", b"0"), (b"0", b"1")):
-        return True
-    return version == (None, None) and b"GNU.sparse.map" in pax
-
-
-def _pairs(numbers: list[bytes]) -> list[tuple[int, int]]:
-    if len(numbers) % 2:
-        raise ValueError("odd sparse map")
-    values = [_decimal(n) for n in numbers]
-    return list(zip(values[0::2], values[1::2]))
-
-
-def _old_gnu_sparse(block: bytes, source: _Input) -> tuple[list[tuple[int, int]], int]:
-    """The runs and real size of an old GNU sparse header and its extension blocks."""
-    runs = _sparse_structs(block[386:482], 4)
-    extended = block[482]
-    while extended:
-        if len(runs) > _MAX_META // 24:
-            raise ValueError("sparse map too large")
-        ext = source.read(_BLOCK)
-        if len(ext) < _BLOCK:
-            raise EOFError
-        runs += _sparse_structs(ext, 21)
-        extended = ext[504]
-    return runs, _num(block[483:495])
-
-
-def _sparse_structs(buf: bytes, count: int) -> list[tuple[int, int]]:
-    runs = []
-    for i in range(0, 24 * count, 24):
-        if not buf[i]:
-            break
-        runs.append((_num(buf[i : i + 12]), _num(buf[i + 12 : i + 24])))
-    return runs
-
-
-def _sparse_map_10(source: _Input, limit: int) -> list[tuple[int, int]]:
-    """The GNU 1.0 sparse map at the start of the data: decimal lines, block-padded."""
-    numbers: list[bytes] = []
-    buf = b""
-    want = None
-    used = 0
-    while want is None or len(numbers) < want:
-        line, nl, rest = buf.partition(b"\n")
-        if not nl:
-            if used + _BLOCK > limit:
-                raise ValueError("sparse map too large")
-            block = source.read(_BLOCK)
-            if len(block) < _BLOCK:
-                raise EOFError
-            buf += block
-            used += _BLOCK
-            continue
-        buf = rest
-        if want is None:
-            want = 2 * _decimal(line)
-        else:
-            numbers.append(line)
-    return _pairs(numbers)
-
-
-def _check_sparse(runs: list[tuple[int, int]], size: int, data_len: int) -> None:
-    end = total = 0
-    for offset, length in runs:
-        if offset < end or length < 0 or offset + length > size:
-            raise ValueError("sparse runs overlap or pass the end of the file")
-        end = offset + length
-        total += length
-    if total != data_len:
-        raise ValueError("sparse runs do not match the stored data")
-
-
 # --- the applier -----------------------------------------------------------------------
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -654,7 +196,7 @@ _MAX_HOPS = 40
 _GONE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
 _ARCHIVE_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL))
 """Errors the archive's content causes (a parent that is a file, a symlink loop...)."""
-_NODE_KINDS = {_CHAR: stat.S_IFCHR, _BLOCKDEV: stat.S_IFBLK, _FIFO: stat.S_IFIFO}
+_NODE_KINDS = {CHAR: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 _DEFAULT_ACL = "system.posix_acl_default"
 """A directory's default ACL: files created in it take their mode from it, not from the umask."""
 
@@ -671,7 +213,7 @@ class _Applier:
     under them is its own), ``_touched`` the other paths it wrote and their ancestors.
     """
 
-    def __init__(self, source: _Input, root: Path, layer: str, whiteouts: str, lower: Path | None):
+    def __init__(self, source: TarInput, root: Path, layer: str, whiteouts: str, lower: Path | None):
         self.layer = layer
         self.stats = ApplyStats()
         self.entry = ""
@@ -722,15 +264,15 @@ class _Applier:
 
     # -- entries --
 
-    def apply(self, e: _Entry) -> None:
+    def apply(self, e: TarEntry) -> None:
         self._checkpoint()
         self.entry = e.name
         t = e.type
-        if t == _GLOBAL:
+        if t == GLOBAL:
             return self._skip("PAX global header (ignored, as containerd does)")
-        if t == _TRAILING:
+        if t == TRAILING:
             return self._skip("extension header that the end of the archive follows (ignored, as containerd does)")
-        if t != _REGULAR and t not in _NO_DATA:
+        if t != REGULAR and t not in NO_DATA:
             return self._skip(f"unsupported entry type {t.decode('latin-1')!r}")
         name = self._clean(e.name)
         if not name:
@@ -740,13 +282,13 @@ class _Applier:
             return self._whiteout(parent, base, e)
         pfd, pcanon = self._dir(parent)
         fresh = False
-        if t == _REGULAR:
+        if t == REGULAR:
             self._file(pfd, base, e)
-        elif t == _DIR:
+        elif t == DIR:
             fresh = self._mkdir(pfd, pcanon, base, name, e)
-        elif t == _SYMLINK:
+        elif t == SYMLINK:
             self._symlink(pfd, base, e)
-        elif t == _LINK:
+        elif t == LINK:
             self._hardlink(pfd, base, name, e)
         elif not self._node(pfd, base, e):
             return
@@ -772,7 +314,7 @@ class _Applier:
             finally:
                 os.close(fd)
 
-    def _file(self, pfd: int, base: str, e: _Entry) -> None:
+    def _file(self, pfd: int, base: str, e: TarEntry) -> None:
         mode = e.mode
         # Created with its final mode if that is exact and leaves it writable by its owner (user.*
         # xattrs need that); else 0600 and fchmod at the end.
@@ -803,7 +345,7 @@ class _Applier:
         finally:
             os.close(fd)
 
-    def _mkdir(self, pfd: int, pcanon: str, base: str, name: str, e: _Entry) -> bool:
+    def _mkdir(self, pfd: int, pcanon: str, base: str, name: str, e: TarEntry) -> bool:
         """Create or merge a directory; whether it is new."""
         fresh = True
         opaque = False
@@ -831,7 +373,7 @@ class _Applier:
         self.stats.implied_dirs.discard(name)
         return fresh
 
-    def _symlink(self, pfd: int, base: str, e: _Entry) -> None:
+    def _symlink(self, pfd: int, base: str, e: TarEntry) -> None:
         if "\0" in e.linkname or not e.linkname:
             raise self._malformed("empty symlink target or NUL byte in it")
         try:
@@ -841,7 +383,7 @@ class _Applier:
             os.symlink(e.linkname, base, dir_fd=pfd)
         self._node_attrs(pfd, base, e, chmod=False)
 
-    def _hardlink(self, pfd: int, base: str, name: str, e: _Entry) -> None:
+    def _hardlink(self, pfd: int, base: str, name: str, e: TarEntry) -> None:
         """Link to an entry earlier in this layer or a file already in the root.
 
         The target's parent resolves inside the root; a symlink target is linked itself,
@@ -871,7 +413,7 @@ class _Applier:
             why = f"cannot hardlink to {e.linkname!r}: {err.strerror}"
             raise UnsafeArchive(self.layer, self.entry, why) from None
 
-    def _node(self, pfd: int, base: str, e: _Entry) -> bool:
+    def _node(self, pfd: int, base: str, e: TarEntry) -> bool:
         """Create a device node or fifo; False if not permitted here (skipped)."""
         kind = _NODE_KINDS[e.type]
         dev = 0 if kind == stat.S_IFIFO else os.makedev(e.devmajor, e.devminor)
@@ -887,7 +429,7 @@ class _Applier:
         self._node_attrs(pfd, base, e, chmod=True)
         return True
 
-    def _node_attrs(self, pfd: int, base: str, e: _Entry, *, chmod: bool) -> None:
+    def _node_attrs(self, pfd: int, base: str, e: TarEntry, *, chmod: bool) -> None:
         """Owner, xattrs, mode and times of a node that must not be opened or followed."""
         self._own(f"/proc/self/fd/{pfd}/{base}", e.uid, e.gid, follow=False)
         if e.xattrs:
@@ -918,7 +460,7 @@ class _Applier:
 
     # -- whiteouts --
 
-    def _whiteout(self, parent: str, base: str, e: _Entry) -> None:
+    def _whiteout(self, parent: str, base: str, e: TarEntry) -> None:
         if base.startswith(".wh..wh.") and base != OPAQUE_MARKER:
             return self._skip("AUFS metadata")
         hidden = base[4:]
@@ -943,7 +485,7 @@ class _Applier:
             self._hide_lower(pcanon, [hidden])
         self.stats.entries += 1
 
-    def _whiteout_node(self, pfd: int, hidden: str, e: _Entry) -> None:
+    def _whiteout_node(self, pfd: int, hidden: str, e: TarEntry) -> None:
         """A 0/0 character device; if this layer already has that name, keep it (a
         directory becomes opaque so that the lower one stays hidden)."""
         try:
