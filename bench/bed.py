@@ -411,6 +411,13 @@ class BedRegistry:
         self.bed.call(self.local.clear_served)
 
 
+def trust(ca_file: str | None) -> None:
+    """Make this process and the tools it starts (fastpull, curl, the pusher) verify with ``ca_file``,
+    the bed's self-signed certificates; nothing for a plain-HTTP registry (None)."""
+    if ca_file:
+        os.environ["SSL_CERT_FILE"] = os.environ["CURL_CA_BUNDLE"] = ca_file
+
+
 def _bits(mbit: float) -> int:
     return int(mbit * 1_000_000)
 

@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers
-from bed import REPO, ThrottledBed, compile_package
+from bed import REPO, ThrottledBed, compile_package, trust
 from peers import Sample
 
 from fastpull.testbed.images import BuiltImage, LayerSpec, build_image, push_image
@@ -359,8 +359,7 @@ def main() -> int:
 
     with ThrottledBed(args.per_flow, args.link, rtt_ms=args.rtt, name=args.name) as bed:
         with bed.registry(storage, tls=args.tls) as registry:
-            if registry.ca_file:  # fastpull, curl and the pusher verify with it
-                os.environ["SSL_CERT_FILE"] = os.environ["CURL_CA_BUNDLE"] = registry.ca_file
+            trust(registry.ca_file)
             for key, image in images.items():
                 bed.call(push_image, registry.url, f"bench/{key}", "latest", image)
             refs = {key: f"{registry.host}/bench/{key}:latest" for key in images}
@@ -501,8 +500,7 @@ def main() -> int:
         # Where the 2-core machine saturates: the same fastpull with caps far above what it can reach.
         with ThrottledBed(100_000, 100_000, name=args.name) as bed:
             with bed.registry(storage, tls=args.tls) as registry:
-                if registry.ca_file:
-                    os.environ["SSL_CERT_FILE"] = os.environ["CURL_CA_BUNDLE"] = registry.ca_file
+                trust(registry.ca_file)
                 bench = Bench(bed, runs_dir, args.fastpull_root)
                 lines = ["| image | setting | wall s | MB/s | CPU s | CPU s / wall s |",
                          "| --- | --- | ---: | ---: | ---: | ---: |"]

@@ -17,7 +17,6 @@ certificate (``SSL_CERT_FILE``); skopeo and ctr skip verification. The tables go
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers
-from bed import REPO, ThrottledBed, compile_package
+from bed import REPO, ThrottledBed, compile_package, trust
 from bench_bed import MB, PEERS, RESULTS, Bench, bed_arguments, best, git_state, log, sample_table, shapes
 from peers import Sample
 
@@ -88,8 +87,7 @@ def main() -> int:
                 if kind == "redirect":
                     front = stack.enter_context(bed.redirector(registry))
                     host, ca_file = front.host, front.ca_file
-                if ca_file:  # fastpull and the pusher verify with it
-                    os.environ["SSL_CERT_FILE"] = os.environ["CURL_CA_BUNDLE"] = ca_file
+                trust(ca_file)
                 md.append(f"## {kind}: {KINDS[kind]}")
                 for key, image in images.items():
                     bed.call(push_image, registry.url, f"bench/{key}", "latest", image)

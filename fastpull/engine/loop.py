@@ -485,7 +485,7 @@ class FetchEngine:
         if opts.transfer_rate_limit:
             c.setopt(pycurl.MAX_RECV_SPEED_LARGE, opts.transfer_rate_limit)
         c.setopt(pycurl.USERAGENT, USER_AGENT)
-        configure_tls(c, blob.source.ca_file, blob.source.tls_verify or urlsplit(blob.url).netloc != blob.registry_netloc)
+        configure_tls(c, blob.source.ca_file, blob.source.tls_verify or not blob.at_origin(blob.url))
         self._transfers[c] = transfer
         blob.transfers.add(transfer)
         self.stats.requests += 1
@@ -543,9 +543,8 @@ class FetchEngine:
             self._requeue(t, delay=0)  # sent before another transfer of the blob renewed the token
             return
         key = t.chunks[0] if t.chunks is not None else "single"
-        elsewhere = urlsplit(t.url).netloc != blob.registry_netloc
         exchange = Exchange(t.status, t.headers, curl_code, message,
-                            complete=t.sink.armed and t.sink.offset == t.end, elsewhere=elsewhere)
+                            complete=t.sink.armed and t.sink.offset == t.end, elsewhere=not blob.at_origin(t.url))
         counters = Counters(blob.tries.get(key, 0) + 1, blob.redirects, blob.reauthentications, blob.resolutions)
         verdict = judge(exchange, counters, self.options.retry)
         if t.status in THROTTLE_STATUSES:

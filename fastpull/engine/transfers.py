@@ -47,9 +47,13 @@ class BlobFetch:
     refetched: bool = False  # failed its digest once and was fetched again from scratch
     finished_rates: deque = field(default_factory=lambda: deque(maxlen=16))  # B/s of finished chunks
 
+    def at_origin(self, url: str) -> bool:
+        """Whether ``url`` is on the registry's host (not a redirect target: a CDN, S3)."""
+        return urlsplit(url).netloc == self.registry_netloc
+
     def headers(self, extra: list[str]) -> list[str]:
         # The registry's credentials never go to a redirect target on another host.
-        if self.auth and urlsplit(self.url).netloc == self.registry_netloc:
+        if self.auth and self.at_origin(self.url):
             return extra + [f"Authorization: {self.auth}"]
         return extra
 

@@ -100,7 +100,7 @@ class Exchange:
     status: int
     """The HTTP status, 0 if no response arrived."""
     headers: Mapping[str, str]
-    """Response headers, names lower-case."""
+    """Response headers, looked up by lower-case name."""
     curl_code: int = 0
     curl_message: str = ""
     complete: bool = True

@@ -109,7 +109,7 @@ class Transport:
             except _CurlFailure as e:
                 exchange = Exchange(0, {}, e.code, e.message)
             else:
-                exchange = Exchange(response.status, {k: response.headers[k] for k in response.headers})
+                exchange = Exchange(response.status, response.headers)
             verdict = judge(exchange, Counters(tries=tries), policy)
             if verdict.action is not Action.RETRY:
                 if exchange.curl_code:
