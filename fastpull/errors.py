@@ -51,7 +51,7 @@ class PlatformNotFound(ManifestError):
 class RegistryError(FastpullError):
     """An HTTP request to a registry that failed with a status the pull cannot use."""
 
-    def __init__(self, status: int, method: str, url: str, body: bytes | str = b""):
+    def __init__(self, status: int, method: str, url: str, body: bytes | str = b"", *, retry_after: str | None = None):
         excerpt = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
         excerpt = " ".join(excerpt.split())[:300]
         msg = f"{method} {url} -> HTTP {status}"
@@ -62,6 +62,8 @@ class RegistryError(FastpullError):
         self.method = method
         self.url = url
         self.body = excerpt
+        self.retry_after = retry_after
+        """The response's ``Retry-After``, as sent (a 429 or 503 may carry one)."""
 
 
 class AuthError(RegistryError):

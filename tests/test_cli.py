@@ -30,7 +30,7 @@ def test_bench_hands_every_argument_to_the_bench_script():
 def test_help_lists_the_commands():
     done = _fastpull("--help")
     assert done.returncode == 0
-    assert "{pull,demo,bench}" in done.stdout
+    assert "{pull,serve,demo,bench}" in done.stdout
 
 
 def test_unknown_command_is_refused():
@@ -196,7 +196,7 @@ def _read_pty(fd: int) -> bytes:
 @pytest.mark.parametrize(("given", "streams"), [([], 1), (["--streams-per-connection", "4"], 4),
                                                 (["--streams-per-connection", "auto"], None)])
 def test_streams_per_connection_is_one_unless_asked(given, streams):
-    from fastpull.cli.main import _fetch_options, build_parser
+    from fastpull.cli.main import build_parser, fetch_options
 
     args = build_parser().parse_args(["pull", "127.0.0.1:1/x:y", "--layout", "unused", *given])
-    assert _fetch_options(args).streams_per_connection == streams
+    assert fetch_options(args).streams_per_connection == streams

@@ -8,7 +8,8 @@
     engine      -> http, content       the fetch loop, its planner and hashers; no OCI
     unpack      -> content, oci        the tar applier, worker processes, snapshots, rootfs
     puller      -> all of the above    a pull, wired together
-    cli         -> puller, oci, engine (options), testbed (the demo)
+    serve       -> puller and below    the node daemon: a pull-through mirror over the engine and store
+    cli         -> serve, puller, oci, engine (options), content (default store), testbed (the demo)
 
 Every module of the package is in one layer; a new one must be placed here.
 """
@@ -30,7 +31,8 @@ ALLOWED = {
     "engine": {"http", "content", "engine"},
     "unpack": {"oci", "content", "unpack"},
     "puller": {"oci", "registry", "engine", "content", "unpack"},
-    "cli": {"cli", "puller", "oci", "engine", "testbed"},
+    "serve": {"serve", "puller", "registry", "engine", "content", "oci"},
+    "cli": {"cli", "serve", "puller", "oci", "engine", "content", "testbed"},
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }
 TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "digests": "common", "_pycore": "common",

@@ -1,4 +1,4 @@
-"""Command line: ``fastpull pull``, ``fastpull demo``, ``fastpull bench``.
+"""Command line: ``fastpull pull``, ``fastpull serve`` (:mod:`fastpull.cli.serve`), ``fastpull demo``, ``fastpull bench``.
 
 Start-up matters here: a node may start many ``fastpull pull`` processes at once, and an identical
 pull that is already in flight is joined (:mod:`fastpull.cli.singleflight`) before the engine is even
@@ -56,7 +56,7 @@ def _stop(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
 
-def _fetch_options(args: argparse.Namespace) -> FetchOptions:
+def fetch_options(args: argparse.Namespace) -> FetchOptions:
     from fastpull.engine import FetchOptions
 
     defaults = FetchOptions()
@@ -75,7 +75,7 @@ def _fetch_options(args: argparse.Namespace) -> FetchOptions:
         raise UsageError(f"invalid fetch options: {e}") from None
 
 
-def _add_fetch_arguments(p: argparse.ArgumentParser) -> None:
+def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fetch engine")
     g.add_argument("--chunk-size", type=_positive_number, metavar="MiB",
                    help="bytes per Range request, in MiB (default: adapted to the measured stream speed)")
@@ -195,7 +195,7 @@ def _say_waiting() -> None:
 
 
 def _pull(args: argparse.Namespace) -> str:
-    _log_to_stderr(args.verbose)
+    log_to_stderr(args.verbose)
     return _pull_and_report(args, args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots,
                             unpack_workers=args.unpack_workers)
 
@@ -207,7 +207,7 @@ def _pull_and_report(args: argparse.Namespace, ref: str, layout: str, *, unpack_
     from fastpull.puller import Puller
 
     with Puller(
-        _fetch_options(args), insecure_registries=args.insecure_registry,
+        fetch_options(args), insecure_registries=args.insecure_registry,
         platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
         unpack_workers=unpack_workers,
     ) as puller, _ProgressBar(f"pulling {ref}") as bar:
@@ -260,7 +260,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fastpull.testbed.images import LayerSpec, build_image, push_image
     from fastpull.testbed.registry import LocalRegistry
 
-    _log_to_stderr(args.verbose)
+    log_to_stderr(args.verbose)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fastpull-demo-"))
     layer_bytes = int(args.size_mb * 1e6 / args.layers)
     print(f"building a {args.layers}-layer image of {args.size_mb} MB in {work / 'image'} ...", flush=True)
@@ -276,7 +276,7 @@ BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.p
                             "bench_bed.py")
 
 
-def _log_to_stderr(verbose: int) -> None:
+def log_to_stderr(verbose: int) -> None:
     import logging
 
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
@@ -316,14 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-join", dest="join", action="store_false",
                    help="pull even if an identical pull is in flight (default: wait for it and share its "
                         "result); each blob is still fetched once")
-    _add_fetch_arguments(p)
+    add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
+
+    from fastpull.cli import serve
+
+    serve.add_parser(sub)
 
     p = sub.add_parser("demo", help="start a local registry, push a generated image, pull it")
     p.add_argument("--size-mb", type=_positive_number, default=300, help="image size in MB (default 300)")
     p.add_argument("--layers", type=_count, default=5)
     p.add_argument("--workdir", help="where the image, registry and layout go (default: a temp dir)")
-    _add_fetch_arguments(p)
+    add_fetch_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
     # Listed for --help only: main() hands everything after "bench" to the bench script.

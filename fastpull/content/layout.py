@@ -22,6 +22,17 @@ _LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 _INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 
 
+def default_root() -> Path:
+    """Where images go when no layout is named: ``$FASTPULL_STORE``, else ``/var/lib/fastpull`` as
+    root, else ``$XDG_DATA_HOME/fastpull`` (``~/.local/share/fastpull``)."""
+    if store := os.environ.get("FASTPULL_STORE"):
+        return Path(store)
+    if os.geteuid() == 0:
+        return Path("/var/lib/fastpull")
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data_home, "fastpull")
+
+
 class ImageLayout:
     """An OCI image layout directory whose ``blobs/`` is a :class:`ContentStore`."""
 

@@ -315,19 +315,23 @@ class BlobReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def _available(self) -> int:
+    def fileno(self) -> int:
+        return self._fd
+
+    def wait_beyond(self, offset: int) -> int:
+        """Block until more than ``offset`` bytes (or all of them) can be read; return how many can."""
         if self._bitmap is None:
             return self.size
         while True:
             seen = self._bitmap.sequence  # read before the watermark: no lost wake-up
             available = self._bitmap.watermark_bytes()
-            if available > self.pos or available >= self.size:
+            if available > offset or available >= self.size:
                 return available
-            if self._bitmap.abandoned or not self._writer_alive():
+            if self._bitmap.abandoned or not self._writer_alive(offset):
                 raise StoreError(str(self._lock_path.parent), f"download of {self.digest} stopped at {available} bytes")
             self._bitmap.wait(seen, self._liveness_check)
 
-    def _writer_alive(self) -> bool:
+    def _writer_alive(self, offset: int) -> bool:
         """True while some process holds the blob's ingest lock (checked only after a quiet spell)."""
         try:
             fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -339,13 +343,13 @@ class BlobReader(io.RawIOBase):
             return True
         finally:
             os.close(fd)
-        return self._bitmap.watermark_bytes() > self.pos  # it finished just now
+        return self._bitmap.watermark_bytes() > offset  # it finished just now
 
     def readinto(self, buffer) -> int:
         if self.pos >= self.size:
             return 0
         view = memoryview(buffer).cast("B")
-        want = min(len(view), self._available() - self.pos)
+        want = min(len(view), self.wait_beyond(self.pos) - self.pos)
         n = os.preadv(self._fd, [view[:want]], self.pos)
         if n <= 0:
             raise StoreError(self.digest, f"short read at offset {self.pos}")

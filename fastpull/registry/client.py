@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
+from fastpull.digests import check_digest
 from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError, TransferError
 from fastpull.http.policy import SSL_CONNECT_ERROR
 from fastpull.http.transport import Response, Transport
@@ -161,10 +162,28 @@ class RegistryClient:
             )
         return Resolved(ref, descriptor, ((descriptor, body), (chosen, child)), manifest)
 
+    def manifest(self, repository: str, target: str) -> tuple[bytes, str | None]:
+        """GET the manifest or index ``target`` (a tag or a digest) of ``repository`` as it is:
+        (body, Content-Type), its digest checked against ``target`` or ``Docker-Content-Digest``.
+        Raises DigestMismatch, AuthError, RegistryError, TransferError."""
+        expected = target if check_digest(target) is None else None
+        return self._manifest(repository, target, expected, f"{self.host}/{repository}:{target}")
+
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """The size ``repository`` says its blob ``digest`` has (a ``HEAD``), None if it has none."""
+        url = self.blob_url(repository, digest)
+        response = self._send("HEAD", repository, url, {}, 0, accept=(200, 404))
+        if response.status == 404:
+            return None
+        length = response.headers.get("content-length", "")
+        if not length.isdigit():
+            raise RegistryError(response.status, "HEAD", url, "no Content-Length for the blob")
+        return int(length)
+
     def _manifest(self, repository: str, target: str, expected: str | None, where: str) -> tuple[bytes, str | None]:
         """GET a manifest and check its digest; returns (body, Content-Type)."""
         url = f"{self.base_url}/v2/{repository}/manifests/{target}"
-        response = self._get(repository, url, {"Accept": ACCEPT}, MAX_MANIFEST_BYTES)
+        response = self._send("GET", repository, url, {"Accept": ACCEPT}, MAX_MANIFEST_BYTES)
         actual = digest_of(response.body)
         if expected is not None and actual != expected:
             raise DigestMismatch(f"manifest {where}", expected, actual)
@@ -200,26 +219,29 @@ class RegistryClient:
         raise AssertionError("unreachable: the last scheme raises or returns")
 
     def _request(self, url: str, max_body: int, headers: dict[str, str] | None = None,
-                 attempts: int | None = None) -> Response:
-        return self._transport.request("GET", url, headers, max_body=max_body, timeout=self.timeout,
+                 attempts: int | None = None, method: str = "GET") -> Response:
+        return self._transport.request(method, url, headers, max_body=max_body, timeout=self.timeout,
                                        verify=self.tls_verify, attempts=attempts)
 
-    def _get(self, repository: str, url: str, headers: dict[str, str], max_body: int) -> Response:
-        """GET with the repository's authorization, answering one 401 with a fresh one."""
+    def _send(self, method: str, repository: str, url: str, headers: dict[str, str], max_body: int,
+              accept: tuple[int, ...] = (200,)) -> Response:
+        """A request with the repository's authorization, answering one 401 with a fresh one;
+        a status outside ``accept`` raises AuthError or RegistryError (with its ``Retry-After``)."""
 
         def send(authorization: str | None) -> Response:
             sent = dict(headers, Authorization=authorization) if authorization else headers
-            return self._request(url, max_body, sent)
+            return self._request(url, max_body, sent, method=method)
 
         authorization = self.authorization(repository)
         response = send(authorization)
         if response.status == 401 and (challenges := response.headers.get_all("www-authenticate")):
             response = send(self.reauthorize(repository, ", ".join(challenges), authorization))
+        if response.status in accept:
+            return response
         if response.status in (401, 403):
-            raise AuthError(response.status, "GET", url, response.body)
-        if response.status != 200:
-            raise RegistryError(response.status, "GET", url, response.body)
-        return response
+            raise AuthError(response.status, method, url, response.body)
+        raise RegistryError(response.status, method, url, response.body,
+                            retry_after=response.headers.get("retry-after"))
 
     def _ping(self) -> None:
         """Learn the registry's scheme and challenge from ``GET /v2/``, once."""

@@ -1,0 +1,75 @@
+"""``fastpull serve``: the node daemon, a pull-through registry mirror for the node's runtimes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fastpull.cli.main import EXIT_USAGE, UsageError, add_fetch_arguments, fetch_options, log_to_stderr
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+
+
+def add_parser(sub) -> None:
+    from fastpull.serve.daemon import DEFAULT_LISTEN
+    from fastpull.serve.mirror import DEFAULT_TAG_TTL
+
+    p = sub.add_parser("serve", help="serve the node's container runtimes as a pull-through registry mirror")
+    p.add_argument("--store", type=Path, help="content store (an OCI image layout; default: $FASTPULL_STORE, "
+                   "else /var/lib/fastpull as root, else $XDG_DATA_HOME/fastpull)")
+    p.add_argument("--listen", type=_address, default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"address to listen on (default {DEFAULT_LISTEN[0]}:{DEFAULT_LISTEN[1]}; "
+                        "anything but loopback must be asked for here)")
+    p.add_argument("--upstream", default="docker.io", metavar="HOST",
+                   help="the registry of requests that name none (no ?ns= and no host in the path; "
+                        "default docker.io, as Docker's registry-mirrors assume)")
+    p.add_argument("--prefetch", type=Path, metavar="FILE",
+                   help="image references, one per line: pulled into the store at start and when the file changes")
+    p.add_argument("--tag-ttl", type=float, default=DEFAULT_TAG_TTL, metavar="SECONDS",
+                   help=f"how long a tag's upstream digest is trusted (default {DEFAULT_TAG_TTL:g})")
+    p.add_argument("--print-config", choices=("containerd", "crio", "docker"), metavar="RUNTIME",
+                   help="print what to write for containerd, crio or docker to use this mirror for the "
+                        "REGISTRY arguments, and exit")
+    p.add_argument("registries", nargs="*", metavar="REGISTRY", help="with --print-config: registries to mirror")
+    add_fetch_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _address(text: str) -> tuple[str, int]:
+    import argparse
+
+    host, colon, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fastpull.content.layout import default_root
+    from fastpull.serve.config import snippets
+    from fastpull.serve.daemon import ServeOptions, serve
+
+    host, port = args.listen
+    if args.print_config:
+        try:
+            sys.stdout.write(snippets(args.print_config, f"{host}:{port}", args.registries or [args.upstream],
+                                      args.upstream))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return 0
+    if args.registries:
+        print("fastpull serve: error: REGISTRY arguments go with --print-config", file=sys.stderr)
+        return EXIT_USAGE
+    if args.tag_ttl < 0:
+        raise UsageError(f"--tag-ttl must not be negative, got {args.tag_ttl:g}")
+    log_to_stderr(max(args.verbose, 1))
+    serve(ServeOptions(
+        store=(args.store or default_root()).absolute(), host=host, port=port, upstream=args.upstream,
+        insecure_registries=tuple(args.insecure_registry), prefetch=args.prefetch, tag_ttl=args.tag_ttl,
+        fetch=fetch_options(args),
+    ))
+    return 0
+

@@ -1,0 +1,116 @@
+"""Running the mirror: listen, prefetch, stop cleanly.
+
+In the foreground, as systemd expects: one log line per event on stderr, no forking, ``SIGTERM``
+or ``SIGINT`` stop it (no new connections; answers in progress get a few seconds; blobs still
+downloading stay in the store as resumable ingests), ``GET /_fastpull/v1/status`` shows it is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from fastpull.engine import FetchOptions
+from fastpull.errors import FastpullError, StoreError
+from fastpull.puller import Puller
+from fastpull.serve.api import make_app, start_prefetch
+from fastpull.serve.metrics import Metrics
+from fastpull.serve.mirror import DEFAULT_TAG_TTL, Mirror
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = ("127.0.0.1", 5050)
+PREFETCH_CHECK_SECONDS = 2.0
+"""How often the prefetch file is looked at (a stat) for a change."""
+SHUTDOWN_SECONDS = 5.0
+"""How long answers in progress may go on after a stop signal."""
+
+
+@dataclass
+class ServeOptions:
+    store: Path
+    host: str = DEFAULT_LISTEN[0]
+    port: int = DEFAULT_LISTEN[1]
+    upstream: str = "docker.io"
+    insecure_registries: tuple[str, ...] = ()
+    prefetch: Path | None = None
+    tag_ttl: float = DEFAULT_TAG_TTL
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+
+
+def read_refs(path: Path) -> list[str]:
+    """Image references in a prefetch file: one per line; blank lines and ``#`` comments skipped."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise StoreError(str(path), f"cannot read the prefetch file: {e.strerror or e}") from e
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def serve(options: ServeOptions) -> None:
+    """Run the daemon until SIGTERM or SIGINT. Raises FastpullError if it cannot start."""
+    asyncio.run(_serve(options))
+
+
+async def _serve(options: ServeOptions) -> None:
+    refs = read_refs(options.prefetch) if options.prefetch else []
+    puller = Puller(options.fetch, insecure_registries=options.insecure_registries)
+    metrics = Metrics(puller.engine.received_bytes)
+    mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl)
+    metrics.inflight_fetches.set_function(lambda: len(mirror.inflight))
+    app = make_app(mirror)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, options.host, options.port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as e:
+            raise FastpullError(f"cannot listen on {options.host}:{options.port}: {e.strerror or e}") from None
+        log.info("serving on http://%s:%d (store %s, upstream %s)", options.host, options.port, options.store,
+                 options.upstream)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        watch = asyncio.ensure_future(_watch_prefetch(app, options.prefetch, refs)) if options.prefetch else None
+        await stopping.wait()
+        log.info("stopping: %d blob(s) in flight stay resumable in the store", len(mirror.inflight))
+        if watch is not None:
+            watch.cancel()
+    finally:
+        await runner.cleanup()
+        mirror.close()
+        puller.close()
+
+
+async def _watch_prefetch(app: web.Application, path: Path, refs: list[str]) -> None:
+    """Prefetch ``refs`` now, and the file's references again whenever it changes."""
+    start_prefetch(app, refs)
+    seen = _stamp(path)
+    while True:
+        await asyncio.sleep(PREFETCH_CHECK_SECONDS)
+        if (stamp := _stamp(path)) != seen:
+            seen = stamp
+            try:
+                refs = read_refs(path)
+            except FastpullError as e:
+                log.error("%s", e)
+                continue
+            log.info("%s changed: prefetching %d image(s)", path, len(refs))
+            start_prefetch(app, refs)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
