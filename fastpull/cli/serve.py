@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                    "else /var/lib/fastpull as root, else $XDG_DATA_HOME/fastpull)")
     p.add_argument("--listen", type=_address, default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"address to listen on (default {DEFAULT_LISTEN[0]}:{DEFAULT_LISTEN[1]}; "
-                        "anything but loopback must be asked for here)")
+                        "anything but loopback must be asked for here; port 0: any free port, logged)")
     p.add_argument("--upstream", default="docker.io", metavar="HOST",
                    help="the registry of requests that name none (no ?ns= and no host in the path; "
                         "default docker.io, as Docker's registry-mirrors assume)")
@@ -42,7 +42,7 @@ def _address(text: str) -> tuple[str, int]:
 
     host, colon, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+    if not (colon and host and port.isdigit() and int(port) < 65536):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
 

@@ -584,7 +584,8 @@ class FetchEngine:
             case Action.FAIL if curl_code or t.status < 400:
                 self._finish(blob, TransferError(t.url, verdict.why, curl_code or None))
             case Action.FAIL:
-                self._finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body))
+                self._finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body,
+                                                 retry_after=t.headers.get("retry-after")))
 
     def _requeue(self, t: Transfer, delay: float) -> None:
         chunks = self._unfinished(t)

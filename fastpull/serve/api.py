@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MIRROR = web.AppKey("mirror", Mirror)
 PREFETCHES = web.AppKey("prefetches", set)
-_NAME = r"{name:[a-z0-9][a-z0-9._/:-]*}"  # validated by route(); may carry a registry host and port
+_NAME = r"{name:.+}"  # checked by route(); may begin with a registry host and port
 _MAX_PREFETCH_BODY = 1 << 20
 
 
@@ -69,6 +69,10 @@ async def _errors(request: web.Request, handler):
     mirror.metrics.active_clients += 1
     try:
         return await handler(request)
+    except web.HTTPException as e:  # no such route or method: the spec's error body too
+        if e.status < 400:
+            raise
+        return ApiError(e.status, "UNSUPPORTED", f"{request.method} {request.path}: {e.reason}").response()
     except ApiError as e:
         if e.status >= 500:
             log.error("%s %s: %s", request.method, request.path_qs, e)
@@ -146,17 +150,21 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     if why := check_digest(digest):
         raise ApiError(400, "DIGEST_INVALID", f"{upstream}@{digest}: {why}")
     blob = await mirror.blob(upstream, digest)
-    follower = None
+    what = f"{upstream}@{digest}"
+    inflight = None
     if isinstance(blob, InflightBlob):
         blob.clients += 1
         follower = await asyncio.shield(blob.opened)
-        size = blob.size
-        fd = follower.open()
+        start, end = _range(request.headers.get("Range"), blob.size, what)
+        # Headers go out with the first bytes: a fetch that fails before them still gets its status.
+        await mirror.landed_beyond(blob, follower, start)
+        inflight, size, fd = (blob, follower), blob.size, follower.open()
     else:
         fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
         size = os.fstat(fd).st_size
     with open(fd, "rb") as body:
-        start, end = _range(request.headers.get("Range"), size, f"{upstream}@{digest}")
+        if inflight is None:
+            start, end = _range(request.headers.get("Range"), size, what)
         headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest,
                    "ETag": f'"{digest}"', "Accept-Ranges": "bytes", "Content-Length": str(end - start),
                    "Docker-Distribution-API-Version": "registry/2.0"}
@@ -164,24 +172,31 @@ async def _blob(request: web.Request) -> web.StreamResponse:
         if (start, end) != (0, size):
             status, headers["Content-Range"] = 206, f"bytes {start}-{end - 1}/{size}"
         response = web.StreamResponse(status=status, headers=headers)
-        if request.method == "HEAD":
-            await response.prepare(request)
-            return response
         await response.prepare(request)
-        await _send(request, body, start, end, follower, mirror)
-        await response.write_eof()
+        if request.method == "HEAD":
+            return response
+        try:
+            await _send(request, body, start, end, inflight, mirror)
+            await response.write_eof()
+        except ConnectionError as e:  # the fetch goes on for the blob's other clients and the store
+            log.info("%s %s: %s", request.method, request.path, e)
+        except FastpullError as e:  # too late for a status: cut the body short, the client retries
+            mirror.metrics.error(e, request.path)
+            log.error("%s %s: %s", request.method, request.path, e)
+            if request.transport is not None:
+                request.transport.abort()
         return response
 
 
-async def _send(request: web.Request, body, start: int, end: int, follower, mirror: Mirror) -> None:
+async def _send(request: web.Request, body, start: int, end: int, inflight, mirror: Mirror) -> None:
     """Send ``body[start:end]`` as it lands. A client that goes away stops only its own sending."""
     loop = asyncio.get_running_loop()
     position = start
     while position < end:
-        landed = end if follower is None else min(end, await follower.beyond(position))
+        landed = end if inflight is None else min(end, await mirror.landed_beyond(*inflight, position))
         transport = request.transport
         if transport is None or transport.is_closing():
-            raise ConnectionResetError(f"client of {request.path} went away")
+            raise ConnectionResetError(f"the client went away after {position - start} bytes")
         await loop.sendfile(transport, body, position, landed - position)
         mirror.metrics.served_bytes.inc(landed - position)
         position = landed

@@ -74,8 +74,8 @@ async def _serve(options: ServeOptions) -> None:
             await site.start()
         except OSError as e:
             raise FastpullError(f"cannot listen on {options.host}:{options.port}: {e.strerror or e}") from None
-        log.info("serving on http://%s:%d (store %s, upstream %s)", options.host, options.port, options.store,
-                 options.upstream)
+        host, port = runner.addresses[0][:2]  # the port chosen, if 0 was asked for
+        log.info("serving on http://%s:%d (store %s, upstream %s)", host, port, options.store, options.upstream)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
