@@ -88,3 +88,20 @@ def test_runtime_configuration():
                                                                         "docker.io")
     with pytest.raises(ValueError, match="docker.io only"):
         snippets("docker", "127.0.0.1:5050", ["quay.io"], "docker.io")
+
+
+def test_the_shipped_unit_and_daemonset_run_a_valid_command():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from fastpull.cli.main import build_parser
+
+    deploy = Path(__file__).parent.parent / "deploy"
+    unit = (deploy / "fastpull-serve.service").read_text()
+    exec_start = shlex.split(re.search(r"^ExecStart=(.*)$", unit, re.M)[1])
+    daemonset = (deploy / "daemonset.yaml").read_text()
+    args = re.search(r"args: \[(.*?)\]", daemonset, re.S)[1]
+    for argv in (exec_start[1:], [a.strip().strip('"') for a in args.split(",")]):
+        parsed = build_parser().parse_args(argv)
+        assert parsed.command == "serve" and parsed.listen == ("127.0.0.1", 5050)
