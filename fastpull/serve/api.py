@@ -90,7 +90,7 @@ def _api_error(e: FastpullError, blob: bool) -> ApiError:
     """The spec's status and code for what went wrong upstream or here."""
     unknown = "BLOB_UNKNOWN" if blob else "MANIFEST_UNKNOWN"
     if isinstance(e, NotFound):
-        return ApiError(404, "NAME_UNKNOWN" if e.name_unknown else unknown, str(e))
+        return ApiError(404, unknown, str(e))
     if isinstance(e, AuthError):
         return ApiError(401, "UNAUTHORIZED", str(e)) if e.status == 401 else ApiError(403, "DENIED", str(e))
     if isinstance(e, RegistryError):

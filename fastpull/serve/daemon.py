@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ def serve(options: ServeOptions) -> None:
 
 async def _serve(options: ServeOptions) -> None:
     refs = read_refs(options.prefetch) if options.prefetch else []
+    _raise_file_limit()
     puller = Puller(options.fetch, insecure_registries=options.insecure_registries)
     metrics = Metrics(puller.engine.received_bytes)
     mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl)
@@ -106,6 +108,13 @@ async def _watch_prefetch(app: web.Application, path: Path, refs: list[str]) -> 
                 continue
             log.info("%s changed: prefetching %d image(s)", path, len(refs))
             start_prefetch(app, refs)
+
+
+def _raise_file_limit() -> None:
+    """Each client holds a socket and a file: lift the soft descriptor limit (often 1024) to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -42,11 +42,10 @@ UPSTREAM_THREADS = 16
 
 
 class NotFound(FastpullError):
-    """The upstream says the repository has no such manifest or blob (or no such repository)."""
+    """The upstream says the repository has no such blob."""
 
-    def __init__(self, what: str, name_unknown: bool = False):
+    def __init__(self, what: str):
         super().__init__(f"{what}: not found upstream")
-        self.name_unknown = name_unknown
 
 
 @dataclass(frozen=True)
