@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                    help="image references, one per line: pulled into the store at start and when the file changes")
     p.add_argument("--tag-ttl", type=float, default=DEFAULT_TAG_TTL, metavar="SECONDS",
                    help=f"how long a tag's upstream digest is trusted (default {DEFAULT_TAG_TTL:g})")
+    p.add_argument("--no-fetch-ahead", dest="fetch_ahead", action="store_false",
+                   help="fetch only the blobs clients ask for (default: a client's GET of an image manifest "
+                        "starts fetching all its layers the store lacks)")
     p.add_argument("--print-config", choices=("containerd", "crio", "docker"), metavar="RUNTIME",
                    help="print what to write for containerd, crio or docker to use this mirror for the "
                         "REGISTRY arguments, and exit")
@@ -69,6 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(ServeOptions(
         store=(args.store or default_root()).absolute(), host=host, port=port, upstream=args.upstream,
         insecure_registries=tuple(args.insecure_registry), prefetch=args.prefetch, tag_ttl=args.tag_ttl,
+        fetch_ahead=args.fetch_ahead,
         fetch=fetch_options(args),
     ))
     return 0

@@ -140,6 +140,7 @@ async def _manifest(request: web.Request) -> web.Response:
         headers["Content-Length"] = str(len(manifest.body))
         return web.Response(headers=headers)
     mirror.metrics.served_bytes.inc(len(manifest.body))
+    mirror.fetch_ahead(upstream, manifest)
     return web.Response(body=manifest.body, headers=headers)
 
 

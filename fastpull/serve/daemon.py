@@ -42,6 +42,7 @@ class ServeOptions:
     insecure_registries: tuple[str, ...] = ()
     prefetch: Path | None = None
     tag_ttl: float = DEFAULT_TAG_TTL
+    fetch_ahead: bool = True
     fetch: FetchOptions = field(default_factory=FetchOptions)
 
 
@@ -65,7 +66,8 @@ async def _serve(options: ServeOptions) -> None:
     _raise_file_limit()
     puller = Puller(options.fetch, insecure_registries=options.insecure_registries)
     metrics = Metrics(puller.engine.received_bytes)
-    mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl)
+    mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl,
+                    fetch_ahead=options.fetch_ahead)
     metrics.inflight_fetches.set_function(lambda: len(mirror.inflight))
     app = make_app(mirror)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)

@@ -25,7 +25,7 @@ from fastpull.digests import check_digest
 from fastpull.errors import FastpullError, ManifestError, RegistryError, TransferError
 from fastpull.oci.manifest import INDEX_TYPES, MANIFEST_TYPES, ImageIndex, digest_of, parse_manifest
 from fastpull.oci.reference import parse_reference
-from fastpull.puller import Puller, RepositorySource
+from fastpull.puller import NON_DISTRIBUTABLE, Puller, RepositorySource
 from fastpull.serve.follow import Follower
 from fastpull.serve.ledger import Ledger
 from fastpull.serve.metrics import Metrics
@@ -101,7 +101,7 @@ class Mirror:
     """Serves the content of the upstream registries from the store at ``root`` (an OCI layout)."""
 
     def __init__(self, root: Path, puller: Puller, metrics: Metrics, *, default_registry: str,
-                 tag_ttl: float = DEFAULT_TAG_TTL):
+                 tag_ttl: float = DEFAULT_TAG_TTL, fetch_ahead: bool = True):
         self.layout = ImageLayout(root)
         self.store = self.layout.store
         self.ledger = Ledger(root / ".fastpull" / "serve" / "ledger.jsonl")
@@ -109,7 +109,9 @@ class Mirror:
         self.metrics = metrics
         self.default_registry = default_registry
         self.tag_ttl = tag_ttl
+        self.fetch_ahead_enabled = fetch_ahead
         self.inflight: dict[str, InflightBlob] = {}
+        self._ahead: set[asyncio.Task] = set()
         self._manifest_calls: dict[tuple[str, str, str], asyncio.Future[StoredManifest]] = {}
         self._executor = ThreadPoolExecutor(UPSTREAM_THREADS, thread_name_prefix="upstream")
 
@@ -177,6 +179,26 @@ class Mirror:
             self.ledger.record_tag(registry, repository, reference, digest)
             log.info("resolved %s:%s to %s", upstream, reference, digest)
         return StoredManifest(digest, media_type, body)
+
+    def fetch_ahead(self, upstream: Upstream, manifest: StoredManifest) -> None:
+        """Start fetching an image manifest's config and layers that the store lacks: a client
+        that GETs the manifest pulls them next, often a few at a time (containerd: 3); fetched
+        ahead, all of them share the link from the start and land in manifest order."""
+        if not self.fetch_ahead_enabled or manifest.media_type not in MANIFEST_TYPES:
+            return
+        for blob in _children(manifest.body, manifest.media_type, f"{upstream}@{manifest.digest}"):
+            if blob.media_type in NON_DISTRIBUTABLE or self.store.has(blob.digest, blob.size):
+                continue
+            if blob.digest not in self.inflight:
+                self.metrics.request("blob", "ahead")
+                task = asyncio.ensure_future(self._start_fetch(upstream, blob.digest, blob.size))
+                self._ahead.add(task)
+                task.add_done_callback(self._ahead_done)
+
+    def _ahead_done(self, task: asyncio.Task) -> None:
+        self._ahead.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("fetching ahead: %s", error)  # the client's own request will say it again
 
     # ---- blobs ------------------------------------------------------------------------
 
