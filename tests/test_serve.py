@@ -245,7 +245,7 @@ def test_a_known_tag_is_served_while_the_upstream_is_down(tmp_path, image):
             status, again, body = request(daemon, "/v2/team/app/manifests/v1")
             assert (status, body) == (200, image.manifest)
             assert again["Docker-Content-Digest"] == headers["Docker-Content-Digest"]
-            assert "serving the last known" in daemon.log
+            wait_until(lambda: "serving the last known" in daemon.log, "the daemon logs the stale answer")
 
 
 def test_sigterm_stops_the_daemon_and_leaves_a_fetch_resumable(tmp_path, upstream, image):
