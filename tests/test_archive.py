@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import lacking, needs
 
-from fastpull.errors import UnpackError
+from fastpull.errors import UnpackError, UnsafeArchive
 from fastpull.unpack.archive import ApplyStats, apply_layer
 
 MTIME = 1_600_000_000
@@ -535,6 +535,14 @@ def test_archive_apply_three_layers_like_gnu_tar_and_whiteouts_by_hand(tmp_path)
 
 
 # --- stats, the stream, unpack errors --------------------------------------------
+
+
+@pytest.mark.parametrize("dir_first", [True, False], ids=["dir-first", "marker-first"])
+def test_archive_keep_marker_colliding_with_a_directory_is_the_archives_fault(tmp_path, dir_first):
+    """A whiteout ``.wh.a`` beside a directory ``.wh.a`` of the same layer cannot be kept as a marker file."""
+    entries = [entry(".wh.a/a", data=b"x"), entry(".wh.a")]
+    with pytest.raises(UnsafeArchive, match="sha256:test"):
+        apply(layer(*(entries if dir_first else entries[::-1])), tmp_path / "r", "keep")
 
 
 def test_archive_stats_count_skips(tmp_path):

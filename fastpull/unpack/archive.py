@@ -194,8 +194,11 @@ _MARKER = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _CACHED_DIRS = 64
 _MAX_HOPS = 40
 _GONE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP))
-_ARCHIVE_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL))
-"""Errors the archive's content causes (a parent that is a file, a symlink loop...)."""
+_ARCHIVE_ERRNOS = frozenset(
+    (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL)
+)
+"""Errors the archive's content causes (a parent that is a file, a whiteout marker whose name a directory
+holds, a symlink loop...)."""
 _NODE_KINDS = {CHAR: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 _DEFAULT_ACL = "system.posix_acl_default"
 """A directory's default ACL: files created in it take their mode from it, not from the umask."""
