@@ -1,7 +1,7 @@
 """Apply one uncompressed layer tar, read as a forward-only stream, to a directory.
 
 ``apply_layer(stream, root, layer=..., whiteouts=...)`` reads ``stream`` to its end and
-recreates the tar's entries under ``root``, in one of three whiteout modes:
+recreates the tar's entries under ``root``, in one of two whiteout modes:
 
 - ``"overlay"``: build a snapshot usable as an overlayfs lower dir, laid out like
   containerd's overlayfs snapshotter: ``dir/.wh.NAME`` becomes a 0/0 character device
@@ -9,14 +9,11 @@ recreates the tar's entries under ``root``, in one of three whiteout modes:
   (``user.overlay.opaque`` when unprivileged: see ``fastpull.unpack.rootfs``).
 - ``"keep"``: build one layer of a rootfs that ``fastpull.unpack.rootfs`` merges: whiteouts stay
   empty files with the tar's names, applied when the layers are merged.
-- ``"apply"``: apply the layer in place on a rootfs holding the layers below. Whiteouts
-  remove what lower layers put there and keep what this layer writes, wherever the marker
-  sits in the tar (OCI image spec; containerd's ``archive.Apply``).
 
 Safety: nothing is written outside ``root``. Names are cleaned lexically (a leading ``/``
 is rooted at ``root``; a ``..`` that climbs out of it is refused); every parent directory
 is resolved with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)``, so symlinks,
-including absolute ones planted by earlier entries or layers, resolve inside ``root`` as
+including absolute ones planted by earlier entries, resolve inside ``root`` as
 they would inside the container; the final component is created or changed through its
 parent's descriptor and never followed. A refused entry raises ``UnsafeArchive``; a
 malformed or unsupported header ``MalformedArchive`` (naming its byte offset). The partial tree
@@ -26,8 +23,7 @@ Formats: what Go's archive/tar (containerd's reader) reads, parsed by :mod:`fast
 sparse files keep their holes.
 
 Memory: file contents go through one reused 1 MiB buffer; what is kept across entries is
-per directory (64 cached descriptors, modes and times set at the end) plus, in "apply" mode,
-the names this layer wrote in directories it did not create.
+per directory (64 cached descriptors, modes and times set at the end).
 
 Linux >= 5.6 with ``/proc`` mounted. ``openat2`` is called through ctypes: it runs once per
 directory (descriptors are cached), so the ~1 us call overhead is noise beside the file
@@ -43,7 +39,6 @@ import posixpath
 import stat
 import struct
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -93,8 +88,8 @@ class ApplyStats:
     skipped: Counter[str] = field(default_factory=Counter)
     """Entries or attributes left out, counted by reason."""
     implied_dirs: set[str] = field(default_factory=set)
-    """Parent directories the layer used without listing them (created 0755, or as in
-    ``lower``): when layers are merged, such a directory keeps the lower layer's metadata."""
+    """Parent directories the layer used without listing them (created 0755): when layers are
+    merged, such a directory keeps the lower layer's metadata."""
 
 
 def apply_layer(
@@ -102,18 +97,12 @@ def apply_layer(
     root: Path,
     *,
     layer: str,
-    whiteouts: Literal["overlay", "keep", "apply"],
-    lower: Path | None = None,
+    whiteouts: Literal["overlay", "keep"],
 ) -> ApplyStats:
-    """Apply the layer tar read from ``stream`` to the directory ``root``.
+    """Apply the layer tar read from ``stream`` to ``root``, a fresh directory.
 
-    ``layer`` names the layer (its digest) in errors. With ``whiteouts="overlay"``, ``root``
-    is a fresh snapshot directory and ``lower``, if given, holds the layers below merged
-    (e.g. the rootfs being built alongside): directories this layer implies without listing
-    them take their mode, owner, times and xattrs from it, as containerd's ``WithParents``
-    does; without it they are made 0755 root-owned. With ``whiteouts="keep"``, ``root`` is a
-    fresh directory too. With ``whiteouts="apply"``, ``root`` holds the layers below, fully
-    applied.
+    ``layer`` names the layer (its digest) in errors; ``whiteouts`` is "overlay" for a
+    snapshot, "keep" for a layer of a rootfs (see the module's docstring).
 
     Owners are set with CAP_CHOWN, else recorded in ``user.rootlesscontainers`` (see
     ``fastpull.unpack.rootfs``); device nodes and xattrs this process may not create are skipped
@@ -121,12 +110,10 @@ def apply_layer(
     ``UnsafeArchive`` for a refused entry, ``MalformedArchive`` for a malformed one and
     ``UnpackError`` when the target filesystem fails.
     """
-    if whiteouts not in ("overlay", "keep", "apply"):
-        raise ValueError(f"whiteouts must be 'overlay', 'keep' or 'apply', not {whiteouts!r}")
-    if lower is not None and whiteouts != "overlay":
-        raise ValueError("lower is only used with whiteouts='overlay'")
+    if whiteouts not in ("overlay", "keep"):
+        raise ValueError(f"whiteouts must be 'overlay' or 'keep', not {whiteouts!r}")
     source = TarInput(stream)
-    applier = _Applier(source, Path(root), layer, whiteouts, lower)
+    applier = _Applier(source, Path(root), layer, whiteouts)
     try:
         for entry in entries(source, layer):
             applier.apply(entry)
@@ -166,10 +153,6 @@ _PARENT = _how(os.O_PATH | os.O_DIRECTORY, 0)
 """An entry's parent directory: symlinks on the way resolve inside the root."""
 _REAL_PATH = _how(os.O_PATH | os.O_DIRECTORY, _RESOLVE_NO_SYMLINKS)
 """A directory by its canonical (symlink-free) path."""
-_REAL_DIR = _how(os.O_RDONLY | os.O_DIRECTORY, _RESOLVE_NO_SYMLINKS)
-"""The same, opened for listing."""
-_LOWER_DIR = _how(os.O_RDONLY | os.O_DIRECTORY, 0)
-"""A directory in ``lower``, resolved the way the merged view shows it."""
 
 
 def _openat2(dirfd: int, path: str, how: bytes) -> int:
@@ -210,13 +193,9 @@ class _Applier:
     Parent directory descriptors are cached by name (LRU); a removal that could change
     what a cached name resolves to (a directory or symlink removed) drops the whole cache
     before the next entry. Descriptors are closed only between entries.
-
-    In "apply" mode, what this layer wrote is tracked by canonical (symlink-free) path so
-    that whiteouts spare it: ``_new`` holds the directories this layer created (everything
-    under them is its own), ``_touched`` the other paths it wrote and their ancestors.
     """
 
-    def __init__(self, source: TarInput, root: Path, layer: str, whiteouts: str, lower: Path | None):
+    def __init__(self, source: TarInput, root: Path, layer: str, whiteouts: str):
         self.layer = layer
         self.stats = ApplyStats()
         self.entry = ""
@@ -224,27 +203,20 @@ class _Applier:
         self._in = source
         self._overlay = whiteouts == "overlay"
         self._keep = whiteouts == "keep"
-        self._track = whiteouts == "apply"
         self._chown = can_chown()
-        self._cache: dict[str, tuple[int, str]] = {}
+        self._cache: dict[str, int] = {}
         self._stale = False
         self._dirs: dict[str, tuple[int, int, int]] = {}
         """Directory modes and times, set once the layer is in (children change mtimes)."""
-        self._new: set[str] = set()
-        self._touched: set[str] = set()
-        self._lower = -1
         self._root = _open_dir(root)
         try:
             os.close(_openat2(self._root, ".", _PARENT))
-            self._root_prefix = os.readlink(f"/proc/self/fd/{self._root}").rstrip("/") + "/"
-            if lower is not None:
-                self._lower = _open_dir(lower)
             # Fresh: every directory under the root is this layer's, none setgid (directory modes
             # are set at the end) or with a default ACL, so a new file gets this process's owner and
             # its mode less the umask; files are then created with their mode and chowned only when
             # their owner is another. Not for setuid, setgid and sticky bits (chown clears them) or
             # bits the umask drops: those files are chmodded as before.
-            self._fresh = not self._track and _plain_empty_dir(self._root)
+            self._fresh = _plain_empty_dir(self._root)
             self._ids = (os.geteuid(), os.getegid()) if self._chown else None
             self._not_at_create = 0o7000 | _umask()
         except OSError as err:
@@ -258,11 +230,9 @@ class _Applier:
             raise
 
     def close(self) -> None:
-        for fd, _ in self._cache.values():
+        for fd in self._cache.values():
             os.close(fd)
         self._cache.clear()
-        if self._lower >= 0:
-            os.close(self._lower)
         os.close(self._root)
 
     # -- entries --
@@ -283,12 +253,11 @@ class _Applier:
         parent, _, base = name.rpartition("/")
         if base.startswith(".wh."):
             return self._whiteout(parent, base, e)
-        pfd, pcanon = self._dir(parent)
-        fresh = False
+        pfd = self._dir(parent)
         if t == REGULAR:
             self._file(pfd, base, e)
         elif t == DIR:
-            fresh = self._mkdir(pfd, pcanon, base, name, e)
+            self._mkdir(pfd, base, name, e)
         elif t == SYMLINK:
             self._symlink(pfd, base, e)
         elif t == LINK:
@@ -296,8 +265,6 @@ class _Applier:
         elif not self._node(pfd, base, e):
             return
         self.stats.entries += 1
-        if self._track:
-            self._mark(pcanon, base, fresh)
 
     def finish(self) -> None:
         """Set directory modes and times, deepest last-listed first."""
@@ -306,7 +273,7 @@ class _Applier:
             self.entry = name
             parent, _, base = name.rpartition("/")
             try:
-                fd = os.open(base, _DIR_FD, dir_fd=self._dir(parent, create=False)[0])
+                fd = os.open(base, _DIR_FD, dir_fd=self._dir(parent, create=False))
             except OSError as err:
                 if err.errno in _GONE:  # removed or replaced later in the layer
                     continue
@@ -348,25 +315,22 @@ class _Applier:
         finally:
             os.close(fd)
 
-    def _mkdir(self, pfd: int, pcanon: str, base: str, name: str, e: TarEntry) -> bool:
-        """Create or merge a directory; whether it is new."""
-        fresh = True
+    def _mkdir(self, pfd: int, base: str, name: str, e: TarEntry) -> None:
+        """Create a directory, or merge into the one this layer has there."""
         opaque = False
         try:
             os.mkdir(base, 0o700, dir_fd=pfd)
         except FileExistsError:
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                fresh = False
-            else:  # a directory replacing a whiteout still hides the lower one
+            if not stat.S_ISDIR(st.st_mode):  # a directory replacing a whiteout still hides the lower one
                 opaque = self._overlay and is_whiteout(st)
                 self._clear(pfd, base, st)
                 os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, _DIR_FD, dir_fd=pfd)
         old = self._cache.pop(name, None)
         if old is not None:
-            os.close(old[0])
-        self._cache[name] = (fd, _join(pcanon, base) if self._track else "")
+            os.close(old)
+        self._cache[name] = fd
         self._own(fd, e.uid, e.gid)
         if e.xattrs:
             self._set_xattrs(fd, e.xattrs)
@@ -374,7 +338,6 @@ class _Applier:
             set_opaque(fd)
         self._dirs[name] = (e.mode, e.atime_ns, e.mtime_ns)
         self.stats.implied_dirs.discard(name)
-        return fresh
 
     def _symlink(self, pfd: int, base: str, e: TarEntry) -> None:
         if "\0" in e.linkname or not e.linkname:
@@ -387,7 +350,8 @@ class _Applier:
         self._node_attrs(pfd, base, e, chmod=False)
 
     def _hardlink(self, pfd: int, base: str, name: str, e: TarEntry) -> None:
-        """Link to an entry earlier in this layer or a file already in the root.
+        """Link to an entry earlier in this layer (a layer is applied to a fresh directory:
+        a link to a lower layer's file finds no target).
 
         The target's parent resolves inside the root; a symlink target is linked itself,
         not followed. The link keeps the target's owner, mode and times (as GNU tar does).
@@ -398,7 +362,7 @@ class _Applier:
         if target == name:
             return
         tparent, _, tbase = target.rpartition("/")
-        tfd = self._dir(tparent)[0]
+        tfd = self._dir(tparent)
         try:
             try:
                 os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
@@ -469,23 +433,13 @@ class _Applier:
         hidden = base[4:]
         if hidden in ("", ".", ".."):
             raise self._malformed("whiteout names no file in its directory")
-        pfd, pcanon = self._dir(parent)
+        pfd = self._dir(parent)
         if self._keep:
             os.close(os.open(base, _MARKER, 0o600, dir_fd=pfd))
         elif base == OPAQUE_MARKER:
-            if self._overlay:
-                set_opaque(f"/proc/self/fd/{pfd}")
-            else:
-                fd = os.open(".", _DIR_FD, dir_fd=pfd)
-                try:
-                    names = os.listdir(fd)
-                finally:
-                    os.close(fd)
-                self._hide_lower(pcanon, names)
-        elif self._overlay:
-            self._whiteout_node(pfd, hidden, e)
+            set_opaque(f"/proc/self/fd/{pfd}")
         else:
-            self._hide_lower(pcanon, [hidden])
+            self._whiteout_node(pfd, hidden, e)
         self.stats.entries += 1
 
     def _whiteout_node(self, pfd: int, hidden: str, e: TarEntry) -> None:
@@ -498,56 +452,6 @@ class _Applier:
                 set_opaque(f"/proc/self/fd/{pfd}/{hidden}", follow_symlinks=False)
             return
         self._own(f"/proc/self/fd/{pfd}/{hidden}", e.uid, e.gid, follow=False)
-
-    def _hide_lower(self, dcanon: str, names: Iterable[str]) -> None:
-        """Remove what lower layers put at each ``dcanon/name``, keeping this layer's entries."""
-        todo = [(dcanon, list(names))]
-        while todo:
-            dcanon, names = todo.pop()
-            if dcanon in self._new:
-                continue
-            try:
-                dfd = _openat2(self._root, dcanon or ".", _REAL_DIR)
-            except OSError as err:
-                if err.errno in _GONE:
-                    continue
-                raise
-            try:
-                for name in names:
-                    path = _join(dcanon, name)
-                    if path in self._new:
-                        continue
-                    if path not in self._touched:
-                        try:
-                            _rmtree(dfd, name)
-                        except FileNotFoundError:  # nothing to hide
-                            continue
-                        self._stale = True
-                        continue
-                    try:
-                        sub = os.open(name, _DIR_FD, dir_fd=dfd)
-                    except OSError as err:  # not a directory: this layer's own
-                        if err.errno in _GONE:
-                            continue
-                        raise
-                    try:
-                        todo.append((path, os.listdir(sub)))
-                    finally:
-                        os.close(sub)
-            finally:
-                os.close(dfd)
-
-    def _mark(self, pcanon: str, base: str, fresh: bool) -> None:
-        path = _join(pcanon, base)
-        if fresh:
-            self._new.add(path)
-        if pcanon in self._new:
-            return
-        touched = self._touched
-        touched.add(path)
-        while pcanon and pcanon not in touched:
-            touched.add(pcanon)
-            pcanon = pcanon.rpartition("/")[0]
 
     # -- names and directories --
 
@@ -565,31 +469,23 @@ class _Applier:
                 return ""
         return raw
 
-    def _dir(self, rel: str, create: bool = True) -> tuple[int, str]:
-        """Descriptor and canonical path of directory ``rel``, resolved inside the root;
-        missing directories are created when ``create``."""
+    def _dir(self, rel: str, create: bool = True) -> int:
+        """Descriptor of directory ``rel``, resolved inside the root; missing directories
+        are created when ``create``."""
         if not rel:
-            return self._root, ""
-        hit = self._cache.pop(rel, None)
-        if hit is None:
+            return self._root
+        fd = self._cache.pop(rel, None)
+        if fd is None:
             try:
                 fd = _openat2(self._root, rel, _PARENT)
             except FileNotFoundError:
                 if not create:
                     raise
-                hit = self._make_dirs(rel)
-            else:
-                hit = (fd, self._canon(fd) if self._track else "")
-        self._cache[rel] = hit
-        return hit
+                fd = self._make_dirs(rel)
+        self._cache[rel] = fd
+        return fd
 
-    def _canon(self, fd: int) -> str:
-        real = os.readlink(f"/proc/self/fd/{fd}") + "/"
-        if not real.startswith(self._root_prefix):
-            raise UnpackError(real, f"resolved outside the root {self._root_prefix}")
-        return real[len(self._root_prefix) : -1]
-
-    def _make_dirs(self, rel: str) -> tuple[int, str]:
+    def _make_dirs(self, rel: str) -> int:
         """Walk ``rel`` from the root one component at a time, creating what is missing
         and following symlinks (dangling ones too) inside the root, as containerd does."""
         todo = rel.split("/")[::-1]
@@ -611,7 +507,7 @@ class _Applier:
                 try:
                     fd = os.open(comp, _NODE_FD, dir_fd=cur)
                 except FileNotFoundError:
-                    fd = self._implied_dir(cur, "/".join(names), comp)
+                    fd = self._implied_dir(cur, "/".join([*names, comp]), comp)
                 else:
                     mode = os.fstat(fd).st_mode
                     if not stat.S_ISDIR(mode):
@@ -635,42 +531,19 @@ class _Applier:
         except BaseException:
             os.close(cur)
             raise
-        return cur, "/".join(names)
+        return cur
 
-    def _implied_dir(self, pfd: int, pcanon: str, base: str) -> int:
-        """Create a parent directory the archive did not list: 0755, or as in ``lower``."""
+    def _implied_dir(self, pfd: int, canon: str, base: str) -> int:
+        """Create a parent directory the archive did not list, 0755 (whatever the umask)."""
         os.mkdir(base, 0o755, dir_fd=pfd)
         fd = os.open(base, _DIR_FD, dir_fd=pfd)
         try:
             os.fchmod(fd, 0o755)
-            canon = _join(pcanon, base)
-            self.stats.implied_dirs.add(canon)
-            if self._lower >= 0:
-                self._inherit(fd, canon)
-            if self._track:
-                self._mark(pcanon, base, True)
         except BaseException:
             os.close(fd)
             raise
+        self.stats.implied_dirs.add(canon)
         return fd
-
-    def _inherit(self, fd: int, canon: str) -> None:
-        try:
-            lfd = _openat2(self._lower, canon, _LOWER_DIR)
-        except OSError as err:
-            if err.errno in _GONE:
-                return
-            raise
-        try:
-            st = os.fstat(lfd)
-            if self._chown:  # else the lower directory's user.rootlesscontainers is copied below
-                os.fchown(fd, st.st_uid, st.st_gid)
-            for key in os.listxattr(lfd):
-                if not key.startswith(OVERLAY_XATTRS):
-                    self._set_xattrs(fd, {key: os.getxattr(lfd, key)})
-            self._dirs[canon] = (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
-        finally:
-            os.close(lfd)
 
     def _clear(self, pfd: int, base: str, st: os.stat_result | None = None) -> None:
         """Remove what is at ``base`` so that an entry can replace it."""
@@ -687,12 +560,12 @@ class _Applier:
         """Between entries: drop the cache if stale, else trim it to size."""
         cache = self._cache
         if self._stale:
-            for fd, _ in cache.values():
+            for fd in cache.values():
                 os.close(fd)
             cache.clear()
             self._stale = False
         while len(cache) > _CACHED_DIRS:
-            os.close(cache.pop(next(iter(cache)))[0])
+            os.close(cache.pop(next(iter(cache))))
 
     def _skip(self, reason: str) -> None:
         self.stats.skipped[reason] += 1
@@ -743,10 +616,6 @@ def _umask() -> int:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o777  # unknown: no file is created with its final mode
-
-
-def _join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
 
 
 def _rmtree(dfd: int, name: str) -> None:
