@@ -18,7 +18,8 @@ from test_archive import MTIME, _gnu_extract, apply, entry, layer, needs_root, t
 
 from fastpull.errors import MalformedArchive, UnpackError
 from fastpull.testbed.reference import describe
-from fastpull.unpack.rootfs import assemble, can_chown, inherit_implied, merge_layer, remove_tree, rootless_owner
+from fastpull.unpack.attrs import can_chown, rootless_owner
+from fastpull.unpack.rootfs import assemble, inherit_implied, merge_layer, remove_tree
 
 
 def make(root: Path, spec: dict[str, bytes | str | None]) -> Path:
