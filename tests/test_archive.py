@@ -1,5 +1,5 @@
-"""apply_layer: every entry type and attribute, whiteouts in both modes, and
-three layers applied in place compared with GNU tar plus whiteout processing done by hand."""
+"""apply_layer: every entry type and attribute, and whiteouts in both forms (layers merged into
+a rootfs are tested in test_rootfs.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import stat
 import struct
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import lacking, needs
 
-from fastpull.errors import UnpackError
+from fastpull.errors import UnpackError, UnsafeArchive
 from fastpull.unpack.archive import ApplyStats, apply_layer
 
 MTIME = 1_600_000_000
@@ -84,9 +83,9 @@ class Views(Trickle):
         return memoryview(super().read(n))
 
 
-def apply(data: bytes, root: Path, whiteouts="apply", *, stream=io.BytesIO, **kw) -> ApplyStats:
+def apply(data: bytes, root: Path, whiteouts="keep", *, stream=io.BytesIO) -> ApplyStats:
     root.mkdir(parents=True, exist_ok=True)
-    return apply_layer(stream(data), root, layer="sha256:test", whiteouts=whiteouts, **kw)
+    return apply_layer(stream(data), root, layer="sha256:test", whiteouts=whiteouts)
 
 
 def tree(root: Path) -> tuple[dict[str, tuple], list[list[str]]]:
@@ -278,29 +277,6 @@ def test_archive_overlay_refuses_overlay_xattrs_from_the_archive(tmp_path):
     assert stats.skipped == {"xattr trusted.overlay.* from the archive": 2}
 
 
-@needs_root
-def test_archive_overlay_implied_parents_copy_the_lower_directory(tmp_path):
-    lower = tmp_path / "lower"
-    (lower / "usr/share").mkdir(parents=True)
-    os.chmod(lower / "usr", 0o750)
-    os.chown(lower / "usr", 21, 22)
-    os.setxattr(lower / "usr", "user.origin", b"lower")
-    os.utime(lower / "usr", (MTIME - 5, MTIME - 5))
-    (lower / "lib").symlink_to("usr/share")
-    apply(
-        layer(entry("usr/share/doc/x", data=b"x"), entry("lib/y", data=b"y")),
-        tmp_path / "snap",
-        "overlay",
-        lower=lower,
-    )
-    usr = os.stat(tmp_path / "snap/usr")
-    assert (stat.S_IMODE(usr.st_mode), usr.st_uid, usr.st_gid, usr.st_mtime) == (0o750, 21, 22, MTIME - 5)
-    assert os.getxattr(tmp_path / "snap/usr", "user.origin") == b"lower"
-    assert stat.S_IMODE(os.stat(tmp_path / "snap/usr/share/doc").st_mode) == 0o755  # not in lower
-    # containerd applies to the upper dir: "lib" is a directory there, like lower's usr/share
-    assert (tmp_path / "snap/lib").is_dir() and not (tmp_path / "snap/lib").is_symlink()
-
-
 # u::rwx g::--- o::--- as a system.posix_acl_default value: files created below get at most 0700
 PRIVATE_ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
                                              for tag, perm in ((0x01, 7), (0x04, 0), (0x20, 0)))
@@ -333,146 +309,30 @@ def test_archive_files_get_their_mode_and_owner_where_creation_would_not(tmp_pat
     assert os.getxattr(root / "d/readonly", "user.k") == b"v"
 
 
-def test_archive_lower_is_only_for_overlay(tmp_path):
-    with pytest.raises(ValueError):
-        apply(layer(), tmp_path / "r", "apply", lower=tmp_path)
-    with pytest.raises(ValueError):
-        apply(layer(), tmp_path / "r", "merge")
+def test_archive_whiteout_forms_are_overlay_and_keep(tmp_path):
+    for mode in ("apply", "merge"):
+        with pytest.raises(ValueError, match="'overlay' or 'keep'"):
+            apply(layer(), tmp_path / "r", mode)
 
 
-# --- applying in place -------------------------------------------------------------------
-
-
-def test_archive_apply_replaces_across_types(tmp_path):
-    root = tmp_path / "r"
-    apply(
+def test_archive_keep_writes_whiteouts_as_empty_marker_files(tmp_path):
+    root = tmp_path / "layer"
+    stats = apply(
         layer(
-            entry("f2d", data=b"file"),
-            entry("d2f", "dir"),
-            entry("d2f/child", data=b"c"),
-            entry("merge", "dir", mode=0o700),
-            entry("merge/old", data=b"old"),
-            entry("link2f", "symlink", link="f2d"),
-            entry("hard", data=b"shared"),
-            entry("hard2", "hardlink", link="hard"),
+            entry("etc", "dir"),
+            entry("etc/.wh.motd", uid=7, mode=0o755),
+            entry("opt/.wh..wh..opq"),  # parent not listed: created
+            entry("keep", data=b"k"),
+            entry(".wh.keep"),  # beside this layer's own file: rootfs.merge_layer spares it
         ),
         root,
     )
-    apply(
-        layer(
-            entry("f2d", "dir"),
-            entry("d2f", data=b"now a file"),
-            entry("merge", "dir", mode=0o751),
-            entry("merge/new", data=b"new"),
-            entry("link2f", data=b"replaced"),
-            entry("hard", data=b"rewritten"),
-        ),
-        root,
-    )
-    assert (root / "f2d").is_dir() and (root / "d2f").read_bytes() == b"now a file"
-    assert (
-        sorted(os.listdir(root / "merge")) == ["new", "old"]
-        and stat.S_IMODE(os.stat(root / "merge").st_mode) == 0o751
-    )
-    assert not (root / "link2f").is_symlink() and (root / "link2f").read_bytes() == b"replaced"
-    assert (root / "hard2").read_bytes() == b"shared" and (root / "hard").read_bytes() == b"rewritten"
-
-
-@pytest.mark.parametrize("marker_first", [True, False], ids=["marker-first", "marker-last"])
-def test_archive_apply_opaque_keeps_this_layers_entries_wherever_the_marker_is(tmp_path, marker_first):
-    root = tmp_path / "r"
-    apply(
-        layer(
-            entry("d", "dir"),
-            entry("d/lower", data=b"l"),
-            entry("d/sub", "dir"),
-            entry("d/sub/deep", data=b"x"),
-        ),
-        root,
-    )
-    marker = [entry("d/.wh..wh..opq")]
-    ours = [
-        entry("d/new", data=b"n"),
-        entry("d/sub", "dir"),
-        entry("d/sub/mine", data=b"m"),
-        entry("d/fresh/f", data=b"f"),
-    ]
-    apply(layer(entry("d", "dir"), *(marker + ours if marker_first else ours + marker)), root)
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
-        "d", "d/fresh", "d/fresh/f", "d/new", "d/sub", "d/sub/mine",
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize("whiteout_first", [True, False], ids=["whiteout-first", "whiteout-last"])
-def test_archive_apply_whiteout_spares_this_layers_entry(tmp_path, whiteout_first):
-    root = tmp_path / "r"
-    apply(layer(entry("x", "dir"), entry("x/lower", data=b"l"), entry("f", data=b"lower f")), root)
-    whiteouts = [entry(".wh.x"), entry(".wh.f")]
-    ours = [entry("x", "dir"), entry("x/mine", data=b"m"), entry("f", data=b"mine f")]
-    apply(layer(*(whiteouts + ours if whiteout_first else ours + whiteouts)), root)
-    assert os.listdir(root / "x") == ["mine"] and (root / "f").read_bytes() == b"mine f"
-
-
-def _three_layers() -> list[bytes]:
-    base = layer(
-        entry("etc", "dir"),
-        entry("etc/os-release", data=b"base\n"),
-        entry("etc/motd", data=b"hello\n", mode=0o600, uid=3),
-        entry("usr", "dir"),
-        entry("usr/bin", "dir"),
-        entry("usr/bin/tool", data=b"\x7fELF tool", mode=0o4755),
-        entry("usr/bin/tool-alias", "hardlink", link="usr/bin/tool"),
-        entry("usr/lib", "dir", mode=0o700),
-        entry("usr/lib/a.so", data=b"a" * 5000, xattrs={"user.v": b"1"}),
-        entry("usr/lib/b.so", data=b"b"),
-        entry("usr/lib/sub", "dir"),
-        entry("usr/lib/sub/c", data=b"c"),
-        entry("lib", "symlink", link="usr/lib"),
-        entry("var", "dir"),
-        entry("var/cache", "dir"),
-        entry("var/cache/junk", data=b"junk"),
-        entry("var/run", "symlink", link="/run"),
-        entry("run", "dir", mode=0o755),
-        entry("dev", "dir"),
-        entry("dev/null", "char", mode=0o666, dev=(1, 3)),
-        entry("tmp", "dir", mode=0o1777),
-    )
-    second = layer(
-        entry("etc", "dir", mtime=MTIME + 10),
-        entry("etc/.wh.motd"),
-        entry("etc/.wh.never-existed"),
-        entry("etc/os-release", data=b"second\n", mtime=MTIME + 10),
-        entry("etc/new.conf", data=b"new", xattrs={"trusted.x": b"t"}),
-        entry("usr", "dir", mtime=MTIME + 10),
-        entry("usr/lib", "dir", mode=0o755, mtime=MTIME + 10),
-        entry("usr/lib/.wh..wh..opq"),
-        entry("usr/lib/b.so", data=b"bb", mtime=MTIME + 10),
-        entry("usr/bin", "dir", mtime=MTIME + 10),
-        entry("usr/bin/other", "hardlink", link="usr/bin/tool"),  # a file from the lower layer
-        entry("var", "dir", mtime=MTIME + 10),
-        entry("var/.wh.cache"),
-        entry("var/cache", data=b"a file now"),
-        entry("tmp", "dir", mode=0o1777, mtime=MTIME + 10),
-        entry("tmp/pipe", "fifo"),
-    )
-    third = layer(
-        entry("usr", "dir", mtime=MTIME + 20),
-        entry("usr/lib", "dir", mode=0o755, mtime=MTIME + 20),
-        entry("usr/lib/late", data=b"late"),
-        entry("usr/lib/sub", "dir", mtime=MTIME + 20),
-        entry("usr/lib/sub/new", data=b"n"),
-        entry("usr/lib/.wh..wh..opq"),  # after this layer's own entries
-        entry("etc", "dir", mtime=MTIME + 20),
-        entry("etc/motd", data=b"back\n", mtime=MTIME + 20),
-        entry("etc/new.conf", "symlink", link="os-release", mtime=MTIME + 20),
-        entry("usr/bin", "dir", mtime=MTIME + 20),
-        entry("usr/bin/.wh.tool"),
-        entry("usr/bin/tool", "dir", mode=0o750, mtime=MTIME + 20),
-        entry("dev", "dir", mtime=MTIME + 20),
-        entry("dev/null", "char", mode=0o666, dev=(1, 5)),
-        entry(".wh.tmp"),
-    )
-    return [base, second, third]
+    markers = {str(p.relative_to(root)): p.lstat() for p in root.rglob(".wh.*")}
+    assert sorted(markers) == [".wh.keep", "etc/.wh.motd", "opt/.wh..wh..opq"]
+    assert all(stat.S_ISREG(st.st_mode) and st.st_size == 0 for st in markers.values())
+    assert not any(os.listxattr(root / path) for path in markers)
+    assert (root / "keep").read_bytes() == b"k" and stats.implied_dirs == {"opt"}
+    assert stats.entries == 5 and not stats.skipped
 
 
 def _gnu_extract(data: bytes, dest: Path) -> None:
@@ -494,47 +354,15 @@ def _gnu_extract(data: bytes, dest: Path) -> None:
     )
 
 
-def _reference_apply(data: bytes, dest: Path) -> None:
-    """The OCI rules done simply: whiteouts remove lower content, then GNU tar extracts."""
-
-    def remove(path: Path) -> None:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-        members = tf.getmembers()
-    for ti in members:
-        parent, _, base = ti.name.rpartition("/")
-        if base == ".wh..wh..opq":
-            for child in (dest / parent).iterdir():
-                remove(child)
-        elif base.startswith(".wh."):
-            remove(dest / parent / base[4:])
-    for ti in members:  # GNU tar will not replace a non-empty directory by a non-directory
-        if not ti.isdir() and (dest / ti.name).is_dir() and not (dest / ti.name).is_symlink():
-            shutil.rmtree(dest / ti.name)
-    _gnu_extract(data, dest)
-
-
-@needs_root
-def test_archive_apply_three_layers_like_gnu_tar_and_whiteouts_by_hand(tmp_path):
-    mine, ref = tmp_path / "mine", tmp_path / "ref"
-    mine.mkdir()
-    ref.mkdir()
-    for data in _three_layers():
-        apply(data, mine)
-        _reference_apply(data, ref)
-    got, expected = tree(mine), tree(ref)
-    assert got == expected
-    assert (mine / "etc/motd").read_bytes() == b"back\n" and not (mine / "tmp").exists()
-    assert sorted(os.listdir(mine / "usr/lib")) == ["late", "sub"]  # b.so came from a lower layer
-    assert os.listdir(mine / "usr/lib/sub") == ["new"]
-    assert expected[1] == [["usr/bin/other", "usr/bin/tool-alias"]]
-
-
 # --- stats, the stream, unpack errors --------------------------------------------
+
+
+@pytest.mark.parametrize("dir_first", [True, False], ids=["dir-first", "marker-first"])
+def test_archive_keep_marker_colliding_with_a_directory_is_the_archives_fault(tmp_path, dir_first):
+    """A whiteout ``.wh.a`` beside a directory ``.wh.a`` of the same layer cannot be kept as a marker file."""
+    entries = [entry(".wh.a/a", data=b"x"), entry(".wh.a")]
+    with pytest.raises(UnsafeArchive, match="sha256:test"):
+        apply(layer(*(entries if dir_first else entries[::-1])), tmp_path / "r", "keep")
 
 
 def test_archive_stats_count_skips(tmp_path):
@@ -546,10 +374,10 @@ def test_archive_stats_count_skips(tmp_path):
 
 def test_archive_reads_the_stream_to_its_end(tmp_path):
     stream = io.BytesIO(layer(entry("f", data=b"x")) + b"trailing bytes count toward the diffID")
-    apply_layer(stream, tmp_path, layer="sha256:test", whiteouts="apply")
+    apply_layer(stream, tmp_path, layer="sha256:test", whiteouts="keep")
     assert stream.read() == b""
 
 
 def test_archive_unpack_errors_name_the_path(tmp_path):
     with pytest.raises(UnpackError, match=f"unpack error at {tmp_path / 'missing'}"):
-        apply_layer(io.BytesIO(layer()), tmp_path / "missing", layer="sha256:test", whiteouts="apply")
+        apply_layer(io.BytesIO(layer()), tmp_path / "missing", layer="sha256:test", whiteouts="keep")

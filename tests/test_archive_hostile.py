@@ -1,4 +1,7 @@
-"""apply_layer against hostile archives: nothing outside the root may change.
+"""apply_layer against hostile archives: nothing outside the root may change, whether layers
+are applied as snapshots ("overlay", here each on the root as the layers below left it) or as
+``pull --rootfs`` does ("rootfs": each in a directory of its own, in "keep" form, then merged
+into the root).
 
 Every archive is applied in a forked child confined to a sandbox (a private mount namespace
 with its own /proc, chrooted into the sandbox), so that even a broken resolver could only
@@ -27,11 +30,14 @@ from test_archive import entry, layer
 
 from fastpull.errors import MalformedArchive, UnpackError, UnsafeArchive
 from fastpull.unpack.archive import apply_layer
+from fastpull.unpack.rootfs import assemble
 
 pytestmark = needs("confine", "chown", "trusted-xattr")
 
 ROOT = "/l1/l2/l3/root"
 """The root as the confined child sees it; the sandbox is its "/"."""
+LAYERS = "/layers"
+"""Where the confined child unpacks the layers of a rootfs, one directory each."""
 NOBODY = 65534
 _CLONE_NEWNS, _MS_REC, _MS_PRIVATE = 0x20000, 0x4000, 0x40000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -44,6 +50,8 @@ class Sandbox:
         self.box = box
         self.root = box / ROOT.lstrip("/")
         self.root.mkdir(parents=True)
+        self.layers = box / LAYERS.lstrip("/")
+        self.layers.mkdir()
         (box / "proc").mkdir()
         (box / "outside/etc").mkdir(parents=True)
         (box / "outside/etc/passwd").write_text("sentinel passwd\n")
@@ -56,16 +64,17 @@ class Sandbox:
         self.before = self.snapshot()
 
     def snapshot(self) -> dict[str, tuple]:
-        """Everything in the sandbox but the root and /proc, root's parent directory included."""
+        """Everything in the sandbox but the root, the layers' directories and /proc, root's
+        parent directory included."""
         out = {}
         for dirpath, dirnames, filenames in os.walk(self.box):
             rel_dir = os.path.relpath(dirpath, self.box)
-            if rel_dir in ("proc", ROOT.lstrip("/")):
+            if rel_dir in ("proc", ROOT.lstrip("/"), LAYERS.lstrip("/")):
                 dirnames.clear()
                 continue
             for name in [".", *dirnames, *filenames] if rel_dir == "." else [*dirnames, *filenames]:
                 path = os.path.join(dirpath, name)
-                if path == str(self.root):
+                if path in (str(self.root), str(self.layers)):
                     continue
                 st_ = os.lstat(path)
                 info: tuple = (
@@ -85,7 +94,7 @@ class Sandbox:
                 out[os.path.normpath(os.path.join(rel_dir, name))] = info
         return out
 
-    def run(self, *layers: bytes, whiteouts: str = "apply", user: int | None = None) -> list[list]:
+    def run(self, *layers: bytes, whiteouts: str = "rootfs", user: int | None = None) -> list[list]:
         """Apply ``layers`` in order in a confined child; one outcome per layer applied:
         ``["ok", skipped]``, ``["unsafe", message]``, ``["malformed", message]``, ``["unpack", message]``
         or ``["error", ...]``."""
@@ -112,9 +121,7 @@ class Sandbox:
                 os.setuid(user)
             for data in layers:
                 try:
-                    stats = apply_layer(
-                        io.BytesIO(data), Path(ROOT), layer="sha256:hostile", whiteouts=whiteouts
-                    )
+                    stats = self._apply(data, whiteouts)
                 except UnsafeArchive as err:
                     return [*outcomes, ["unsafe", str(err)]]
                 except MalformedArchive as err:
@@ -125,6 +132,15 @@ class Sandbox:
         except Exception as err:  # noqa: BLE001 - anything else is reported as a failure
             outcomes.append(["error", f"{type(err).__name__}: {err}"])
         return outcomes
+
+    @staticmethod
+    def _apply(data: bytes, whiteouts: str):
+        if whiteouts == "overlay":
+            return apply_layer(io.BytesIO(data), Path(ROOT), layer="sha256:hostile", whiteouts="overlay")
+        directory = Path(tempfile.mkdtemp(dir=LAYERS))
+        stats = apply_layer(io.BytesIO(data), directory, layer="sha256:hostile", whiteouts="keep")
+        assemble([(directory, frozenset(stats.implied_dirs))], Path(ROOT))
+        return stats
 
     def unchanged(self) -> bool:
         return self.snapshot() == self.before
@@ -192,7 +208,7 @@ def test_hostile_nul_in_a_name_is_refused(sandbox):
         ("/l1/l2/l3", "a/sibling", "l1/l2/l3/sibling"),
     ],
 )
-@pytest.mark.parametrize("whiteouts", ["apply", "overlay"])
+@pytest.mark.parametrize("whiteouts", ["rootfs", "overlay"])
 def test_hostile_symlinked_parents_resolve_inside_the_root(sandbox, target, write, lands_at, whiteouts):
     outcomes = sandbox.run(
         layer(entry("a", "symlink", link=target), entry(write, data=b"evil")), whiteouts=whiteouts
@@ -201,7 +217,7 @@ def test_hostile_symlinked_parents_resolve_inside_the_root(sandbox, target, writ
     assert (sandbox.root / lands_at).read_bytes() == b"evil"
 
 
-@pytest.mark.parametrize("whiteouts", ["apply", "overlay"])
+@pytest.mark.parametrize("whiteouts", ["rootfs", "overlay"])
 def test_hostile_symlink_planted_by_an_earlier_layer(sandbox, whiteouts):
     first = layer(
         entry("usr", "dir"),
@@ -215,9 +231,14 @@ def test_hostile_symlink_planted_by_an_earlier_layer(sandbox, whiteouts):
     )
     assert kinds(sandbox.run(first, second, whiteouts=whiteouts)) == ["ok", "ok"]
     assert sandbox.unchanged()
-    assert (sandbox.root / "outside/secret").read_bytes() == b"evil"
-    assert (sandbox.root / "outside/dir/a").read_bytes() == b"evil"
-    assert (sandbox.root / "outside/new/f").read_bytes() == b"n"
+    if whiteouts == "overlay":  # applied on the first layer: through its symlinks, inside the root
+        assert (sandbox.root / "outside/secret").read_bytes() == b"evil"
+        assert (sandbox.root / "outside/dir/a").read_bytes() == b"evil"
+        assert (sandbox.root / "outside/new/f").read_bytes() == b"n"
+    else:  # applied apart: the directories it implies replace the symlinks
+        assert (sandbox.root / "usr/lib/secret").read_bytes() == b"evil"
+        assert (sandbox.root / "up/outside/dir/a").read_bytes() == b"evil"
+        assert (sandbox.root / "usr/lib/new/f").read_bytes() == b"n"
 
 
 def test_hostile_dangling_symlink_parent_is_created_inside_the_root(sandbox):
@@ -281,14 +302,12 @@ def test_hostile_hardlink_to_a_symlink_links_the_symlink(sandbox):
     ],
     ids=["file", "dir", "fifo", "symlink", "hardlink"],
 )
-def test_hostile_entries_replace_symlinks_instead_of_writing_through(sandbox, replacement):
-    first = layer(
-        entry("other", data=b"o"),
-        entry("f", "symlink", link="/outside/secret"),
-        entry("g", "symlink", link="/outside/dir"),
-    )
-    second = layer(replacement, entry("g", "dir", mode=0o700), entry("g/a", data=b"new"))
-    assert kinds(sandbox.run(first, second)) == ["ok", "ok"]
+@pytest.mark.parametrize("across", [False, True], ids=["same-layer", "next-layer"])
+def test_hostile_entries_replace_symlinks_instead_of_writing_through(sandbox, replacement, across):
+    links = [entry("f", "symlink", link="/outside/secret"), entry("g", "symlink", link="/outside/dir")]
+    then = [entry("other", data=b"o"), replacement, entry("g", "dir", mode=0o700), entry("g/a", data=b"new")]
+    layers = [layer(*links), layer(*then)] if across else [layer(*links, *then)]
+    assert kinds(sandbox.run(*layers)) == ["ok"] * len(layers)
     assert sandbox.unchanged()
     assert not (sandbox.root / "f").is_symlink() or os.readlink(sandbox.root / "f") == "elsewhere"
     assert not (sandbox.root / "g").is_symlink() and (sandbox.root / "g/a").read_bytes() == b"new"
@@ -298,7 +317,7 @@ def test_hostile_entries_replace_symlinks_instead_of_writing_through(sandbox, re
 
 
 @pytest.mark.parametrize("name", [".wh...", ".wh..", ".wh.", "a/.wh..."])
-@pytest.mark.parametrize("whiteouts", ["apply", "overlay"])
+@pytest.mark.parametrize("whiteouts", ["rootfs", "overlay"])
 def test_hostile_whiteouts_naming_no_file_are_refused(sandbox, name, whiteouts):
     (sandbox.root / "keep").write_text("k")
     assert kinds(sandbox.run(layer(entry(name)), whiteouts=whiteouts)) == ["malformed"]
@@ -345,6 +364,7 @@ def test_hostile_whiteout_of_a_symlink_removes_the_link(sandbox):
 
 def test_hostile_device_nodes_are_skipped_when_not_root(sandbox):
     os.chown(sandbox.root, NOBODY, NOBODY)
+    os.chown(sandbox.layers, NOBODY, NOBODY)
     data = layer(
         entry("mem", "char", dev=(1, 1)),
         entry("sda", "block", dev=(8, 0)),
@@ -399,7 +419,7 @@ archives = st.lists(
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(layers=archives, whiteouts=st.sampled_from(["apply", "overlay"]))
+@given(layers=archives, whiteouts=st.sampled_from(["rootfs", "overlay"]))
 def test_hostile_random_archives_change_nothing_outside_the_root(tmp_path, layers, whiteouts):
     box = Path(tempfile.mkdtemp(dir=tmp_path))
     try:

@@ -18,7 +18,7 @@ from conftest import needs
 from fastpull import DigestMismatch, FetchOptions, pull
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 from fastpull.testbed.reference import describe, reference_rootfs
-from fastpull.unpack.rootfs import OPAQUE_XATTR
+from fastpull.unpack.whiteouts import OPAQUE_XATTR
 
 MiB = 1 << 20
 OPTS = FetchOptions(chunk_size=256 * 1024, chunks_per_blob=4)

@@ -26,7 +26,8 @@ import fastpull
 from fastpull import pull
 from fastpull.testbed.images import LayerSpec, build_image, push_image
 from fastpull.testbed.reference import describe
-from fastpull.unpack.rootfs import OPAQUE_XATTR, ROOTLESS_XATTR, USER_OPAQUE_XATTR, can_chown
+from fastpull.unpack.attrs import ROOTLESS_XATTR, can_chown
+from fastpull.unpack.whiteouts import OPAQUE_XATTR, USER_OPAQUE_XATTR
 
 NOBODY = 65534
 SOURCE_ROOT = Path(fastpull.__file__).resolve().parents[1]

@@ -1,25 +1,18 @@
-"""The on-disk forms of unpacked layers, and a root filesystem assembled from them by renames.
+"""A root filesystem assembled by renames from layers unpacked side by side.
 
-A layer unpacked for a rootfs keeps its whiteouts as the tar has them: empty files ``.wh.NAME``
-and ``.wh..wh..opq`` (no device node, no xattr: an unprivileged user can write them). Merging
+Each layer of a rootfs is unpacked into its own directory with its whiteouts kept as the tar has
+them, empty files ``.wh.NAME`` and ``.wh..wh..opq`` (:mod:`fastpull.unpack.whiteouts`). Merging
 the layers in order into one tree gives the same result as applying them one by one, without
 copying file data: each layer's markers first remove what the layers below put there, then its
-entries are moved with ``rename`` (all directories are on one filesystem).
+entries are moved with ``rename`` (all directories are on one filesystem). A directory the
+layer used without listing it keeps the metadata it has below.
 
-A snapshot (an overlayfs lower directory) has whiteouts in overlay form: a 0/0 character device
-(which Linux >= 5.8 lets anyone create) for a removed name, and ``trusted.overlay.opaque=y`` on
-an opaque directory, or ``user.overlay.opaque=y`` where trusted.* xattrs cannot be set
-(unprivileged), which overlayfs reads when mounted with ``-o userxattr`` (Linux >= 5.11), as
-rootless podman and containerd mount them.
-
-Owners: with CAP_CHOWN, files get the tar's owners. Without it they belong to the user who
-unpacks (who stands for root in a rootless container), and any other owner is recorded in the
-``user.rootlesscontainers`` xattr as umoci writes it (https://github.com/rootless-containers/proto).
+Owners are as :mod:`fastpull.unpack.attrs` set them; without CAP_CHOWN a directory's
+``user.rootlesscontainers`` record moves with its other metadata.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import stat
@@ -28,68 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fastpull.errors import UnpackError
-
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
-USER_OPAQUE_XATTR = "user.overlay.opaque"
-OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
-"""Prefixes of the xattrs overlayfs reads: only fastpull sets them, never an archive."""
-ROOTLESS_XATTR = "user.rootlesscontainers"
-_NOOP_ID = 0xFFFFFFFF
-_CAP_CHOWN = 0
-
-
-def is_whiteout(st: os.stat_result) -> bool:
-    """An overlay whiteout: a 0/0 character device."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-@functools.cache
-def can_chown() -> bool:
-    """Whether this process may give files to other owners (CAP_CHOWN in its effective set)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_CHOWN & 1)
-    return os.geteuid() == 0
-
-
-def rootless_owner(uid: int, gid: int) -> bytes | None:
-    """The ``user.rootlesscontainers`` value recording owner ``uid:gid``, as umoci writes it:
-    protobuf ``Resource {uint32 uid = 1; uint32 gid = 2}`` where 0 (the unpacking user's own
-    id) is written as NoopID (2^32-1); None for 0:0, which needs no record."""
-    if not uid and not gid:
-        return None
-    return b"\x08" + _varint(uid or _NOOP_ID) + b"\x10" + _varint(gid or _NOOP_ID)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_opaque_key: str | None = None
-"""The opaque xattr this process sets, decided by the first attempt."""
-
-
-def set_opaque(target: int | str, *, follow_symlinks: bool = True) -> None:
-    """Mark a snapshot directory opaque: ``trusted.overlay.opaque=y``, or, if this process may
-    not set trusted.* xattrs (the first attempt decides), ``user.overlay.opaque=y``."""
-    global _opaque_key
-    if _opaque_key is None:
-        try:
-            os.setxattr(target, OPAQUE_XATTR, b"y", follow_symlinks=follow_symlinks)
-        except PermissionError:
-            _opaque_key = USER_OPAQUE_XATTR
-        else:
-            _opaque_key = OPAQUE_XATTR
-            return
-    os.setxattr(target, _opaque_key, b"y", follow_symlinks=follow_symlinks)
+from fastpull.unpack.attrs import ROOTLESS_XATTR, can_chown
+from fastpull.unpack.whiteouts import OPAQUE_MARKER, OVERLAY_XATTRS, hidden_name, is_marker_name
 
 
 def remove_tree(path: str | os.PathLike[str], *, ignore_errors: bool = False) -> None:
@@ -150,7 +83,7 @@ def _copy_dir_metadata(st: os.stat_result, src: Path, dst: Path) -> None:
 
 
 def _is_marker(entry: os.DirEntry) -> bool:
-    return entry.name.startswith(WHITEOUT_PREFIX) and entry.is_file(follow_symlinks=False)
+    return is_marker_name(entry.name) and entry.is_file(follow_symlinks=False)
 
 
 def _scrub_markers(tree: Path) -> None:
@@ -184,7 +117,7 @@ def merge_layer(upper: Path, root: Path, implied: frozenset[str] = frozenset(), 
                 for entry in below:
                     remove_tree(entry.path)
         else:
-            remove_tree(root / marker.name[len(WHITEOUT_PREFIX) :])
+            remove_tree(root / hidden_name(marker.name))
         os.unlink(marker.path)
     for entry in entries:
         if _is_marker(entry):

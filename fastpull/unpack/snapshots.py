@@ -8,7 +8,7 @@ Layout under ``root``::
 
 A snapshot is visible only once complete: a crashed unpack leaves a ``.tmp`` directory that
 the next writer of that ChainID removes. Snapshots built without privileges mark opaque
-directories with ``user.overlay.opaque`` (mount them with ``-o userxattr``; see ``fastpull.unpack.rootfs``).
+directories with ``user.overlay.opaque`` (mount them with ``-o userxattr``; see ``fastpull.unpack.whiteouts``).
 """
 
 from __future__ import annotations
