@@ -4,6 +4,8 @@
   interface through which callers say where a blob lives;
 - :mod:`.planner`: what to fetch next (transfers, connections, request sizes, stragglers), pure;
 - :mod:`.loop`: the loop thread that owns the curl handles (``FetchEngine``);
+- :mod:`.multi`: the ``CurlMulti`` with its sockets, timer and curl handles (the loop thread's);
+- :mod:`.commands`: the typed commands other threads post to the loop;
 - :mod:`.transfers`: the loop's state of a blob and of each request in flight;
 - :mod:`.hashing`: the threads that follow each blob with sha256 and commit it.
 """

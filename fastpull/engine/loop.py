@@ -7,8 +7,8 @@ preallocated ingest file (``RangeSink``); nothing chunk-sized is held in memory.
 follow each blob's contiguous-finished watermark with sha256 while later chunks still arrive,
 then commit.
 
-The loop thread owns the curl handles and sockets; other threads talk to it with commands
-(typed, through a queue and an eventfd). What to fetch next is the planner's
+The loop thread owns the curl handles and sockets (:mod:`fastpull.engine.multi`); other threads
+talk to it with typed commands (:mod:`fastpull.engine.commands`). What to fetch next is the planner's
 (:mod:`fastpull.engine.planner`), what an answer means is the HTTP policy's
 (:mod:`fastpull.http.policy`). The engine knows HTTP and the content store, not OCI: a
 :class:`BlobSource` says where a blob lives and which Authorization header to send.
@@ -19,68 +19,27 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
-import queue
-import selectors
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-import pycurl
-
 from fastpull.content.store import BlobWriter, ContentStore
+from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Stop
 from fastpull.engine.hashing import Hashers
+from fastpull.engine.multi import Multi
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
 from fastpull.engine.planner import Tuner, is_straggler, next_request, put_back, request_chunks
 from fastpull.engine.transfers import BlobFetch, Transfer
 from fastpull.errors import DigestMismatch, FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
-from fastpull.http.transport import USER_AGENT, configure_tls
 
 log = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 0.5
-
-
-# ---- commands into the loop ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Fetch:
-    store: ContentStore
-    source: BlobSource
-    digest: str
-    size: int
-    future: Future
-    on_open: Callable[[], None] | None
-    on_downloaded: Callable[[], None] | None
-
-
-@dataclass(frozen=True)
-class _Locked:
-    """A side thread's wait for another writer's per-digest lock ended."""
-
-    blob: BlobFetch
-    writer: BlobWriter | None
-    error: BaseException | None
-
-
-@dataclass(frozen=True)
-class _Committed:
-    """A hasher thread verified and committed a blob (or failed to)."""
-
-    blob: BlobFetch
-    result: Path | BaseException
-
-
-@dataclass(frozen=True)
-class _Stop:
-    pass
 
 
 def _call_safely(callback: Callable[[], None]) -> None:
@@ -101,8 +60,7 @@ class FetchEngine:
     def __init__(self, options: FetchOptions | None = None):
         self.options = options or FetchOptions()
         self.stats = FetchStats()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._mailbox = Mailbox()
         self._closed = False
         self._received_so_far = 0  # published by the loop for received_bytes()
         self._thread: threading.Thread | None = None
@@ -136,7 +94,7 @@ class FetchEngine:
             future.set_exception(FastpullError("fetch engine is closed"))
             return future
         self._ensure_started()
-        self._post(_Fetch(store, source, digest, size, future, on_open, on_downloaded))
+        self._mailbox.post(Fetch(store, source, digest, size, future, on_open, on_downloaded))
         return future
 
     def received_bytes(self) -> int:
@@ -150,11 +108,11 @@ class FetchEngine:
             return
         self._closed = True
         if self._thread is not None:
-            self._post(_Stop())
+            self._mailbox.post(Stop())
             self._thread.join()
             assert self._hashers is not None
             self._hashers.stop()
-        os.close(self._wake_fd)
+        self._mailbox.close()
 
     def __enter__(self) -> FetchEngine:
         return self
@@ -162,33 +120,22 @@ class FetchEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- cross-thread plumbing -----------------------------------------------------------
-
     def _ensure_started(self) -> None:
         with self._start_lock:
             if self._thread is None:
                 self._hashers = Hashers(self.options.hasher_threads,
-                                        lambda blob, result: self._post(_Committed(blob, result)))
+                                        lambda blob, result: self._mailbox.post(Committed(blob, result)))
                 self._thread = threading.Thread(target=self._run, name="fastpull-fetch", daemon=True)
                 self._thread.start()
-
-    def _post(self, command: _Fetch | _Locked | _Committed | _Stop) -> None:
-        self._commands.put(command)
-        os.eventfd_write(self._wake_fd, 1)
 
     # ---- the loop (runs in the fetch thread only) ------------------------------------------
 
     def _run(self) -> None:
         opts = self.options
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
-        self._fds: dict[int, int] = {}
-        self._deadline: float | None = None
+        self._multi = Multi(opts, self._mailbox.fd)
         self._blobs: dict[tuple[str, str], BlobFetch] = {}
         self._active: list[BlobFetch] = []
         self._queued: deque[BlobFetch] = deque()
-        self._transfers: dict[pycurl.Curl, Transfer] = {}
-        self._free_curls: list[pycurl.Curl] = []
         self._retry_heap: list = []
         self._seq = itertools.count()
         self._running = True
@@ -196,15 +143,7 @@ class FetchEngine:
         cap = min(opts.max_transfers, opts.chunks_per_blob * opts.blobs_in_flight)
         self._tuner = Tuner(opts.initial_transfers, cap, opts.chunk_size, adaptive=opts.adaptive,
                             streams_per_connection=opts.streams_per_connection)
-        self._streams_per_connection = 0  # as set on the multi handle
-
-        self._multi = pycurl.CurlMulti()
-        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
-        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
-        self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, opts.max_host_connections)
-        self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, opts.max_transfers)
-        self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX if opts.http2 else 0)
-        self._apply_sharing()
+        self._multi.share_connections(self._tuner.streams_per_connection)
         try:
             while self._running:
                 self._run_once()
@@ -214,30 +153,15 @@ class FetchEngine:
         finally:
             self._fail_everything(FastpullError("fetch engine closed"))
             self._await_commits()
-            for c in list(self._transfers) + self._free_curls:
-                c.close()
             self._multi.close()
-            self._sel.close()
 
     def _run_once(self) -> None:
-        now = time.monotonic()
-        wait = self._next_housekeeping - now
-        if self._deadline is not None:
-            wait = min(wait, self._deadline - now)
+        until = self._next_housekeeping
         if self._retry_heap:
-            wait = min(wait, self._retry_heap[0][0] - now)
-        for key, mask in self._sel.select(max(wait, 0)):
-            if key.fd == self._wake_fd:
-                self._drain_commands()
-                continue
-            action = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
-                pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
-            )
-            self._multi.socket_action(key.fd, action)
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            self._deadline = None
-            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-        self._reap()
+            until = min(until, self._retry_heap[0][0])
+        self._multi.wait(until, self._drain_commands)
+        for t, curl_code, message in self._multi.finished():
+            self._on_done(t, curl_code, message)
         now = time.monotonic()
         while self._retry_heap and self._retry_heap[0][0] <= now:
             _, _, blob, chunks = heapq.heappop(self._retry_heap)
@@ -249,49 +173,21 @@ class FetchEngine:
             self._tune(now)
         self._schedule()
 
-    def _on_socket(self, what: int, fd: int, multi, socketp) -> None:
-        if what == pycurl.POLL_REMOVE:
-            if self._fds.pop(fd, None) is not None:
-                try:
-                    self._sel.unregister(fd)
-                except (KeyError, ValueError, OSError):
-                    pass
-            return
-        events = (selectors.EVENT_READ if what & pycurl.POLL_IN else 0) | (
-            selectors.EVENT_WRITE if what & pycurl.POLL_OUT else 0
-        )
-        if fd in self._fds:
-            self._sel.modify(fd, events)
-        else:
-            self._sel.register(fd, events)
-        self._fds[fd] = events
-
-    def _on_timer(self, timeout_ms: int) -> None:
-        self._deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
-
     def _drain_commands(self) -> None:
-        try:
-            os.eventfd_read(self._wake_fd)
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for command in self._mailbox.drain():
             match command:
-                case _Fetch():
+                case Fetch():
                     self._on_fetch(command)
-                case _Locked():
+                case Locked():
                     self._on_locked(command.blob, command.writer, command.error)
-                case _Committed():
+                case Committed():
                     self._on_committed(command.blob, command.result)
-                case _Stop():
+                case Stop():
                     self._running = False
 
     # ---- blob life cycle --------------------------------------------------------------
 
-    def _on_fetch(self, command: _Fetch) -> None:
+    def _on_fetch(self, command: Fetch) -> None:
         store, source, digest, size = command.store, command.source, command.digest, command.size
         future, on_open, on_downloaded = command.future, command.on_open, command.on_downloaded
         key = (str(store.root), digest)
@@ -340,9 +236,9 @@ class FetchEngine:
         try:
             writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=True)
         except BaseException as exc:
-            self._post(_Locked(blob, None, exc))
+            self._mailbox.post(Locked(blob, None, exc))
         else:
-            self._post(_Locked(blob, writer, None))
+            self._mailbox.post(Locked(blob, writer, None))
 
     def _on_locked(self, blob: BlobFetch, writer: BlobWriter | None, exc: BaseException | None) -> None:
         if exc is not None:
@@ -402,33 +298,24 @@ class FetchEngine:
         requests that arrived too late."""
         while True:
             committing = any(blob.committing for blob in self._blobs.values())
-            try:
-                command = self._commands.get(block=committing)
-            except queue.Empty:
-                return
+            command = self._mailbox.get(block=committing)
             match command:
-                case _Committed():
+                case None:
+                    return
+                case Committed():
                     self._on_committed(command.blob, command.result)
-                case _Fetch():
+                case Fetch():
                     command.future.set_exception(FastpullError("fetch engine closed"))
-                case _Locked() if command.writer is not None:
+                case Locked() if command.writer is not None:
                     command.writer.close()
 
     # ---- transfers ------------------------------------------------------------------
 
     def _tune(self, now: float) -> None:
-        received = self.stats.bytes_received + sum(t.sink.received for t in self._transfers.values())
+        received = self.stats.bytes_received + sum(t.sink.received for t in self._multi.transfers)
         self._received_so_far = received
-        self._tuner.observe(now, received, len(self._transfers))
-        self._apply_sharing()
-
-    def _apply_sharing(self) -> None:
-        """Hand the tuner's streams per connection to libcurl: a new transfer joins an HTTP/2
-        connection that carries fewer streams, else libcurl opens another connection."""
-        streams = self._tuner.streams_per_connection
-        if streams != self._streams_per_connection:
-            self._multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, streams)
-            self._streams_per_connection = streams
+        self._tuner.observe(now, received, len(self._multi.transfers))
+        self._multi.share_connections(self._tuner.streams_per_connection)
 
     def _schedule(self) -> None:
         """Hand free transfer slots to blobs in the order they were asked for.
@@ -438,7 +325,7 @@ class FetchEngine:
         stays as full as with an even share.
         """
         self._activate()
-        budget = self._tuner.target - len(self._transfers)
+        budget = self._tuner.target - len(self._multi.transfers)
         for blob in self._active:
             while budget > 0 and blob.writer is not None and blob.pending and not blob.committing:
                 limit = 1 if blob.mode in ("probe", "single") else self.options.chunks_per_blob
@@ -450,7 +337,6 @@ class FetchEngine:
                 return
 
     def _start_transfer(self, blob: BlobFetch) -> None:
-        opts = self.options
         writer = blob.writer
         if blob.mode == "single":
             start, end, valid_from = 0, blob.size, 0
@@ -465,41 +351,17 @@ class FetchEngine:
             end = writer.bitmap.chunk_span(chunks[-1])[1]
             start = blob.resume_at.pop(chunks[0], valid_from)
         sink = writer.sink(start, end, valid_from)
-        c = self._free_curls.pop() if self._free_curls else pycurl.Curl()
-        transfer = Transfer(blob, chunks, start, end, c, sink, time.monotonic(), blob.url, blob.auth)
-        ranged = chunks is not None
-        extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
-        c.setopt(pycurl.URL, blob.url)
-        c.setopt(pycurl.HTTPHEADER, blob.headers(extra))
-        if not sink.attach(c):
-            c.setopt(pycurl.WRITEFUNCTION, sink)
-        c.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
-        c.setopt(pycurl.NOSIGNAL, 1)
-        c.setopt(pycurl.FOLLOWLOCATION, 0)
-        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(opts.connect_timeout * 1000))
-        c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-        c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(opts.stall_timeout)))
-        c.setopt(pycurl.BUFFERSIZE, opts.buffer_size)
-        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS if opts.http2 else pycurl.CURL_HTTP_VERSION_1_1)
-        c.setopt(pycurl.PIPEWAIT, 1)
-        if opts.transfer_rate_limit:
-            c.setopt(pycurl.MAX_RECV_SPEED_LARGE, opts.transfer_rate_limit)
-        c.setopt(pycurl.USERAGENT, USER_AGENT)
-        configure_tls(c, blob.source.ca_file, blob.source.tls_verify or not blob.at_origin(blob.url))
-        self._transfers[c] = transfer
+        transfer = Transfer(blob, chunks, start, end, sink, time.monotonic(), blob.url, blob.auth)
+        extra = [f"Range: bytes={start}-{end - 1}"] if chunks is not None else []
+        self._multi.start(transfer, blob.headers(extra), blob.source.ca_file,
+                          blob.source.tls_verify or not blob.at_origin(blob.url))
         blob.transfers.add(transfer)
         self.stats.requests += 1
-        self._multi.add_handle(c)
 
     def _release(self, transfer: Transfer) -> None:
-        c = transfer.curl
-        self._multi.remove_handle(c)
-        self._transfers.pop(c, None)
+        self.stats.connections += self._multi.remove(transfer)
         transfer.blob.transfers.discard(transfer)
         self.stats.bytes_received += transfer.sink.received
-        self.stats.connections += c.getinfo(pycurl.NUM_CONNECTS)
-        c.reset()
-        self._free_curls.append(c)
 
     def _cancel(self, transfer: Transfer) -> None:
         """Drop a transfer; its chunks go back to the queue, resuming from the bytes written."""
@@ -516,19 +378,6 @@ class FetchEngine:
         if left and t.sink.armed and t.sink.offset > bitmap.chunk_span(left[0])[0]:
             t.blob.resume_at[left[0]] = t.sink.offset
         return left
-
-    def _reap(self) -> None:
-        while True:
-            queued, ok, failed = self._multi.info_read()
-            # A transfer settled earlier in this batch may have failed its blob and released the rest.
-            for c in ok:
-                if c in self._transfers:
-                    self._on_done(self._transfers[c], 0, "")
-            for c, code, message in failed:
-                if c in self._transfers:
-                    self._on_done(self._transfers[c], code, message)
-            if not queued:
-                return
 
     def _on_done(self, t: Transfer, curl_code: int, message: str) -> None:
         blob = t.blob
@@ -630,7 +479,7 @@ class FetchEngine:
         """Cut a ranged transfer far slower than its blob's other transfers, running or finished,
         and re-issue its remaining bytes on a fresh request."""
         opts = self.options
-        for t in self._transfers.values():
+        for t in self._multi.transfers:
             received = t.sink.received
             t.rate = (received - t.window_bytes) / _HOUSEKEEPING_S
             t.window_bytes = received
