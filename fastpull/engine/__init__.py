@@ -2,7 +2,8 @@
 
 - :mod:`.options`: what the engine may do (``FetchOptions``), its counters and the ``BlobSource``
   interface through which callers say where a blob lives;
-- :mod:`.planner`: what to fetch next (transfers, connections, request sizes, stragglers), pure;
+- :mod:`.planner`: what to fetch next (transfers, connections, slot order, request spans, retries,
+  stragglers), pure;
 - :mod:`.loop`: the loop thread that owns the curl handles (``FetchEngine``);
 - :mod:`.multi`: the ``CurlMulti`` with its sockets, timer and curl handles (the loop thread's);
 - :mod:`.commands`: the typed commands other threads post to the loop;

@@ -16,8 +16,6 @@ talk to it with typed commands (:mod:`fastpull.engine.commands`). What to fetch 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -32,7 +30,7 @@ from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Stop
 from fastpull.engine.hashing import Hashers
 from fastpull.engine.multi import Multi
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
-from fastpull.engine.planner import Tuner, is_straggler, next_request, put_back, request_chunks
+from fastpull.engine.planner import Planner
 from fastpull.engine.transfers import BlobFetch, Transfer
 from fastpull.errors import DigestMismatch, FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
@@ -136,14 +134,10 @@ class FetchEngine:
         self._blobs: dict[tuple[str, str], BlobFetch] = {}
         self._active: list[BlobFetch] = []
         self._queued: deque[BlobFetch] = deque()
-        self._retry_heap: list = []
-        self._seq = itertools.count()
+        self._planner = Planner(opts)
         self._running = True
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
-        cap = min(opts.max_transfers, opts.chunks_per_blob * opts.blobs_in_flight)
-        self._tuner = Tuner(opts.initial_transfers, cap, opts.chunk_size, adaptive=opts.adaptive,
-                            streams_per_connection=opts.streams_per_connection)
-        self._multi.share_connections(self._tuner.streams_per_connection)
+        self._multi.share_connections(self._planner.tuner.streams_per_connection)
         try:
             while self._running:
                 self._run_once()
@@ -156,22 +150,20 @@ class FetchEngine:
             self._multi.close()
 
     def _run_once(self) -> None:
-        until = self._next_housekeeping
-        if self._retry_heap:
-            until = min(until, self._retry_heap[0][0])
-        self._multi.wait(until, self._drain_commands)
+        due = self._planner.next_due
+        self._multi.wait(self._next_housekeeping if due is None else min(self._next_housekeeping, due),
+                         self._drain_commands)
         for t, curl_code, message in self._multi.finished():
             self._on_done(t, curl_code, message)
         now = time.monotonic()
-        while self._retry_heap and self._retry_heap[0][0] <= now:
-            _, _, blob, chunks = heapq.heappop(self._retry_heap)
-            if blob.writer is not None:
-                put_back(blob.pending, chunks)
+        self._planner.release_due(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + _HOUSEKEEPING_S
             self._reissue_stragglers(now)
             self._tune(now)
-        self._schedule()
+        self._activate()
+        for blob in self._planner.slots(self._active, len(self._multi.transfers)):
+            self._start_transfer(blob)
 
     def _drain_commands(self) -> None:
         for command in self._mailbox.drain():
@@ -314,48 +306,18 @@ class FetchEngine:
     def _tune(self, now: float) -> None:
         received = self.stats.bytes_received + sum(t.sink.received for t in self._multi.transfers)
         self._received_so_far = received
-        self._tuner.observe(now, received, len(self._multi.transfers))
-        self._multi.share_connections(self._tuner.streams_per_connection)
-
-    def _schedule(self) -> None:
-        """Hand free transfer slots to blobs in the order they were asked for.
-
-        Earlier blobs (lower layers) get the bandwidth first and finish first, so an unpacker
-        following them runs at network speed instead of every layer crawling at once; the link
-        stays as full as with an even share.
-        """
-        self._activate()
-        budget = self._tuner.target - len(self._multi.transfers)
-        for blob in self._active:
-            while budget > 0 and blob.writer is not None and blob.pending and not blob.committing:
-                limit = 1 if blob.mode in ("probe", "single") else self.options.chunks_per_blob
-                if len(blob.transfers) >= limit:
-                    break
-                self._start_transfer(blob)
-                budget -= 1
-            if budget <= 0:
-                return
+        tuner = self._planner.tuner
+        tuner.observe(now, received, len(self._multi.transfers))
+        self._multi.share_connections(tuner.streams_per_connection)
 
     def _start_transfer(self, blob: BlobFetch) -> None:
-        writer = blob.writer
-        if blob.mode == "single":
-            start, end, valid_from = 0, blob.size, 0
-            blob.pending.clear()
-            chunks = None
-        else:
-            bitmap = writer.bitmap
-            span = request_chunks(self._tuner.request_bytes, bitmap.chunk_size, bitmap.nchunks,
-                                  streamed=blob.streamed, adapt_size=self._tuner.adapt_size)
-            chunks = next_request(blob.pending, span, blob.resume_at)
-            valid_from = writer.bitmap.chunk_span(chunks[0])[0]
-            end = writer.bitmap.chunk_span(chunks[-1])[1]
-            start = blob.resume_at.pop(chunks[0], valid_from)
-        sink = writer.sink(start, end, valid_from)
-        transfer = Transfer(blob, chunks, start, end, sink, time.monotonic(), blob.url, blob.auth)
-        extra = [f"Range: bytes={start}-{end - 1}"] if chunks is not None else []
-        self._multi.start(transfer, blob.headers(extra), blob.source.ca_file,
+        span = self._planner.next_span(blob)
+        sink = blob.writer.sink(span.start, span.end, span.valid_from)
+        t = Transfer(blob, span.chunks, span.start, span.end, sink, time.monotonic(), blob.url, blob.auth)
+        extra = [f"Range: bytes={span.start}-{span.end - 1}"] if span.chunks is not None else []
+        self._multi.start(t, blob.headers(extra), blob.source.ca_file,
                           blob.source.tls_verify or not blob.at_origin(blob.url))
-        blob.transfers.add(transfer)
+        blob.transfers.add(t)
         self.stats.requests += 1
 
     def _release(self, transfer: Transfer) -> None:
@@ -367,29 +329,20 @@ class FetchEngine:
         """Drop a transfer; its chunks go back to the queue, resuming from the bytes written."""
         self._release(transfer)
         if transfer.blob.writer is not None:
-            put_back(transfer.blob.pending, self._unfinished(transfer))
-
-    def _unfinished(self, t: Transfer) -> list[int]:
-        """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote."""
-        if t.chunks is None:
-            return [0]  # one stream restarts from 0: a server that ignores Range cannot resume
-        bitmap = t.blob.writer.bitmap
-        left = [c for c in t.chunks if not bitmap.test(c)]
-        if left and t.sink.armed and t.sink.offset > bitmap.chunk_span(left[0])[0]:
-            t.blob.resume_at[left[0]] = t.sink.offset
-        return left
+            self._planner.requeue(transfer)
 
     def _on_done(self, t: Transfer, curl_code: int, message: str) -> None:
         blob = t.blob
         self._release(t)
-        self._tuner.multiplexed |= t.http2
+        tuner = self._planner.tuner
+        tuner.multiplexed |= t.http2
         if blob.writer is None:
             return
         if t.sink.error is not None:
             self._finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
             return
         if curl_code == 0 and t.status == 401 and t.auth != blob.auth:
-            self._requeue(t, delay=0)  # sent before another transfer of the blob renewed the token
+            self._planner.requeue(t)  # sent before another transfer of the blob renewed the token
             return
         key = t.chunks[0] if t.chunks is not None else "single"
         exchange = Exchange(t.status, t.headers, curl_code, message,
@@ -397,7 +350,7 @@ class FetchEngine:
         counters = Counters(blob.tries.get(key, 0) + 1, blob.redirects, blob.reauthentications, blob.resolutions)
         verdict = judge(exchange, counters, self.options.retry)
         if t.status in THROTTLE_STATUSES:
-            self._tuner.throttled(time.monotonic())
+            tuner.throttled(time.monotonic())
         match verdict.action:
             case Action.DONE:
                 blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
@@ -407,7 +360,7 @@ class FetchEngine:
             case Action.FOLLOW:
                 blob.redirects += 1
                 blob.url = urljoin(blob.url, verdict.location)  # reused for all its chunks
-                self._requeue(t, delay=0)
+                self._planner.requeue(t)
             case Action.RESOLVE_AGAIN:
                 # A signed redirect target (CDN, S3) expired or refuses us: ask the registry for a
                 # fresh one; the chunks already written stay.
@@ -416,7 +369,7 @@ class FetchEngine:
                              urlsplit(t.url).netloc, t.status, blob.digest)
                     blob.redirects, blob.resolutions = 0, blob.resolutions + 1
                     blob.url = blob.source.blob_url(blob.digest)
-                self._requeue(t, delay=0)
+                self._planner.requeue(t)
             case Action.REAUTHENTICATE:
                 blob.reauthentications += 1
                 try:
@@ -424,24 +377,17 @@ class FetchEngine:
                 except FastpullError as exc:
                     self._finish(blob, exc)
                     return
-                self._requeue(t, delay=0)
+                self._planner.requeue(t)
             case Action.RETRY:
                 blob.tries[key] = counters.tries
                 self.stats.retries += 1
                 log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, verdict.delay, verdict.why)
-                self._requeue(t, verdict.delay)
+                self._planner.requeue(t, verdict.delay, time.monotonic())
             case Action.FAIL if curl_code or t.status < 400:
                 self._finish(blob, TransferError(t.url, verdict.why, curl_code or None))
             case Action.FAIL:
                 self._finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body,
                                                  retry_after=t.headers.get("retry-after")))
-
-    def _requeue(self, t: Transfer, delay: float) -> None:
-        chunks = self._unfinished(t)
-        if delay <= 0:
-            put_back(t.blob.pending, chunks)
-        else:
-            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), t.blob, chunks))
 
     def _on_chunk_done(self, blob: BlobFetch) -> None:
         watermark = blob.writer.bitmap.watermark()
@@ -476,20 +422,9 @@ class FetchEngine:
         self._finish(blob, result)
 
     def _reissue_stragglers(self, now: float) -> None:
-        """Cut a ranged transfer far slower than its blob's other transfers, running or finished,
-        and re-issue its remaining bytes on a fresh request."""
-        opts = self.options
-        for t in self._multi.transfers:
-            received = t.sink.received
-            t.rate = (received - t.window_bytes) / _HOUSEKEEPING_S
-            t.window_bytes = received
-        for blob in self._active:
-            if blob.mode != "ranged":
-                continue
-            for t in list(blob.transfers):
-                peers = [p.rate for p in blob.transfers if p is not t] + list(blob.finished_rates)
-                if is_straggler(t.rate, t.end - t.sink.offset, now - t.started, peers,
-                                ratio=opts.straggler_ratio, min_age=opts.straggler_min_age):
-                    log.info("re-issuing slow range %d-%d of %s (%.0f B/s)", t.sink.offset, t.end, blob.digest, t.rate)
-                    self.stats.stragglers_reissued += 1
-                    self._cancel(t)
+        """Cut the ranged transfers far slower than their blob's others; their remaining bytes
+        go out again on fresh requests."""
+        for t in self._planner.stragglers(self._active, self._multi.transfers, now, _HOUSEKEEPING_S):
+            log.info("re-issuing slow range %d-%d of %s (%.0f B/s)", t.sink.offset, t.end, t.blob.digest, t.rate)
+            self.stats.stragglers_reissued += 1
+            self._cancel(t)
