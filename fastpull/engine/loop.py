@@ -8,9 +8,10 @@ follow each blob's contiguous-finished watermark with sha256 while later chunks 
 then commit.
 
 The loop thread owns the curl handles and sockets (:mod:`fastpull.engine.multi`); other threads
-talk to it with typed commands (:mod:`fastpull.engine.commands`). What to fetch next is the planner's
-(:mod:`fastpull.engine.planner`), what an answer means is the HTTP policy's
-(:mod:`fastpull.http.policy`). The engine knows HTTP and the content store, not OCI: a
+talk to it with typed commands (:mod:`fastpull.engine.commands`). Here it starts the transfers and
+does what the HTTP policy (:mod:`fastpull.http.policy`) says each finished one means; what to fetch
+next is the planner's (:mod:`fastpull.engine.planner`), a blob from request to commit is the blob
+table's (:mod:`fastpull.engine.blobs`). The engine knows HTTP and the content store, not OCI: a
 :class:`BlobSource` says where a blob lives and which Authorization header to send.
 """
 
@@ -19,32 +20,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-from fastpull.content.store import BlobWriter, ContentStore
+from fastpull.content.store import ContentStore
+from fastpull.engine.blobs import Blobs
 from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Stop
-from fastpull.engine.hashing import Hashers
 from fastpull.engine.multi import Multi
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
 from fastpull.engine.planner import Planner
 from fastpull.engine.transfers import BlobFetch, Transfer
-from fastpull.errors import DigestMismatch, FastpullError, RegistryError, StoreError, TransferError
+from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
 
 log = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 0.5
-
-
-def _call_safely(callback: Callable[[], None]) -> None:
-    try:
-        callback()
-    except Exception:  # a caller's bug must not stop the loop
-        log.exception("fetch callback failed")
 
 
 class FetchEngine:
@@ -63,7 +55,7 @@ class FetchEngine:
         self._received_so_far = 0  # published by the loop for received_bytes()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._hashers: Hashers | None = None
+        self._blobs: Blobs | None = None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -108,8 +100,8 @@ class FetchEngine:
         if self._thread is not None:
             self._mailbox.post(Stop())
             self._thread.join()
-            assert self._hashers is not None
-            self._hashers.stop()
+            assert self._blobs is not None
+            self._blobs.close()
         self._mailbox.close()
 
     def __enter__(self) -> FetchEngine:
@@ -121,20 +113,15 @@ class FetchEngine:
     def _ensure_started(self) -> None:
         with self._start_lock:
             if self._thread is None:
-                self._hashers = Hashers(self.options.hasher_threads,
-                                        lambda blob, result: self._mailbox.post(Committed(blob, result)))
+                self._blobs = Blobs(self.options, self.stats, self._mailbox, self._cancel)
                 self._thread = threading.Thread(target=self._run, name="fastpull-fetch", daemon=True)
                 self._thread.start()
 
     # ---- the loop (runs in the fetch thread only) ------------------------------------------
 
     def _run(self) -> None:
-        opts = self.options
-        self._multi = Multi(opts, self._mailbox.fd)
-        self._blobs: dict[tuple[str, str], BlobFetch] = {}
-        self._active: list[BlobFetch] = []
-        self._queued: deque[BlobFetch] = deque()
-        self._planner = Planner(opts)
+        self._multi = Multi(self.options, self._mailbox.fd)
+        self._planner = Planner(self.options)
         self._running = True
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
         self._multi.share_connections(self._planner.tuner.streams_per_connection)
@@ -161,141 +148,34 @@ class FetchEngine:
             self._next_housekeeping = now + _HOUSEKEEPING_S
             self._reissue_stragglers(now)
             self._tune(now)
-        self._activate()
-        for blob in self._planner.slots(self._active, len(self._multi.transfers)):
+        self._blobs.activate()
+        for blob in self._planner.slots(self._blobs.active, len(self._multi.transfers)):
             self._start_transfer(blob)
 
     def _drain_commands(self) -> None:
         for command in self._mailbox.drain():
             match command:
                 case Fetch():
-                    self._on_fetch(command)
+                    self._blobs.request(command)
                 case Locked():
-                    self._on_locked(command.blob, command.writer, command.error)
+                    self._blobs.locked(command)
                 case Committed():
-                    self._on_committed(command.blob, command.result)
+                    self._blobs.committed(command)
                 case Stop():
                     self._running = False
-
-    # ---- blob life cycle --------------------------------------------------------------
-
-    def _on_fetch(self, command: Fetch) -> None:
-        store, source, digest, size = command.store, command.source, command.digest, command.size
-        future, on_open, on_downloaded = command.future, command.on_open, command.on_downloaded
-        key = (str(store.root), digest)
-        blob = self._blobs.get(key)
-        if blob is not None:
-            blob.futures.append(future)
-            if on_open is not None:
-                blob.streamed = True
-                blob.openers.append(on_open)
-                if blob.writer is not None:
-                    self._call_openers(blob)
-            return
-        if store.has(digest, size):
-            self.stats.blobs_skipped += 1
-            if on_open is not None:
-                _call_safely(on_open)
-            future.set_result(store.blob_path(digest))
-            return
-        url = source.blob_url(digest)
-        blob = BlobFetch(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc,
-                     streamed=on_open is not None, on_downloaded=on_downloaded)
-        if on_open is not None:
-            blob.openers.append(on_open)
-        self._blobs[key] = blob
-        self._queued.append(blob)
-
-    def _activate(self) -> None:
-        while self._queued and len(self._active) < self.options.blobs_in_flight:
-            blob = self._queued.popleft()
-            try:
-                writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=False)
-            except FastpullError as exc:
-                self._finish(blob, exc)
-                continue
-            if writer is None and blob.store.has(blob.digest, blob.size):
-                self.stats.blobs_skipped += 1
-                self._finish(blob, blob.store.blob_path(blob.digest))
-            elif writer is None:
-                # Another process or engine is fetching it: block in flock on a side
-                # thread (woken by the kernel when it commits or dies), never poll.
-                threading.Thread(target=self._wait_for_lock, args=(blob,), daemon=True).start()
-            else:
-                self._start_blob(blob, writer)
-
-    def _wait_for_lock(self, blob: BlobFetch) -> None:
-        try:
-            writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=True)
-        except BaseException as exc:
-            self._mailbox.post(Locked(blob, None, exc))
-        else:
-            self._mailbox.post(Locked(blob, writer, None))
-
-    def _on_locked(self, blob: BlobFetch, writer: BlobWriter | None, exc: BaseException | None) -> None:
-        if exc is not None:
-            self._finish(blob, exc)
-        elif writer is None:
-            self.stats.blobs_skipped += 1
-            self._finish(blob, blob.store.blob_path(blob.digest))
-        elif not self._running:
-            writer.close()
-        else:
-            # The other writer died: resume its partial download (front of the queue).
-            self._start_blob(blob, writer)
-
-    def _call_openers(self, blob: BlobFetch) -> None:
-        openers, blob.openers = blob.openers, []
-        for on_open in openers:
-            _call_safely(on_open)
-
-    def _start_blob(self, blob: BlobFetch, writer: BlobWriter) -> None:
-        blob.writer = writer
-        self._call_openers(blob)
-        blob.auth = blob.source.authorization()
-        blob.pending = writer.missing_chunks()
-        self.stats.bytes_resumed += writer.resumed_bytes
-        self._active.append(blob)
-        if not blob.pending:
-            self._maybe_commit(blob)
-
-    def _finish(self, blob: BlobFetch, result: Path | BaseException) -> None:
-        """Settle every future of a blob and forget it; releases the writer unless committed."""
-        for t in list(blob.transfers):
-            self._cancel(t)
-        if blob.writer is not None and not blob.committing:
-            blob.writer.close()
-        blob.writer = None
-        self._blobs.pop((str(blob.store.root), blob.digest), None)
-        if blob in self._active:
-            self._active.remove(blob)
-        if isinstance(result, BaseException):
-            blob.openers.clear()
-        else:
-            self._call_openers(blob)  # committed by another process while we waited
-        for future in blob.futures:
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+                    self._blobs.stopping = True
 
     def _fail_everything(self, exc: FastpullError) -> None:
         self._running = False
-        for blob in list(self._blobs.values()):
-            if not blob.committing:
-                self._finish(blob, exc)
+        self._blobs.fail_all(exc)
 
     def _await_commits(self) -> None:
         """On shutdown, let commits already handed to the hashers settle their futures, and fail
         requests that arrived too late."""
-        while True:
-            committing = any(blob.committing for blob in self._blobs.values())
-            command = self._mailbox.get(block=committing)
+        while (command := self._mailbox.get(block=self._blobs.committing)) is not None:
             match command:
-                case None:
-                    return
                 case Committed():
-                    self._on_committed(command.blob, command.result)
+                    self._blobs.committed(command)
                 case Fetch():
                     command.future.set_exception(FastpullError("fetch engine closed"))
                 case Locked() if command.writer is not None:
@@ -320,18 +200,19 @@ class FetchEngine:
         blob.transfers.add(t)
         self.stats.requests += 1
 
-    def _release(self, transfer: Transfer) -> None:
-        self.stats.connections += self._multi.remove(transfer)
-        transfer.blob.transfers.discard(transfer)
-        self.stats.bytes_received += transfer.sink.received
+    def _release(self, t: Transfer) -> None:
+        self.stats.connections += self._multi.remove(t)
+        t.blob.transfers.discard(t)
+        self.stats.bytes_received += t.sink.received
 
-    def _cancel(self, transfer: Transfer) -> None:
+    def _cancel(self, t: Transfer) -> None:
         """Drop a transfer; its chunks go back to the queue, resuming from the bytes written."""
-        self._release(transfer)
-        if transfer.blob.writer is not None:
-            self._planner.requeue(transfer)
+        self._release(t)
+        if t.blob.writer is not None:
+            self._planner.requeue(t)
 
     def _on_done(self, t: Transfer, curl_code: int, message: str) -> None:
+        """Do what the HTTP policy says a finished transfer means."""
         blob = t.blob
         self._release(t)
         tuner = self._planner.tuner
@@ -339,7 +220,7 @@ class FetchEngine:
         if blob.writer is None:
             return
         if t.sink.error is not None:
-            self._finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
+            self._blobs.finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
             return
         if curl_code == 0 and t.status == 401 and t.auth != blob.auth:
             self._planner.requeue(t)  # sent before another transfer of the blob renewed the token
@@ -356,7 +237,7 @@ class FetchEngine:
                 blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
                 blob.resolutions = 0  # its redirect target works
                 blob.reauthentications = 0  # and its token: a later expiry may be renewed again
-                self._on_chunk_done(blob)
+                self._blobs.chunk_done(blob)
             case Action.FOLLOW:
                 blob.redirects += 1
                 blob.url = urljoin(blob.url, verdict.location)  # reused for all its chunks
@@ -375,7 +256,7 @@ class FetchEngine:
                 try:
                     blob.auth = blob.source.reauthorize(t.headers["www-authenticate"], blob.auth)
                 except FastpullError as exc:
-                    self._finish(blob, exc)
+                    self._blobs.finish(blob, exc)
                     return
                 self._planner.requeue(t)
             case Action.RETRY:
@@ -384,47 +265,15 @@ class FetchEngine:
                 log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, verdict.delay, verdict.why)
                 self._planner.requeue(t, verdict.delay, time.monotonic())
             case Action.FAIL if curl_code or t.status < 400:
-                self._finish(blob, TransferError(t.url, verdict.why, curl_code or None))
+                self._blobs.finish(blob, TransferError(t.url, verdict.why, curl_code or None))
             case Action.FAIL:
-                self._finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body,
-                                                 retry_after=t.headers.get("retry-after")))
-
-    def _on_chunk_done(self, blob: BlobFetch) -> None:
-        watermark = blob.writer.bitmap.watermark()
-        if blob.writer.bitmap.complete():
-            self._maybe_commit(blob)
-        elif watermark > blob.hashed_watermark:
-            blob.hashed_watermark = watermark
-            self._hashers.advance(blob.writer)
-
-    def _maybe_commit(self, blob: BlobFetch) -> None:
-        if blob.committing or blob.transfers or not blob.writer.bitmap.complete():
-            return
-        blob.committing = True
-        self._hashers.commit(blob, blob.digest, blob.writer)
-
-    def _on_committed(self, blob: BlobFetch, result: Path | BaseException) -> None:
-        blob.committing = False
-        blob.writer = None  # commit() closed it, whatever the outcome
-        if isinstance(result, DigestMismatch) and not blob.refetched and not blob.streamed and self._running:
-            # A byte flipped on the way (a proxy, a NIC) costs one more download, not the pull; the
-            # same mismatch twice is the registry's copy. commit() discarded the ingest. A blob read
-            # as it landed is not fetched again: its reader has consumed the bad bytes.
-            log.warning("%s failed its digest check: fetching it once more from scratch", blob.digest)
-            blob.refetched, blob.hashed_watermark = True, 0
-            self._active.remove(blob)
-            self._queued.appendleft(blob)
-            return
-        if not isinstance(result, BaseException):
-            self.stats.blobs_fetched += 1
-            if blob.on_downloaded is not None:
-                _call_safely(blob.on_downloaded)
-        self._finish(blob, result)
+                self._blobs.finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body,
+                                                       retry_after=t.headers.get("retry-after")))
 
     def _reissue_stragglers(self, now: float) -> None:
         """Cut the ranged transfers far slower than their blob's others; their remaining bytes
         go out again on fresh requests."""
-        for t in self._planner.stragglers(self._active, self._multi.transfers, now, _HOUSEKEEPING_S):
+        for t in self._planner.stragglers(self._blobs.active, self._multi.transfers, now, _HOUSEKEEPING_S):
             log.info("re-issuing slow range %d-%d of %s (%.0f B/s)", t.sink.offset, t.end, t.blob.digest, t.rate)
             self.stats.stragglers_reissued += 1
             self._cancel(t)
