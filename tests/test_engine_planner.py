@@ -1,9 +1,26 @@
 """The fetch engine's planner, without curl or threads: the tuner fed synthetic throughput curves,
-request spans, queues and stragglers."""
+request spans, queues and stragglers, and the :class:`Planner`'s decisions over blobs and transfers
+built by hand (a real chunk bitmap, a stand-in for the sink)."""
 
 from __future__ import annotations
 
-from fastpull.engine.planner import MiB, Tuner, is_straggler, next_request, put_back, request_chunks
+from types import SimpleNamespace
+
+import pytest
+
+from fastpull.content.core import ChunkBitmap
+from fastpull.engine.options import FetchOptions
+from fastpull.engine.planner import (
+    MiB,
+    Planner,
+    Span,
+    Tuner,
+    is_straggler,
+    next_request,
+    put_back,
+    request_chunks,
+)
+from fastpull.engine.transfers import BlobFetch, Transfer
 
 
 def _drive(tuner: Tuner, throughput, seconds: float = 60.0, step: float = 0.5) -> list[int]:
@@ -126,3 +143,127 @@ def test_a_straggler_is_far_slower_than_its_peers_and_far_from_done():
     assert not is_straggler(2e6, 50 * MiB, 5.0, peers, ratio=8, min_age=3)  # not 8x slower
     assert not is_straggler(1e6, MiB, 5.0, peers, ratio=8, min_age=3)  # nearly done: let it finish
     assert not is_straggler(1e6, 50 * MiB, 5.0, peers[:1], ratio=8, min_age=3)  # no peers to compare
+
+
+# ---- the Planner over blobs and transfers ---------------------------------------------------------
+
+
+@pytest.fixture
+def bitmap(tmp_path):
+    """A 10 MiB blob's bitmap of 1 MiB chunks."""
+    bm = ChunkBitmap(tmp_path / "bitmap", size=10 * MiB, chunk_size=MiB, create=True)
+    yield bm
+    bm.close()
+
+
+def _blob(bitmap=None, mode="ranged", pending=(), **fields) -> BlobFetch:
+    blob = BlobFetch(None, None, "sha256:" + "ab" * 32, 10 * MiB, mode=mode, pending=list(pending), **fields)
+    blob.writer = SimpleNamespace(bitmap=bitmap) if bitmap is not None else None
+    return blob
+
+
+def _transfer(blob: BlobFetch, chunks: range | None, *, received=0, offset=None, started=0.0) -> Transfer:
+    start = chunks[0] * MiB if chunks else 0
+    end = chunks[-1] * MiB + MiB if chunks else blob.size
+    sink = SimpleNamespace(received=received, offset=start + received if offset is None else offset, armed=True)
+    t = Transfer(blob, chunks, start, end, sink, started, "http://registry/blob")
+    blob.transfers.add(t)
+    return t
+
+
+def _take_slots(planner: Planner, blobs: list[BlobFetch], in_flight: int) -> list[int]:
+    """The blobs (as indices) given each slot, starting a transfer on each as the loop does."""
+    order = []
+    for blob in planner.slots(blobs, in_flight):
+        order.append(blobs.index(blob))
+        _transfer(blob, planner.next_span(blob).chunks)
+    return order
+
+
+def test_slots_go_to_blobs_in_the_order_asked_each_up_to_its_limit(bitmap):
+    planner = Planner(FetchOptions(chunk_size=MiB, chunks_per_blob=2, blobs_in_flight=8, max_transfers=6,
+                                   adaptive=False))
+    assert planner.tuner.target == 6
+    blobs = [
+        _blob(bitmap, pending=range(10)),             # ranged: up to chunks_per_blob
+        _blob(bitmap, mode="probe", pending=range(10)),  # one transfer until Range support is known
+        _blob(bitmap, pending=range(10), committing=True),
+        _blob(bitmap, pending=()),                     # nothing left to ask for
+        _blob(None, pending=range(10)),                # its ingest is not open (waiting for a lock)
+        _blob(bitmap, pending=[0]),                    # one request left
+        _blob(bitmap, pending=range(10)),
+    ]
+    assert _take_slots(planner, blobs, in_flight=0) == [0, 0, 1, 5, 6, 6]
+    assert _take_slots(planner, blobs, in_flight=0) == []  # every blob at its limit
+
+
+def test_slots_are_what_the_tuner_allows_beyond_the_transfers_in_flight(bitmap):
+    planner = Planner(FetchOptions(chunk_size=MiB, chunks_per_blob=4, max_transfers=4, adaptive=False))
+    blobs = [_blob(bitmap, pending=range(10)), _blob(bitmap, mode="single", pending=[0])]
+    assert _take_slots(planner, blobs, in_flight=1) == [0, 0, 0]
+    assert _take_slots(planner, blobs, in_flight=4) == []
+
+
+def test_next_span_covers_the_request_size_and_resumes_mid_chunk(bitmap):
+    planner = Planner(FetchOptions(chunk_size=2 * MiB))  # a fixed request size: 2 chunks of 1 MiB
+    blob = _blob(bitmap, pending=range(10), resume_at={4: 4 * MiB + 100})
+    assert planner.next_span(blob) == Span(range(0, 2), 0, 2 * MiB, 0)
+    assert planner.next_span(blob) == Span(range(2, 4), 2 * MiB, 4 * MiB, 2 * MiB)
+    assert planner.next_span(blob) == Span(range(4, 6), 4 * MiB + 100, 6 * MiB, 4 * MiB)
+    assert blob.resume_at == {} and blob.pending == [6, 7, 8, 9]
+
+
+def test_next_span_of_a_streamed_blob_is_short_and_of_a_single_stream_whole(bitmap):
+    planner = Planner(FetchOptions())  # adaptive: 8 MiB requests to start with
+    assert planner.next_span(_blob(bitmap, pending=range(10))).chunks == range(0, 8)
+    assert planner.next_span(_blob(bitmap, pending=range(10), streamed=True)).chunks == range(0, 1)
+    single = _blob(bitmap, mode="single", pending=[0])
+    assert planner.next_span(single) == Span(None, 0, 10 * MiB, 0) and single.pending == []
+
+
+def test_requeue_gives_back_unfinished_chunks_resuming_from_the_bytes_written(bitmap):
+    planner = Planner(FetchOptions())
+    blob = _blob(bitmap, pending=[8, 9])
+    bitmap.set(2)
+    t = _transfer(blob, range(2, 6), received=MiB + 10, offset=3 * MiB + 10)
+    planner.requeue(t)
+    assert blob.pending == [3, 4, 5, 8, 9] and blob.resume_at == {3: 3 * MiB + 10}
+    single = _blob(bitmap, mode="single")
+    planner.requeue(_transfer(single, None, received=5 * MiB))
+    assert single.pending == [0]  # one stream starts again from 0
+
+
+def test_a_delayed_retry_comes_back_when_due_unless_its_blob_ended(bitmap):
+    planner = Planner(FetchOptions())
+    blob, ended = _blob(bitmap), _blob(bitmap)
+    planner.requeue(_transfer(blob, range(0, 2)), delay=2.0, now=10.0)
+    planner.requeue(_transfer(ended, range(4, 6)), delay=1.0, now=10.0)
+    assert planner.next_due == 11.0 and blob.pending == []
+    ended.writer = None
+    planner.release_due(11.5)
+    assert planner.next_due == 12.0 and ended.pending == []
+    planner.release_due(12.0)
+    assert planner.next_due is None and blob.pending == [0, 1]
+
+
+def test_stragglers_are_measured_each_interval_and_a_cut_one_is_no_ones_peer(bitmap):
+    planner = Planner(FetchOptions(straggler_ratio=8, straggler_min_age=3))
+    blob = _blob(bitmap)
+    fast = _transfer(blob, range(0, 1), received=20 * MiB)
+    slow = [_transfer(blob, range(i, i + 2), received=MiB // 8) for i in (2, 4)]
+    young = _blob(bitmap)
+    _transfer(young, range(0, 1), received=20 * MiB, started=4.5)
+    _transfer(young, range(1, 2), received=20 * MiB, started=4.5)
+    _transfer(young, range(2, 4), received=MiB // 8, started=4.5)
+    probing = _blob(bitmap, mode="probe")
+    _transfer(probing, range(0, 1), received=1)
+    in_flight = [t for b in (blob, young, probing) for t in b.transfers]
+    cut = planner.stragglers([blob, young, probing], in_flight, now=5.0, interval=0.5)
+    assert fast.rate == 40 * MiB and fast.window_bytes == 20 * MiB
+    # The first slow one is cut (its peers: the fast one and the other slow one); the second then
+    # has one peer left, too few to judge by. Transfers too young to judge, or of a blob still
+    # probing Range support, are not cut.
+    assert len(cut) == 1 and cut[0] in slow
+    fast.sink.received += 20 * MiB
+    planner.stragglers([blob], in_flight, now=5.5, interval=0.5)
+    assert fast.rate == 40 * MiB  # the rate of the last interval, not since the start

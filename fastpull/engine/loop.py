@@ -7,87 +7,36 @@ preallocated ingest file (``RangeSink``); nothing chunk-sized is held in memory.
 follow each blob's contiguous-finished watermark with sha256 while later chunks still arrive,
 then commit.
 
-The loop thread owns the curl handles and sockets; other threads talk to it with commands
-(typed, through a queue and an eventfd). What to fetch next is the planner's
-(:mod:`fastpull.engine.planner`), what an answer means is the HTTP policy's
-(:mod:`fastpull.http.policy`). The engine knows HTTP and the content store, not OCI: a
+The loop thread owns the curl handles and sockets (:mod:`fastpull.engine.multi`); other threads
+talk to it with typed commands (:mod:`fastpull.engine.commands`). Here it starts the transfers and
+does what the HTTP policy (:mod:`fastpull.http.policy`) says each finished one means; what to fetch
+next is the planner's (:mod:`fastpull.engine.planner`), a blob from request to commit is the blob
+table's (:mod:`fastpull.engine.blobs`). The engine knows HTTP and the content store, not OCI: a
 :class:`BlobSource` says where a blob lives and which Authorization header to send.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import os
-import queue
-import selectors
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-import pycurl
-
-from fastpull.content.store import BlobWriter, ContentStore
-from fastpull.engine.hashing import Hashers
+from fastpull.content.store import ContentStore
+from fastpull.engine.blobs import Blobs
+from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Stop
+from fastpull.engine.multi import Multi
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
-from fastpull.engine.planner import Tuner, is_straggler, next_request, put_back, request_chunks
+from fastpull.engine.planner import Planner
 from fastpull.engine.transfers import BlobFetch, Transfer
-from fastpull.errors import DigestMismatch, FastpullError, RegistryError, StoreError, TransferError
+from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
-from fastpull.http.transport import USER_AGENT, configure_tls
 
 log = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 0.5
-
-
-# ---- commands into the loop ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Fetch:
-    store: ContentStore
-    source: BlobSource
-    digest: str
-    size: int
-    future: Future
-    on_open: Callable[[], None] | None
-    on_downloaded: Callable[[], None] | None
-
-
-@dataclass(frozen=True)
-class _Locked:
-    """A side thread's wait for another writer's per-digest lock ended."""
-
-    blob: BlobFetch
-    writer: BlobWriter | None
-    error: BaseException | None
-
-
-@dataclass(frozen=True)
-class _Committed:
-    """A hasher thread verified and committed a blob (or failed to)."""
-
-    blob: BlobFetch
-    result: Path | BaseException
-
-
-@dataclass(frozen=True)
-class _Stop:
-    pass
-
-
-def _call_safely(callback: Callable[[], None]) -> None:
-    try:
-        callback()
-    except Exception:  # a caller's bug must not stop the loop
-        log.exception("fetch callback failed")
 
 
 class FetchEngine:
@@ -101,13 +50,12 @@ class FetchEngine:
     def __init__(self, options: FetchOptions | None = None):
         self.options = options or FetchOptions()
         self.stats = FetchStats()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._mailbox = Mailbox()
         self._closed = False
         self._received_so_far = 0  # published by the loop for received_bytes()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._hashers: Hashers | None = None
+        self._blobs: Blobs | None = None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -136,7 +84,7 @@ class FetchEngine:
             future.set_exception(FastpullError("fetch engine is closed"))
             return future
         self._ensure_started()
-        self._post(_Fetch(store, source, digest, size, future, on_open, on_downloaded))
+        self._mailbox.post(Fetch(store, source, digest, size, future, on_open, on_downloaded))
         return future
 
     def received_bytes(self) -> int:
@@ -150,11 +98,11 @@ class FetchEngine:
             return
         self._closed = True
         if self._thread is not None:
-            self._post(_Stop())
+            self._mailbox.post(Stop())
             self._thread.join()
-            assert self._hashers is not None
-            self._hashers.stop()
-        os.close(self._wake_fd)
+            assert self._blobs is not None
+            self._blobs.close()
+        self._mailbox.close()
 
     def __enter__(self) -> FetchEngine:
         return self
@@ -162,49 +110,21 @@ class FetchEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- cross-thread plumbing -----------------------------------------------------------
-
     def _ensure_started(self) -> None:
         with self._start_lock:
             if self._thread is None:
-                self._hashers = Hashers(self.options.hasher_threads,
-                                        lambda blob, result: self._post(_Committed(blob, result)))
+                self._blobs = Blobs(self.options, self.stats, self._mailbox, self._cancel)
                 self._thread = threading.Thread(target=self._run, name="fastpull-fetch", daemon=True)
                 self._thread.start()
-
-    def _post(self, command: _Fetch | _Locked | _Committed | _Stop) -> None:
-        self._commands.put(command)
-        os.eventfd_write(self._wake_fd, 1)
 
     # ---- the loop (runs in the fetch thread only) ------------------------------------------
 
     def _run(self) -> None:
-        opts = self.options
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
-        self._fds: dict[int, int] = {}
-        self._deadline: float | None = None
-        self._blobs: dict[tuple[str, str], BlobFetch] = {}
-        self._active: list[BlobFetch] = []
-        self._queued: deque[BlobFetch] = deque()
-        self._transfers: dict[pycurl.Curl, Transfer] = {}
-        self._free_curls: list[pycurl.Curl] = []
-        self._retry_heap: list = []
-        self._seq = itertools.count()
+        self._multi = Multi(self.options, self._mailbox.fd)
+        self._planner = Planner(self.options)
         self._running = True
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
-        cap = min(opts.max_transfers, opts.chunks_per_blob * opts.blobs_in_flight)
-        self._tuner = Tuner(opts.initial_transfers, cap, opts.chunk_size, adaptive=opts.adaptive,
-                            streams_per_connection=opts.streams_per_connection)
-        self._streams_per_connection = 0  # as set on the multi handle
-
-        self._multi = pycurl.CurlMulti()
-        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
-        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
-        self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, opts.max_host_connections)
-        self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, opts.max_transfers)
-        self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX if opts.http2 else 0)
-        self._apply_sharing()
+        self._multi.share_connections(self._planner.tuner.streams_per_connection)
         try:
             while self._running:
                 self._run_once()
@@ -214,333 +134,96 @@ class FetchEngine:
         finally:
             self._fail_everything(FastpullError("fetch engine closed"))
             self._await_commits()
-            for c in list(self._transfers) + self._free_curls:
-                c.close()
             self._multi.close()
-            self._sel.close()
 
     def _run_once(self) -> None:
+        due = self._planner.next_due
+        self._multi.wait(self._next_housekeeping if due is None else min(self._next_housekeeping, due),
+                         self._drain_commands)
+        for t, curl_code, message in self._multi.finished():
+            self._on_done(t, curl_code, message)
         now = time.monotonic()
-        wait = self._next_housekeeping - now
-        if self._deadline is not None:
-            wait = min(wait, self._deadline - now)
-        if self._retry_heap:
-            wait = min(wait, self._retry_heap[0][0] - now)
-        for key, mask in self._sel.select(max(wait, 0)):
-            if key.fd == self._wake_fd:
-                self._drain_commands()
-                continue
-            action = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
-                pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
-            )
-            self._multi.socket_action(key.fd, action)
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            self._deadline = None
-            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-        self._reap()
-        now = time.monotonic()
-        while self._retry_heap and self._retry_heap[0][0] <= now:
-            _, _, blob, chunks = heapq.heappop(self._retry_heap)
-            if blob.writer is not None:
-                put_back(blob.pending, chunks)
+        self._planner.release_due(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + _HOUSEKEEPING_S
             self._reissue_stragglers(now)
             self._tune(now)
-        self._schedule()
-
-    def _on_socket(self, what: int, fd: int, multi, socketp) -> None:
-        if what == pycurl.POLL_REMOVE:
-            if self._fds.pop(fd, None) is not None:
-                try:
-                    self._sel.unregister(fd)
-                except (KeyError, ValueError, OSError):
-                    pass
-            return
-        events = (selectors.EVENT_READ if what & pycurl.POLL_IN else 0) | (
-            selectors.EVENT_WRITE if what & pycurl.POLL_OUT else 0
-        )
-        if fd in self._fds:
-            self._sel.modify(fd, events)
-        else:
-            self._sel.register(fd, events)
-        self._fds[fd] = events
-
-    def _on_timer(self, timeout_ms: int) -> None:
-        self._deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        self._blobs.activate()
+        for blob in self._planner.slots(self._blobs.active, len(self._multi.transfers)):
+            self._start_transfer(blob)
 
     def _drain_commands(self) -> None:
-        try:
-            os.eventfd_read(self._wake_fd)
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for command in self._mailbox.drain():
             match command:
-                case _Fetch():
-                    self._on_fetch(command)
-                case _Locked():
-                    self._on_locked(command.blob, command.writer, command.error)
-                case _Committed():
-                    self._on_committed(command.blob, command.result)
-                case _Stop():
+                case Fetch():
+                    self._blobs.request(command)
+                case Locked():
+                    self._blobs.locked(command)
+                case Committed():
+                    self._blobs.committed(command)
+                case Stop():
                     self._running = False
-
-    # ---- blob life cycle --------------------------------------------------------------
-
-    def _on_fetch(self, command: _Fetch) -> None:
-        store, source, digest, size = command.store, command.source, command.digest, command.size
-        future, on_open, on_downloaded = command.future, command.on_open, command.on_downloaded
-        key = (str(store.root), digest)
-        blob = self._blobs.get(key)
-        if blob is not None:
-            blob.futures.append(future)
-            if on_open is not None:
-                blob.streamed = True
-                blob.openers.append(on_open)
-                if blob.writer is not None:
-                    self._call_openers(blob)
-            return
-        if store.has(digest, size):
-            self.stats.blobs_skipped += 1
-            if on_open is not None:
-                _call_safely(on_open)
-            future.set_result(store.blob_path(digest))
-            return
-        url = source.blob_url(digest)
-        blob = BlobFetch(store, source, digest, size, [future], url=url, registry_netloc=urlsplit(url).netloc,
-                     streamed=on_open is not None, on_downloaded=on_downloaded)
-        if on_open is not None:
-            blob.openers.append(on_open)
-        self._blobs[key] = blob
-        self._queued.append(blob)
-
-    def _activate(self) -> None:
-        while self._queued and len(self._active) < self.options.blobs_in_flight:
-            blob = self._queued.popleft()
-            try:
-                writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=False)
-            except FastpullError as exc:
-                self._finish(blob, exc)
-                continue
-            if writer is None and blob.store.has(blob.digest, blob.size):
-                self.stats.blobs_skipped += 1
-                self._finish(blob, blob.store.blob_path(blob.digest))
-            elif writer is None:
-                # Another process or engine is fetching it: block in flock on a side
-                # thread (woken by the kernel when it commits or dies), never poll.
-                threading.Thread(target=self._wait_for_lock, args=(blob,), daemon=True).start()
-            else:
-                self._start_blob(blob, writer)
-
-    def _wait_for_lock(self, blob: BlobFetch) -> None:
-        try:
-            writer = blob.store.open_writer(blob.digest, blob.size, self.options.bitmap_chunk, block=True)
-        except BaseException as exc:
-            self._post(_Locked(blob, None, exc))
-        else:
-            self._post(_Locked(blob, writer, None))
-
-    def _on_locked(self, blob: BlobFetch, writer: BlobWriter | None, exc: BaseException | None) -> None:
-        if exc is not None:
-            self._finish(blob, exc)
-        elif writer is None:
-            self.stats.blobs_skipped += 1
-            self._finish(blob, blob.store.blob_path(blob.digest))
-        elif not self._running:
-            writer.close()
-        else:
-            # The other writer died: resume its partial download (front of the queue).
-            self._start_blob(blob, writer)
-
-    def _call_openers(self, blob: BlobFetch) -> None:
-        openers, blob.openers = blob.openers, []
-        for on_open in openers:
-            _call_safely(on_open)
-
-    def _start_blob(self, blob: BlobFetch, writer: BlobWriter) -> None:
-        blob.writer = writer
-        self._call_openers(blob)
-        blob.auth = blob.source.authorization()
-        blob.pending = writer.missing_chunks()
-        self.stats.bytes_resumed += writer.resumed_bytes
-        self._active.append(blob)
-        if not blob.pending:
-            self._maybe_commit(blob)
-
-    def _finish(self, blob: BlobFetch, result: Path | BaseException) -> None:
-        """Settle every future of a blob and forget it; releases the writer unless committed."""
-        for t in list(blob.transfers):
-            self._cancel(t)
-        if blob.writer is not None and not blob.committing:
-            blob.writer.close()
-        blob.writer = None
-        self._blobs.pop((str(blob.store.root), blob.digest), None)
-        if blob in self._active:
-            self._active.remove(blob)
-        if isinstance(result, BaseException):
-            blob.openers.clear()
-        else:
-            self._call_openers(blob)  # committed by another process while we waited
-        for future in blob.futures:
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+                    self._blobs.stopping = True
 
     def _fail_everything(self, exc: FastpullError) -> None:
         self._running = False
-        for blob in list(self._blobs.values()):
-            if not blob.committing:
-                self._finish(blob, exc)
+        self._blobs.fail_all(exc)
 
     def _await_commits(self) -> None:
         """On shutdown, let commits already handed to the hashers settle their futures, and fail
         requests that arrived too late."""
-        while True:
-            committing = any(blob.committing for blob in self._blobs.values())
-            try:
-                command = self._commands.get(block=committing)
-            except queue.Empty:
-                return
+        while (command := self._mailbox.get(block=self._blobs.committing)) is not None:
             match command:
-                case _Committed():
-                    self._on_committed(command.blob, command.result)
-                case _Fetch():
+                case Committed():
+                    self._blobs.committed(command)
+                case Fetch():
                     command.future.set_exception(FastpullError("fetch engine closed"))
-                case _Locked() if command.writer is not None:
+                case Locked() if command.writer is not None:
                     command.writer.close()
 
     # ---- transfers ------------------------------------------------------------------
 
     def _tune(self, now: float) -> None:
-        received = self.stats.bytes_received + sum(t.sink.received for t in self._transfers.values())
+        received = self.stats.bytes_received + sum(t.sink.received for t in self._multi.transfers)
         self._received_so_far = received
-        self._tuner.observe(now, received, len(self._transfers))
-        self._apply_sharing()
-
-    def _apply_sharing(self) -> None:
-        """Hand the tuner's streams per connection to libcurl: a new transfer joins an HTTP/2
-        connection that carries fewer streams, else libcurl opens another connection."""
-        streams = self._tuner.streams_per_connection
-        if streams != self._streams_per_connection:
-            self._multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, streams)
-            self._streams_per_connection = streams
-
-    def _schedule(self) -> None:
-        """Hand free transfer slots to blobs in the order they were asked for.
-
-        Earlier blobs (lower layers) get the bandwidth first and finish first, so an unpacker
-        following them runs at network speed instead of every layer crawling at once; the link
-        stays as full as with an even share.
-        """
-        self._activate()
-        budget = self._tuner.target - len(self._transfers)
-        for blob in self._active:
-            while budget > 0 and blob.writer is not None and blob.pending and not blob.committing:
-                limit = 1 if blob.mode in ("probe", "single") else self.options.chunks_per_blob
-                if len(blob.transfers) >= limit:
-                    break
-                self._start_transfer(blob)
-                budget -= 1
-            if budget <= 0:
-                return
+        tuner = self._planner.tuner
+        tuner.observe(now, received, len(self._multi.transfers))
+        self._multi.share_connections(tuner.streams_per_connection)
 
     def _start_transfer(self, blob: BlobFetch) -> None:
-        opts = self.options
-        writer = blob.writer
-        if blob.mode == "single":
-            start, end, valid_from = 0, blob.size, 0
-            blob.pending.clear()
-            chunks = None
-        else:
-            bitmap = writer.bitmap
-            span = request_chunks(self._tuner.request_bytes, bitmap.chunk_size, bitmap.nchunks,
-                                  streamed=blob.streamed, adapt_size=self._tuner.adapt_size)
-            chunks = next_request(blob.pending, span, blob.resume_at)
-            valid_from = writer.bitmap.chunk_span(chunks[0])[0]
-            end = writer.bitmap.chunk_span(chunks[-1])[1]
-            start = blob.resume_at.pop(chunks[0], valid_from)
-        sink = writer.sink(start, end, valid_from)
-        c = self._free_curls.pop() if self._free_curls else pycurl.Curl()
-        transfer = Transfer(blob, chunks, start, end, c, sink, time.monotonic(), blob.url, blob.auth)
-        ranged = chunks is not None
-        extra = [f"Range: bytes={start}-{end - 1}"] if ranged else []
-        c.setopt(pycurl.URL, blob.url)
-        c.setopt(pycurl.HTTPHEADER, blob.headers(extra))
-        if not sink.attach(c):
-            c.setopt(pycurl.WRITEFUNCTION, sink)
-        c.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
-        c.setopt(pycurl.NOSIGNAL, 1)
-        c.setopt(pycurl.FOLLOWLOCATION, 0)
-        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(opts.connect_timeout * 1000))
-        c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-        c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(opts.stall_timeout)))
-        c.setopt(pycurl.BUFFERSIZE, opts.buffer_size)
-        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS if opts.http2 else pycurl.CURL_HTTP_VERSION_1_1)
-        c.setopt(pycurl.PIPEWAIT, 1)
-        if opts.transfer_rate_limit:
-            c.setopt(pycurl.MAX_RECV_SPEED_LARGE, opts.transfer_rate_limit)
-        c.setopt(pycurl.USERAGENT, USER_AGENT)
-        configure_tls(c, blob.source.ca_file, blob.source.tls_verify or not blob.at_origin(blob.url))
-        self._transfers[c] = transfer
-        blob.transfers.add(transfer)
+        span = self._planner.next_span(blob)
+        sink = blob.writer.sink(span.start, span.end, span.valid_from)
+        t = Transfer(blob, span.chunks, span.start, span.end, sink, time.monotonic(), blob.url, blob.auth)
+        extra = [f"Range: bytes={span.start}-{span.end - 1}"] if span.chunks is not None else []
+        self._multi.start(t, blob.headers(extra), blob.source.ca_file,
+                          blob.source.tls_verify or not blob.at_origin(blob.url))
+        blob.transfers.add(t)
         self.stats.requests += 1
-        self._multi.add_handle(c)
 
-    def _release(self, transfer: Transfer) -> None:
-        c = transfer.curl
-        self._multi.remove_handle(c)
-        self._transfers.pop(c, None)
-        transfer.blob.transfers.discard(transfer)
-        self.stats.bytes_received += transfer.sink.received
-        self.stats.connections += c.getinfo(pycurl.NUM_CONNECTS)
-        c.reset()
-        self._free_curls.append(c)
+    def _release(self, t: Transfer) -> None:
+        self.stats.connections += self._multi.remove(t)
+        t.blob.transfers.discard(t)
+        self.stats.bytes_received += t.sink.received
 
-    def _cancel(self, transfer: Transfer) -> None:
+    def _cancel(self, t: Transfer) -> None:
         """Drop a transfer; its chunks go back to the queue, resuming from the bytes written."""
-        self._release(transfer)
-        if transfer.blob.writer is not None:
-            put_back(transfer.blob.pending, self._unfinished(transfer))
-
-    def _unfinished(self, t: Transfer) -> list[int]:
-        """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote."""
-        if t.chunks is None:
-            return [0]  # one stream restarts from 0: a server that ignores Range cannot resume
-        bitmap = t.blob.writer.bitmap
-        left = [c for c in t.chunks if not bitmap.test(c)]
-        if left and t.sink.armed and t.sink.offset > bitmap.chunk_span(left[0])[0]:
-            t.blob.resume_at[left[0]] = t.sink.offset
-        return left
-
-    def _reap(self) -> None:
-        while True:
-            queued, ok, failed = self._multi.info_read()
-            # A transfer settled earlier in this batch may have failed its blob and released the rest.
-            for c in ok:
-                if c in self._transfers:
-                    self._on_done(self._transfers[c], 0, "")
-            for c, code, message in failed:
-                if c in self._transfers:
-                    self._on_done(self._transfers[c], code, message)
-            if not queued:
-                return
+        self._release(t)
+        if t.blob.writer is not None:
+            self._planner.requeue(t)
 
     def _on_done(self, t: Transfer, curl_code: int, message: str) -> None:
+        """Do what the HTTP policy says a finished transfer means."""
         blob = t.blob
         self._release(t)
-        self._tuner.multiplexed |= t.http2
+        tuner = self._planner.tuner
+        tuner.multiplexed |= t.http2
         if blob.writer is None:
             return
         if t.sink.error is not None:
-            self._finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
+            self._blobs.finish(blob, StoreError(str(blob.writer.data_path), str(t.sink.error)))
             return
         if curl_code == 0 and t.status == 401 and t.auth != blob.auth:
-            self._requeue(t, delay=0)  # sent before another transfer of the blob renewed the token
+            self._planner.requeue(t)  # sent before another transfer of the blob renewed the token
             return
         key = t.chunks[0] if t.chunks is not None else "single"
         exchange = Exchange(t.status, t.headers, curl_code, message,
@@ -548,17 +231,17 @@ class FetchEngine:
         counters = Counters(blob.tries.get(key, 0) + 1, blob.redirects, blob.reauthentications, blob.resolutions)
         verdict = judge(exchange, counters, self.options.retry)
         if t.status in THROTTLE_STATUSES:
-            self._tuner.throttled(time.monotonic())
+            tuner.throttled(time.monotonic())
         match verdict.action:
             case Action.DONE:
                 blob.finished_rates.append(t.sink.received / max(time.monotonic() - t.started, 1e-3))
                 blob.resolutions = 0  # its redirect target works
                 blob.reauthentications = 0  # and its token: a later expiry may be renewed again
-                self._on_chunk_done(blob)
+                self._blobs.chunk_done(blob)
             case Action.FOLLOW:
                 blob.redirects += 1
                 blob.url = urljoin(blob.url, verdict.location)  # reused for all its chunks
-                self._requeue(t, delay=0)
+                self._planner.requeue(t)
             case Action.RESOLVE_AGAIN:
                 # A signed redirect target (CDN, S3) expired or refuses us: ask the registry for a
                 # fresh one; the chunks already written stay.
@@ -567,80 +250,30 @@ class FetchEngine:
                              urlsplit(t.url).netloc, t.status, blob.digest)
                     blob.redirects, blob.resolutions = 0, blob.resolutions + 1
                     blob.url = blob.source.blob_url(blob.digest)
-                self._requeue(t, delay=0)
+                self._planner.requeue(t)
             case Action.REAUTHENTICATE:
                 blob.reauthentications += 1
                 try:
                     blob.auth = blob.source.reauthorize(t.headers["www-authenticate"], blob.auth)
                 except FastpullError as exc:
-                    self._finish(blob, exc)
+                    self._blobs.finish(blob, exc)
                     return
-                self._requeue(t, delay=0)
+                self._planner.requeue(t)
             case Action.RETRY:
                 blob.tries[key] = counters.tries
                 self.stats.retries += 1
                 log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, verdict.delay, verdict.why)
-                self._requeue(t, verdict.delay)
+                self._planner.requeue(t, verdict.delay, time.monotonic())
             case Action.FAIL if curl_code or t.status < 400:
-                self._finish(blob, TransferError(t.url, verdict.why, curl_code or None))
+                self._blobs.finish(blob, TransferError(t.url, verdict.why, curl_code or None))
             case Action.FAIL:
-                self._finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body,
-                                                 retry_after=t.headers.get("retry-after")))
-
-    def _requeue(self, t: Transfer, delay: float) -> None:
-        chunks = self._unfinished(t)
-        if delay <= 0:
-            put_back(t.blob.pending, chunks)
-        else:
-            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), t.blob, chunks))
-
-    def _on_chunk_done(self, blob: BlobFetch) -> None:
-        watermark = blob.writer.bitmap.watermark()
-        if blob.writer.bitmap.complete():
-            self._maybe_commit(blob)
-        elif watermark > blob.hashed_watermark:
-            blob.hashed_watermark = watermark
-            self._hashers.advance(blob.writer)
-
-    def _maybe_commit(self, blob: BlobFetch) -> None:
-        if blob.committing or blob.transfers or not blob.writer.bitmap.complete():
-            return
-        blob.committing = True
-        self._hashers.commit(blob, blob.digest, blob.writer)
-
-    def _on_committed(self, blob: BlobFetch, result: Path | BaseException) -> None:
-        blob.committing = False
-        blob.writer = None  # commit() closed it, whatever the outcome
-        if isinstance(result, DigestMismatch) and not blob.refetched and not blob.streamed and self._running:
-            # A byte flipped on the way (a proxy, a NIC) costs one more download, not the pull; the
-            # same mismatch twice is the registry's copy. commit() discarded the ingest. A blob read
-            # as it landed is not fetched again: its reader has consumed the bad bytes.
-            log.warning("%s failed its digest check: fetching it once more from scratch", blob.digest)
-            blob.refetched, blob.hashed_watermark = True, 0
-            self._active.remove(blob)
-            self._queued.appendleft(blob)
-            return
-        if not isinstance(result, BaseException):
-            self.stats.blobs_fetched += 1
-            if blob.on_downloaded is not None:
-                _call_safely(blob.on_downloaded)
-        self._finish(blob, result)
+                self._blobs.finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body,
+                                                       retry_after=t.headers.get("retry-after")))
 
     def _reissue_stragglers(self, now: float) -> None:
-        """Cut a ranged transfer far slower than its blob's other transfers, running or finished,
-        and re-issue its remaining bytes on a fresh request."""
-        opts = self.options
-        for t in self._transfers.values():
-            received = t.sink.received
-            t.rate = (received - t.window_bytes) / _HOUSEKEEPING_S
-            t.window_bytes = received
-        for blob in self._active:
-            if blob.mode != "ranged":
-                continue
-            for t in list(blob.transfers):
-                peers = [p.rate for p in blob.transfers if p is not t] + list(blob.finished_rates)
-                if is_straggler(t.rate, t.end - t.sink.offset, now - t.started, peers,
-                                ratio=opts.straggler_ratio, min_age=opts.straggler_min_age):
-                    log.info("re-issuing slow range %d-%d of %s (%.0f B/s)", t.sink.offset, t.end, blob.digest, t.rate)
-                    self.stats.stragglers_reissued += 1
-                    self._cancel(t)
+        """Cut the ranged transfers far slower than their blob's others; their remaining bytes
+        go out again on fresh requests."""
+        for t in self._planner.stragglers(self._blobs.active, self._multi.transfers, now, _HOUSEKEEPING_S):
+            log.info("re-issuing slow range %d-%d of %s (%.0f B/s)", t.sink.offset, t.end, t.blob.digest, t.rate)
+            self.stats.stragglers_reissued += 1
+            self._cancel(t)

@@ -1,12 +1,22 @@
 """What to fetch next, decided without curl or threads: how many transfers and connections
-(:class:`Tuner`), which bytes a request covers (:func:`next_request`), which transfer is a
-straggler (:func:`stragglers`). The loop (:mod:`fastpull.engine.loop`) asks; nothing here does I/O.
+(:class:`Tuner`), which blob gets a free transfer slot, which bytes its request covers, when a
+failed request's chunks come back, which transfer is a straggler (:class:`Planner`). The loop
+(:mod:`fastpull.engine.loop`) asks and does what it is told; nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import heapq
+import itertools
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastpull.engine.options import FetchOptions
+
+if TYPE_CHECKING:
+    from fastpull.engine.transfers import BlobFetch, Transfer
 
 MiB = 1 << 20
 FIXED_REQUEST = 16 * MiB
@@ -149,3 +159,116 @@ def is_straggler(rate: float, remaining: int, age: float, peer_rates: Sequence[f
     import statistics  # here, not at the top: keeps every pull's start-up short
 
     return rate * ratio < statistics.median(peer_rates) and remaining > rate * min_age
+
+
+@dataclass(frozen=True)
+class Span:
+    """The bytes one request asks for: ``[start, end)``, of bitmap ``chunks`` (None: the whole blob
+    in one stream); bytes before ``valid_from`` are not the chunks' (the request resumes mid-chunk
+    when ``start`` is past it)."""
+
+    chunks: range | None
+    start: int
+    end: int
+    valid_from: int
+
+
+class Planner:
+    """The loop's decisions of what to fetch next, over the blobs' planning state (``pending``
+    chunks, ``resume_at``, ``mode``, ``transfers``); it changes only that state and does no I/O.
+
+    Owns the :class:`Tuner` and the chunks of failed requests waiting for their retry.
+    """
+
+    def __init__(self, options: FetchOptions):
+        self._options = options
+        cap = min(options.max_transfers, options.chunks_per_blob * options.blobs_in_flight)
+        self.tuner = Tuner(options.initial_transfers, cap, options.chunk_size, adaptive=options.adaptive,
+                           streams_per_connection=options.streams_per_connection)
+        self._delayed: list[tuple[float, int, BlobFetch, list[int]]] = []  # a heap by due time
+        self._seq = itertools.count()
+
+    def slots(self, blobs: Iterable[BlobFetch], in_flight: int) -> Iterator[BlobFetch]:
+        """The blob that gets each free transfer slot (of the tuner's target, ``in_flight`` taken).
+
+        Slots go to blobs in the order they were asked for, each up to its limit (one transfer
+        while a blob probes Range support or is fetched in one stream, else ``chunks_per_blob``).
+        Earlier blobs (lower layers) get the bandwidth first and finish first, so an unpacker
+        following them runs at network speed instead of every layer crawling at once; the link
+        stays as full as with an even share. Start each transfer before asking for the next slot.
+        """
+        budget = self.tuner.target - in_flight
+        for blob in blobs:
+            while budget > 0 and blob.writer is not None and blob.pending and not blob.committing:
+                limit = 1 if blob.mode in ("probe", "single") else self._options.chunks_per_blob
+                if len(blob.transfers) >= limit:
+                    break
+                yield blob
+                budget -= 1
+            if budget <= 0:
+                return
+
+    def next_span(self, blob: BlobFetch) -> Span:
+        """Take the next request of ``blob`` off its pending chunks."""
+        if blob.mode == "single":
+            blob.pending.clear()
+            return Span(None, 0, blob.size, 0)
+        bitmap = blob.writer.bitmap
+        span = request_chunks(self.tuner.request_bytes, bitmap.chunk_size, bitmap.nchunks,
+                              streamed=blob.streamed, adapt_size=self.tuner.adapt_size)
+        chunks = next_request(blob.pending, span, blob.resume_at)
+        valid_from = bitmap.chunk_span(chunks[0])[0]
+        end = bitmap.chunk_span(chunks[-1])[1]
+        return Span(chunks, blob.resume_at.pop(chunks[0], valid_from), end, valid_from)
+
+    def requeue(self, t: Transfer, delay: float = 0.0, now: float = 0.0) -> None:
+        """Give the chunks ``t`` did not finish back to its blob, at once or ``delay`` seconds
+        after ``now``; the first resumes from the bytes ``t`` wrote."""
+        chunks = self._unfinished(t)
+        if delay <= 0:
+            put_back(t.blob.pending, chunks)
+        else:
+            heapq.heappush(self._delayed, (now + delay, next(self._seq), t.blob, chunks))
+
+    @property
+    def next_due(self) -> float | None:
+        """When the first delayed retry is due (None: there is none)."""
+        return self._delayed[0][0] if self._delayed else None
+
+    def release_due(self, now: float) -> None:
+        """Give the chunks whose retry is due back to their blobs (unless the blob has ended)."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, blob, chunks = heapq.heappop(self._delayed)
+            if blob.writer is not None:
+                put_back(blob.pending, chunks)
+
+    def stragglers(self, blobs: Iterable[BlobFetch], in_flight: Collection[Transfer], now: float,
+                   interval: float) -> list[Transfer]:
+        """The ranged transfers to cut: far slower than their blob's other transfers, running or
+        finished (:func:`is_straggler`). Called every ``interval`` seconds: it measures the rate of
+        each transfer ``in_flight`` over the last interval."""
+        for t in in_flight:
+            received = t.sink.received
+            t.rate = (received - t.window_bytes) / interval
+            t.window_bytes = received
+        cut: list[Transfer] = []
+        for blob in blobs:
+            if blob.mode != "ranged":
+                continue
+            for t in blob.transfers:
+                peers = [p.rate for p in blob.transfers if p is not t and p not in cut] + list(blob.finished_rates)
+                if is_straggler(t.rate, t.end - t.sink.offset, now - t.started, peers,
+                                ratio=self._options.straggler_ratio, min_age=self._options.straggler_min_age):
+                    cut.append(t)
+        return cut
+
+    @staticmethod
+    def _unfinished(t: Transfer) -> list[int]:
+        """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote."""
+        if t.chunks is None:
+            return [0]  # one stream restarts from 0: a server that ignores Range cannot resume
+        bitmap = t.blob.writer.bitmap
+        left = [c for c in t.chunks if not bitmap.test(c)]
+        if left and t.sink.armed and t.sink.offset > bitmap.chunk_span(left[0])[0]:
+            t.blob.resume_at[left[0]] = t.sink.offset
+        return left

@@ -66,11 +66,11 @@ class Transfer:
     chunks: range | None  # bitmap chunks this request covers; None: the whole blob in one stream
     start: int
     end: int
-    curl: pycurl.Curl
     sink: object
     started: float
     url: str
     auth: str | None = None  # the Authorization value it was sent with
+    curl: pycurl.Curl | None = None  # given by Multi.start
     status: int = 0
     headers: dict = field(default_factory=dict)
     window_bytes: int = 0

@@ -1,0 +1,209 @@
+"""The blobs the fetch loop is fetching, from request to settled futures: one download per
+(store, digest) however many ask for it, another writer's per-digest lock waited on off the
+loop's thread, and a finished blob verified and committed by the hashers. Which bytes of an active
+blob go next is the planner's (:mod:`fastpull.engine.planner`); its transfers are the loop's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fastpull.content.store import BlobWriter
+from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox
+from fastpull.engine.hashing import Hashers
+from fastpull.engine.options import FetchOptions, FetchStats
+from fastpull.engine.transfers import BlobFetch, Transfer
+from fastpull.errors import DigestMismatch, FastpullError
+
+log = logging.getLogger("fastpull.engine.loop")  # one logger for the loop and its parts
+
+
+def _call_safely(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # a caller's bug must not stop the loop
+        log.exception("fetch callback failed")
+
+
+class Blobs:
+    """The loop thread's table of blobs being fetched, keyed by (store, digest).
+
+    A blob is queued, then active (its ingest open: at most ``blobs_in_flight``, in the order they
+    were asked for), then committing; :meth:`finish` settles every request's future. Side threads
+    (lock waits, hashers) answer through the mailbox; ``cancel`` drops one of a blob's transfers.
+    """
+
+    def __init__(self, options: FetchOptions, stats: FetchStats, mailbox: Mailbox,
+                 cancel: Callable[[Transfer], None]):
+        self._options = options
+        self._stats = stats
+        self._mailbox = mailbox
+        self._cancel = cancel
+        self._hashers = Hashers(options.hasher_threads, lambda blob, result: mailbox.post(Committed(blob, result)))
+        self._table: dict[tuple[str, str], BlobFetch] = {}
+        self._queued: deque[BlobFetch] = deque()
+        self.active: list[BlobFetch] = []
+        """Blobs with an open ingest, in the order they were asked for."""
+        self.stopping = False
+        """Set when the engine closes: no blob is started or fetched again from then on."""
+
+    @property
+    def committing(self) -> bool:
+        """Whether a blob is with the hashers."""
+        return any(blob.committing for blob in self._table.values())
+
+    def request(self, command: Fetch) -> None:
+        """A caller asks for a blob: share a download in progress, answer at once if the store
+        has it, else queue a new one."""
+        store, digest, on_open = command.store, command.digest, command.on_open
+        key = (str(store.root), digest)
+        blob = self._table.get(key)
+        if blob is not None:
+            blob.futures.append(command.future)
+            if on_open is not None:
+                blob.streamed = True
+                blob.openers.append(on_open)
+                if blob.writer is not None:
+                    self._call_openers(blob)
+            return
+        if store.has(digest, command.size):
+            self._stats.blobs_skipped += 1
+            if on_open is not None:
+                _call_safely(on_open)
+            command.future.set_result(store.blob_path(digest))
+            return
+        url = command.source.blob_url(digest)
+        blob = BlobFetch(store, command.source, digest, command.size, [command.future], url=url,
+                         registry_netloc=urlsplit(url).netloc, streamed=on_open is not None,
+                         on_downloaded=command.on_downloaded)
+        if on_open is not None:
+            blob.openers.append(on_open)
+        self._table[key] = blob
+        self._queued.append(blob)
+
+    def activate(self) -> None:
+        """Open the ingests of queued blobs while fewer than ``blobs_in_flight`` are active."""
+        while self._queued and len(self.active) < self._options.blobs_in_flight:
+            blob = self._queued.popleft()
+            try:
+                writer = blob.store.open_writer(blob.digest, blob.size, self._options.bitmap_chunk, block=False)
+            except FastpullError as exc:
+                self.finish(blob, exc)
+                continue
+            if writer is None and blob.store.has(blob.digest, blob.size):
+                self._stats.blobs_skipped += 1
+                self.finish(blob, blob.store.blob_path(blob.digest))
+            elif writer is None:
+                # Another process or engine is fetching it: block in flock on a side
+                # thread (woken by the kernel when it commits or dies), never poll.
+                threading.Thread(target=self._wait_for_lock, args=(blob,), daemon=True).start()
+            else:
+                self._start(blob, writer)
+
+    def _wait_for_lock(self, blob: BlobFetch) -> None:
+        try:
+            writer = blob.store.open_writer(blob.digest, blob.size, self._options.bitmap_chunk, block=True)
+        except BaseException as exc:
+            self._mailbox.post(Locked(blob, None, exc))
+        else:
+            self._mailbox.post(Locked(blob, writer, None))
+
+    def locked(self, command: Locked) -> None:
+        """The other writer is gone: it committed the blob, or died and left its partial download
+        to resume."""
+        blob, writer = command.blob, command.writer
+        if command.error is not None:
+            self.finish(blob, command.error)
+        elif writer is None:
+            self._stats.blobs_skipped += 1
+            self.finish(blob, blob.store.blob_path(blob.digest))
+        elif self.stopping:
+            writer.close()
+        else:
+            self._start(blob, writer)
+
+    def _call_openers(self, blob: BlobFetch) -> None:
+        openers, blob.openers = blob.openers, []
+        for on_open in openers:
+            _call_safely(on_open)
+
+    def _start(self, blob: BlobFetch, writer: BlobWriter) -> None:
+        blob.writer = writer
+        self._call_openers(blob)
+        blob.auth = blob.source.authorization()
+        blob.pending = writer.missing_chunks()
+        self._stats.bytes_resumed += writer.resumed_bytes
+        self.active.append(blob)
+        if not blob.pending:
+            self._maybe_commit(blob)
+
+    def chunk_done(self, blob: BlobFetch) -> None:
+        """A request of ``blob`` finished: hash along the watermark, or commit a complete blob."""
+        watermark = blob.writer.bitmap.watermark()
+        if blob.writer.bitmap.complete():
+            self._maybe_commit(blob)
+        elif watermark > blob.hashed_watermark:
+            blob.hashed_watermark = watermark
+            self._hashers.advance(blob.writer)
+
+    def _maybe_commit(self, blob: BlobFetch) -> None:
+        if blob.committing or blob.transfers or not blob.writer.bitmap.complete():
+            return
+        blob.committing = True
+        self._hashers.commit(blob, blob.digest, blob.writer)
+
+    def committed(self, command: Committed) -> None:
+        """The hashers verified and committed a blob, or it failed its digest check."""
+        blob, result = command.blob, command.result
+        blob.committing = False
+        blob.writer = None  # commit() closed it, whatever the outcome
+        if isinstance(result, DigestMismatch) and not blob.refetched and not blob.streamed and not self.stopping:
+            # A byte flipped on the way (a proxy, a NIC) costs one more download, not the pull; the
+            # same mismatch twice is the registry's copy. commit() discarded the ingest. A blob read
+            # as it landed is not fetched again: its reader has consumed the bad bytes.
+            log.warning("%s failed its digest check: fetching it once more from scratch", blob.digest)
+            blob.refetched, blob.hashed_watermark = True, 0
+            self.active.remove(blob)
+            self._queued.appendleft(blob)
+            return
+        if not isinstance(result, BaseException):
+            self._stats.blobs_fetched += 1
+            if blob.on_downloaded is not None:
+                _call_safely(blob.on_downloaded)
+        self.finish(blob, result)
+
+    def finish(self, blob: BlobFetch, result: Path | BaseException) -> None:
+        """Settle every future of a blob and forget it; releases the writer unless committed."""
+        for t in list(blob.transfers):
+            self._cancel(t)
+        if blob.writer is not None and not blob.committing:
+            blob.writer.close()
+        blob.writer = None
+        self._table.pop((str(blob.store.root), blob.digest), None)
+        if blob in self.active:
+            self.active.remove(blob)
+        if isinstance(result, BaseException):
+            blob.openers.clear()
+        else:
+            self._call_openers(blob)  # committed by another process while we waited
+        for future in blob.futures:
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def fail_all(self, exc: FastpullError) -> None:
+        """Stop: fail every blob but those the hashers are committing."""
+        self.stopping = True
+        for blob in list(self._table.values()):
+            if not blob.committing:
+                self.finish(blob, exc)
+
+    def close(self) -> None:
+        """End the hasher threads after the jobs already queued."""
+        self._hashers.stop()
