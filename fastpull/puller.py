@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from fastpull.content.layout import ImageLayout
 from fastpull.content.store import ContentStore
 from fastpull.digests import check_digest
-from fastpull.engine import FetchEngine, FetchOptions
-from fastpull.errors import ManifestError, PlatformNotFound, UnpackError
+from fastpull.engine import FetchEngine, FetchOptions, FetchStats
+from fastpull.errors import FastpullError, ManifestError, PlatformNotFound, UnpackError
+from fastpull.events import Blob, Event, Failed, LayerDone, Progress, Pulled
+from fastpull.events import Resolved as ResolvedEvent
 from fastpull.oci.manifest import (
     DOCKER_FOREIGN_LAYER,
     OCI_LAYER_NONDIST,
@@ -37,7 +43,7 @@ from fastpull.unpack.snapshots import Snapshotter, SnapshotWriter, chain_ids
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: imported when used
-    from fastpull.unpack.workers import LayerJob, Unpacker
+    from fastpull.unpack.workers import LayerJob, Unpacker, UnpackProgress
 
 
 class RepositorySource:
@@ -62,6 +68,8 @@ class RepositorySource:
 
 _PROGRESS_INTERVAL_S = 0.5
 """How often ``Puller.pull`` reports progress: as often as the engine counts running transfers."""
+_RATE_WINDOW = 5
+"""Progress reports over which the download rate is measured (2 s)."""
 
 NON_DISTRIBUTABLE = frozenset({OCI_LAYER_NONDIST, OCI_LAYER_NONDIST_GZIP, OCI_LAYER_NONDIST_ZSTD, DOCKER_FOREIGN_LAYER})
 
@@ -82,16 +90,22 @@ class PullResult:
     already in the layout, that another process committed while this pull waited, or that a
     concurrent pull over the same engine was already fetching."""
     seconds: float
+    """From start to finish, resolving the reference included."""
     rootfs: Path | None = None
     snapshots: tuple[Path, ...] = ()
     """Snapshot directories by layer, base first (overlayfs lower dirs)."""
     unpacked_layers: int = 0
     """Layers this pull unpacked (snapshots that already existed are not counted)."""
+    download_seconds: float = 0.0
+    """From the first blob request until every blob was committed."""
+    unpack_seconds: float = 0.0
+    """From the first layer handed to an unpack worker until the rootfs or snapshots were in place
+    (layers unpack as they download, so this overlaps ``download_seconds``)."""
 
     @property
     def throughput(self) -> float:
-        """Bytes per second over the fetched bytes."""
-        return self.fetched_bytes / self.seconds if self.seconds > 0 else 0.0
+        """Bytes per second of the download: the fetched bytes over ``download_seconds``."""
+        return self.fetched_bytes / self.download_seconds if self.download_seconds > 0 else 0.0
 
 
 @dataclass(eq=False)
@@ -164,6 +178,7 @@ class Puller:
         platform: Platform | None = None,
         rootfs: str | os.PathLike[str] | None = None,
         snapshots: str | os.PathLike[str] | None = None,
+        events: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> PullResult:
         """Pull ``ref`` into the OCI layout at ``layout`` and tag it there by its full name.
@@ -176,12 +191,29 @@ class Puller:
         ``platform`` asked for (here or to the Puller), the pull fails with PlatformNotFound; if
         none was asked for and it is not this host's, a warning is logged.
 
-        ``progress(done, total)`` is called in this thread about twice a second while blobs
-        download, and once more at the end: ``total`` is the bytes of the blobs missing from the
-        layout, ``done`` the bytes the engine received since (all of the engine's pulls count).
+        ``events(event)`` is called in this thread with what happens (:mod:`fastpull.events`):
+        ``Resolved``, ``Progress`` about twice a second, ``LayerDone`` per layer, and last ``Pulled``
+        or, before a FastpullError is raised, ``Failed``. ``progress(done, total)`` gets each
+        ``Progress``'s download bytes: ``total`` is the bytes of the blobs missing from the layout,
+        ``done`` the bytes the engine received since (all of the engine's pulls count).
         """
         if rootfs is not None and snapshots is not None:
             raise ValueError("give rootfs or snapshots, not both")
+        follow = _Follow(self.engine, _emitter(events, progress))
+        try:
+            result = self._pull(ref, layout, platform, rootfs, snapshots, follow)
+        except FastpullError as exc:
+            follow.emit(Failed.of(exc, str(ref), follow.failed))
+            raise
+        follow.emit(Pulled(
+            reference=str(result.reference), digest=result.descriptor.digest, layers=len(result.manifest.layers),
+            bytes=result.total_bytes, fetched=result.fetched_bytes, seconds=round(result.seconds, 3),
+            download_seconds=round(result.download_seconds, 3), unpack_seconds=round(result.unpack_seconds, 3),
+            layout=str(result.layout), rootfs=None if result.rootfs is None else str(result.rootfs),
+            snapshots=tuple(str(p) for p in result.snapshots)))
+        return result
+
+    def _pull(self, ref, layout, platform, rootfs, snapshots, follow: _Follow) -> PullResult:
         started = time.monotonic()
         reference = parse_reference(ref) if isinstance(ref, str) else ref
         client = self.client(reference.registry)
@@ -196,11 +228,11 @@ class Puller:
         manifest = resolved.manifest
         layers = [d for d in manifest.layers if d.media_type not in NON_DISTRIBUTABLE]
         blobs = [manifest.config, *layers]
-        missing = sum(d.size for d in blobs if not store.has(d.digest, d.size))
-        downloaded: list[int] = []  # sizes of the blobs this pull's requests downloaded
+        missing = [d for d in blobs if not store.has(d.digest, d.size)]
+        follow.resolved(resolved, layers, missing, source.blob_url(manifest.config.digest))
         for desc, body in resolved.documents:
             if not store.has(desc.digest, desc.size):
-                downloaded.append(desc.size)
+                follow.downloaded[desc.digest] = desc.size
                 store.put_bytes(desc.digest, body)
 
         unpacks: list[_LayerUnpack | None] = [None] * len(layers)  # by position in ``layers``
@@ -211,7 +243,7 @@ class Puller:
         try:
             if rootfs is not None or snapshots is not None:
                 config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size,
-                                                on_downloaded=lambda: downloaded.append(manifest.config.size)).result()
+                                                on_downloaded=follow.on_downloaded(manifest.config)).result()
                 _check_config_platform(config_path, resolved, wanted, platform_given)
                 diff_ids = [i for d, i in zip(manifest.layers, _diff_ids(config_path, manifest))
                             if d.media_type not in NON_DISTRIBUTABLE]
@@ -223,40 +255,34 @@ class Puller:
                     chains = chain_ids(diff_ids)
                     unpacks = _snapshot_plan(store, layers, diff_ids, chains, snapshotter)
                     snapshot_paths = tuple(snapshotter.path(c) for c in chains)
-            unpacker = self.unpacker() if any(unpacks) else None
+            if any(unpacks):
+                unpacker = self.unpacker()
+                follow.unpacking(unpacks)
 
             def fetch(desc: Descriptor, unpack: _LayerUnpack | None) -> Future:
                 def on_open() -> None:  # in the engine's thread, as soon as the layer can be read
+                    follow.unpack_started = follow.unpack_started or time.monotonic()
                     unpack.future = unpacker.submit(unpack.job)
                 return self.engine.fetch(store, source, desc.digest, desc.size,
                                          on_open=on_open if unpack is not None else None,
-                                         on_downloaded=lambda: downloaded.append(desc.size))
+                                         on_downloaded=follow.on_downloaded(desc))
 
-            received_before = self.engine.received_bytes() + self.engine.stats.bytes_resumed
             futures = [fetch(manifest.config, None)] + [fetch(d, u) for d, u in zip(layers, unpacks)]
             if rootfs is None and snapshots is None:
                 wait(futures[:1])  # the config is small and first: refuse the wrong platform early
                 if futures[0].exception() is None:
                     _check_config_platform(futures[0].result(), resolved, wanted, platform_given)
-            # Let every fetch and unpack settle before reporting the first failure.
-            while wait(futures, timeout=None if progress is None else _PROGRESS_INTERVAL_S).not_done:
-                landed = self.engine.received_bytes() + self.engine.stats.bytes_resumed - received_before
-                progress(min(landed, missing), missing)
-            layer_futures = [u.future for u in unpacks if u is not None and u.future is not None]
-            wait(layer_futures)
-            for future in futures + layer_futures:
-                future.result()
-            if skipped := sum(f.result().devices_skipped for f in layer_futures):
+            follow.settle(blobs, futures, unpacks)
+            layer_results = [u.future.result() for u in unpacks if u is not None]
+            if skipped := sum(r.devices_skipped for r in layer_results):
                 log.warning("%d device node(s) of %s not created: that needs CAP_MKNOD", skipped, reference)
-            if progress is not None:
-                progress(missing, missing)
             if snapshots is not None:
                 _commit_snapshots(unpacks, snapshot_paths)
             if work is not None:
                 layers_done = [(Path(u.job.target), u.future.result().implied_dirs) for u in unpacks]
                 _assemble_rootfs(work.path, layers_done, Path(rootfs))
         except BaseException:
-            # Interrupted (or a progress callback raised) while layers may still unpack, or be
+            # Interrupted (or an events callback raised) while layers may still unpack, or be
             # handed to a worker as they open: stop the workers before their targets go.
             running = not all(f.done() for f in futures) or any(
                 u is not None and u.future is not None and not u.future.done() for u in unpacks)
@@ -267,22 +293,28 @@ class Puller:
                     u.snapshot.abort()
             raise
         finally:
+            follow.close()
             if work is not None:
                 work.remove()
         image_layout.tag(str(reference), resolved.manifest_descriptor)
+        finished = time.monotonic()
         total = sum(d.size for d in blobs) + sum(d.size for d, _ in resolved.documents)
-        return PullResult(
+        result = PullResult(
             reference=reference,
             descriptor=resolved.manifest_descriptor,
             manifest=manifest,
             layout=image_layout.root,
             total_bytes=total,
-            fetched_bytes=sum(downloaded),
-            seconds=time.monotonic() - started,
+            fetched_bytes=sum(follow.downloaded.values()),
+            seconds=finished - started,
             rootfs=Path(rootfs) if rootfs is not None else None,
             snapshots=snapshot_paths,
             unpacked_layers=sum(u is not None for u in unpacks),
+            download_seconds=follow.download_seconds or 0.0,
+            unpack_seconds=finished - follow.unpack_started if follow.unpack_started is not None else 0.0,
         )
+        follow.pulled(result, self.engine.stats)
+        return result
 
     def close(self) -> None:
         self.engine.close()
@@ -294,6 +326,147 @@ class Puller:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _emitter(events: Callable[[Event], None] | None,
+             progress: Callable[[int, int], None] | None) -> Callable[[Event], None] | None:
+    """One callable for both of ``Puller.pull``'s callbacks (``progress`` hears the Progress events)."""
+    if progress is None:
+        return events
+
+    def emit(event: Event) -> None:
+        if isinstance(event, Progress):
+            progress(event.done, event.total)
+        if events is not None:
+            events(event)
+
+    return emit
+
+
+class _Follow:
+    """One pull's account, kept in the pull's thread: what it downloaded and when, and the events
+    that tell it (each layer fetched and unpacked, in order; progress twice a second)."""
+
+    def __init__(self, engine: FetchEngine, emit: Callable[[Event], None] | None):
+        self._engine = engine
+        self._emit = emit
+        self.downloaded: dict[str, int] = {}
+        """Sizes of the blobs this pull's requests downloaded, by digest (set from the engine's thread)."""
+        self.failed: str | None = None
+        """The blob whose fetch or unpack failed the pull."""
+        self.download_seconds: float | None = None
+        """Set once every blob is committed."""
+        self.unpack_started: float | None = None
+        """When the first layer went to an unpack worker (set from the engine's thread)."""
+        self._unpack_progress: UnpackProgress | None = None
+        self._stats = dataclasses.replace(engine.stats)
+        self._started = time.monotonic()
+        self._received_before = self._received()
+        self._missing = 0
+        self._rate_window: deque[tuple[float, int]] = deque(maxlen=_RATE_WINDOW)
+
+    def emit(self, event: Event) -> None:
+        if self._emit is not None:
+            self._emit(event)
+
+    def _received(self) -> int:
+        return self._engine.received_bytes() + self._engine.stats.bytes_resumed
+
+    def on_downloaded(self, desc: Descriptor) -> Callable[[], None]:
+        return functools.partial(self.downloaded.__setitem__, desc.digest, desc.size)
+
+    def resolved(self, resolved: Resolved, layers: list[Descriptor], missing: list[Descriptor], url: str) -> None:
+        self._missing = sum(d.size for d in missing)
+        self._started = time.monotonic()
+        self._received_before = self._received()
+        self._rate_window.append((self._started, 0))
+        platform = resolved.manifest_descriptor.platform
+        log.info("%s is %s (%s, %d layers, %.1f MB); %d blobs, %.1f MB, to fetch from %s",
+                 resolved.reference, resolved.manifest_descriptor.digest, platform or "single-platform",
+                 len(layers), sum(d.size for d in layers) / 1e6, len(missing), self._missing / 1e6,
+                 urlsplit(url)._replace(path="", query="").geturl())
+        self.emit(ResolvedEvent(str(resolved.reference), resolved.manifest_descriptor.digest,
+                           None if platform is None else str(platform),
+                           tuple(Blob(d.digest, d.size) for d in layers)))
+
+    def unpacking(self, unpacks: list[_LayerUnpack | None]) -> None:
+        """Give each layer to unpack a slot where its worker counts the bytes it read (if anyone listens)."""
+        if self._emit is None:
+            return
+        from fastpull.unpack.workers import UnpackProgress
+
+        self._unpack_progress = UnpackProgress(len(unpacks))
+        for i, u in enumerate(unpacks):
+            if u is not None:
+                u.job = dataclasses.replace(u.job, progress=(self._unpack_progress.path, i))
+
+    def settle(self, blobs: list[Descriptor], fetches: list[Future], unpacks: list[_LayerUnpack | None]) -> None:
+        """Wait until every fetch (config, then layers) and unpack has settled, telling what happens;
+        then raise the first failure, if any."""
+        said: list[str | None] = [None] * len(unpacks)
+        next_tick = time.monotonic() + _PROGRESS_INTERVAL_S
+        while True:
+            if self._emit is not None:
+                self._tell_layers(blobs[1:], fetches[1:], unpacks, said)
+            unpacking = [u.future for u in unpacks if u is not None and u.future is not None]
+            if self.download_seconds is None and all(f.done() for f in fetches):
+                self.download_seconds = time.monotonic() - self._started
+            pending = [f for f in fetches + unpacking if not f.done()]
+            if not pending:
+                break
+            if self._emit is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + _PROGRESS_INTERVAL_S
+                self._tell_progress(blobs[1:], unpacks)
+            timeout = None if self._emit is None else max(0.0, next_tick - time.monotonic())
+            wait(pending, timeout, return_when=FIRST_COMPLETED)
+        for desc, future in [*zip(blobs, fetches), *((u.job.digest, u.future) for u in unpacks if u is not None)]:
+            if future.exception() is not None:
+                self.failed = desc if isinstance(desc, str) else desc.digest
+                raise future.exception()
+        self._tell_progress(blobs[1:], unpacks, final=True)
+
+    def _tell_layers(self, layers: list[Descriptor], fetches: list[Future], unpacks: list[_LayerUnpack | None],
+                     said: list[str | None]) -> None:
+        for i, (desc, fetch, unpack) in enumerate(zip(layers, fetches, unpacks)):
+            if said[i] is None and fetch.done() and fetch.exception() is None:
+                said[i] = "fetched" if desc.digest in self.downloaded else "present"
+                self.emit(LayerDone(desc.digest, said[i]))
+            if said[i] not in (None, "unpacked") and unpack is not None and unpack.future is not None \
+                    and unpack.future.done() and unpack.future.exception() is None:
+                said[i] = "unpacked"
+                self.emit(LayerDone(desc.digest, said[i]))
+
+    def _tell_progress(self, layers: list[Descriptor], unpacks: list[_LayerUnpack | None], final=False) -> None:
+        """``final``: every blob is in (some may have been committed by another process meanwhile)."""
+        now = time.monotonic()
+        done = self._missing if final else min(self._received() - self._received_before, self._missing)
+        self._rate_window.append((now, done))
+        then, before = self._rate_window[0]
+        unpacked = unpack_total = 0
+        for i, (desc, unpack) in enumerate(zip(layers, unpacks)):
+            if unpack is None:
+                continue
+            unpack_total += desc.size
+            if final or unpack.future is not None and unpack.future.done():
+                unpacked += desc.size
+            elif self._unpack_progress is not None:
+                unpacked += min(self._unpack_progress[i], desc.size)
+        rate = (done - before) / (now - then) if now > then else 0.0
+        self.emit(Progress(done, self._missing, round(rate), unpacked, unpack_total))
+
+    def pulled(self, result: PullResult, stats: FetchStats) -> None:
+        """Log what the pull cost the engine (its counters move for every pull of the engine)."""
+        log.info("pulled %s: %.1f MB fetched in %.2f s, %d requests on %d new connections, %d retries, "
+                 "%d slow ranges re-issued%s", result.reference, result.fetched_bytes / 1e6, result.download_seconds,
+                 stats.requests - self._stats.requests, stats.connections - self._stats.connections,
+                 stats.retries - self._stats.retries, stats.stragglers_reissued - self._stats.stragglers_reissued,
+                 f"; {result.unpacked_layers} layers unpacked in {result.unpack_seconds:.2f} s"
+                 if result.unpacked_layers else "")
+
+    def close(self) -> None:
+        if self._unpack_progress is not None:
+            self._unpack_progress.close()
+            self._unpack_progress = None
 
 
 def _diff_ids(config_path: Path, manifest: ImageManifest) -> list[str]:
@@ -436,9 +609,10 @@ def pull(
     rootfs: str | os.PathLike[str] | None = None,
     snapshots: str | os.PathLike[str] | None = None,
     unpack_workers: int | None = None,
+    events: Callable[[Event], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PullResult:
     """Pull one image into an OCI layout directory (and unpack it); see :class:`Puller` for many pulls."""
     with Puller(options, insecure_registries=insecure_registries, platform=platform,
                 unpack_workers=unpack_workers) as puller:
-        return puller.pull(ref, layout, rootfs=rootfs, snapshots=snapshots, progress=progress)
+        return puller.pull(ref, layout, rootfs=rootfs, snapshots=snapshots, events=events, progress=progress)

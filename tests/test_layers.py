@@ -7,7 +7,7 @@
     content     -> oci (layout only)   the content store, the image layout, the compiled core
     engine      -> http, content       the fetch loop, its planner and hashers; no OCI
     unpack      -> content, oci        the tar applier, worker processes, snapshots, rootfs
-    puller      -> all of the above    a pull, wired together
+    puller      -> all of the above    a pull, wired together; events, what a pull tells as it runs
     serve       -> puller and below    the node daemon: a pull-through mirror over the engine and store
     cli         -> serve, puller, oci, engine (options), content (default store), testbed (the demo)
 
@@ -30,13 +30,13 @@ ALLOWED = {
     "content": {"oci", "content"},
     "engine": {"http", "content", "engine"},
     "unpack": {"oci", "content", "unpack"},
-    "puller": {"oci", "registry", "engine", "content", "unpack"},
-    "serve": {"serve", "puller", "registry", "engine", "content", "oci"},
-    "cli": {"cli", "serve", "puller", "oci", "engine", "content", "testbed"},
+    "puller": {"oci", "registry", "engine", "content", "unpack", "events"},
+    "serve": {"serve", "puller", "events", "registry", "engine", "content", "oci"},
+    "cli": {"cli", "serve", "puller", "events", "oci", "engine", "content", "testbed"},
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }
 TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "digests": "common", "_pycore": "common",
-       "puller": "puller"}
+       "puller": "puller", "events": "puller"}
 OCI_FREE = ("http/*.py", "engine/*.py", "content/store.py", "content/core.py")  # no manifests, no references
 
 

@@ -13,8 +13,10 @@ and the tar applier writes file contents straight from those blocks; nothing els
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import mmap
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -23,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,8 @@ class LayerJob:
     target: str
     whiteouts: str = "overlay"
     """``apply_layer``'s whiteout mode: "overlay" for a snapshot, "keep" for a rootfs layer."""
+    progress: tuple[str, int] | None = None
+    """An :class:`UnpackProgress`'s path and this layer's slot in it."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,9 @@ class _TarStream:
     """A layer's uncompressed tar, made of the blocks of an iterator: ``read(n)`` hands out parts of
     a block without copying them (memoryviews); each block is hashed once (the diffID) and counted."""
 
-    def __init__(self, blocks: Iterator[bytes]):
+    def __init__(self, blocks: Iterator[bytes], on_block: Callable[[], None] = lambda: None):
         self._blocks = blocks
+        self._on_block = on_block
         self._view = memoryview(b"")
         self._at = 0
         self._hash = hashlib.sha256()
@@ -82,6 +87,7 @@ class _TarStream:
     def read(self, n: int) -> memoryview:
         if self._at == len(self._view):
             block = next(self._blocks, b"")
+            self._on_block()
             self._hash.update(block)
             self.count += len(block)
             self._view, self._at = memoryview(block), 0
@@ -149,13 +155,63 @@ def unpack_layer(job: LayerJob) -> LayerResult:
     """Unpack one layer (runs in a worker process); raises DigestMismatch on a wrong diffID."""
     started = time.monotonic()
     where = f"layer {job.digest}"
-    with BlobReader(ContentStore(job.store_root), job.digest, job.size) as raw:
-        tar = _TarStream(layer_blocks(raw, job.media_type, job.digest))
+    with BlobReader(ContentStore(job.store_root), job.digest, job.size) as raw, _progress_slot(job) as slot:
+
+        def read_so_far() -> None:
+            slot[0] = raw.pos
+
+        tar = _TarStream(layer_blocks(raw, job.media_type, job.digest), read_so_far)
         stats = apply_layer(tar, Path(job.target), layer=job.digest, whiteouts=job.whiteouts)
     if tar.hexdigest() != job.diff_id:
         raise DigestMismatch(f"{where} uncompressed content (diffID)", job.diff_id, tar.hexdigest())
     return LayerResult(job.digest, stats.entries, tar.count, time.monotonic() - started,
                        frozenset(stats.implied_dirs), stats.skipped[DEVICE_NODE])
+
+
+class UnpackProgress:
+    """How many compressed bytes of each layer the workers have read: one 8-byte slot per layer in
+    a memory file of this process, which a worker maps through ``/proc/<pid>/fd`` (it is the fork
+    server's child, not this process's, so it inherits nothing)."""
+
+    def __init__(self, layers: int):
+        self._fd = os.memfd_create("fastpull-unpack-progress", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, 8 * max(layers, 1))
+        self._map = mmap.mmap(self._fd, 8 * max(layers, 1))
+        self._slots = memoryview(self._map).cast("q")
+        self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
+
+    def __getitem__(self, slot: int) -> int:
+        return self._slots[slot]
+
+    def close(self) -> None:
+        self._slots.release()
+        self._map.close()
+        os.close(self._fd)
+
+
+@contextlib.contextmanager
+def _progress_slot(job: LayerJob) -> Iterator[memoryview | list[int]]:
+    """The job's slot of its UnpackProgress, mapped (an aligned 8-byte store, read whole by the
+    other side); a list that nobody reads if it has none or it cannot be opened: progress is advisory."""
+    try:
+        fd = os.open(job.progress[0], os.O_RDWR | os.O_CLOEXEC) if job.progress else -1
+    except OSError:
+        fd = -1
+    if fd < 0:
+        yield [0]
+        return
+    try:
+        mapped = mmap.mmap(fd, 0)
+    finally:
+        os.close(fd)
+    slots = memoryview(mapped).cast("q")
+    slot = slots[job.progress[1] : job.progress[1] + 1]
+    try:
+        yield slot
+    finally:
+        slot.release()
+        slots.release()
+        mapped.close()
 
 
 def _worker_init(parent: int, path: list[str]) -> None:
