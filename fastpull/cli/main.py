@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from fastpull.cli.singleflight import Outcome
     from fastpull.engine import FetchOptions
-    from fastpull.puller import PullResult
+    from fastpull.events import Event, Progress
 
 MiB = 1 << 20
 PULL_LOCKS = os.path.join(".fastpull", "pulls")
@@ -134,23 +134,28 @@ def _platform(spec: str) -> str:
     return spec
 
 
-def _report(result: PullResult) -> str:
-    mb = result.fetched_bytes / 1e6
+def _report(pulled: dict, leader: int | None) -> str:
+    """The text report of a ``pulled`` event (as JSON: it may be another process's)."""
+    rate = pulled["fetched"] / pulled["download_seconds"] if pulled["download_seconds"] > 0 else 0.0
+    unpacked = f", unpacked in {pulled['unpack_seconds']:.2f} s" if pulled["unpack_seconds"] else ""
     return (
-        f"pulled {result.reference} -> {result.descriptor.digest}\n"
-        f"  {len(result.manifest.layers)} layers, {result.total_bytes / 1e6:.1f} MB in the image, "
-        f"{mb:.1f} MB fetched in {result.seconds:.2f} s ({result.throughput / 1e6:.1f} MB/s)\n"
-        f"  layout: {result.layout}"
-        + (f"\n  rootfs: {result.rootfs}" if result.rootfs else "")
-        + (f"\n  snapshots: {result.snapshots[-1].parent}" if result.snapshots else "")
+        f"pulled {pulled['reference']} -> {pulled['digest']}\n"
+        f"  {pulled['layers']} layers, {pulled['bytes'] / 1e6:.1f} MB in the image, "
+        f"{pulled['fetched'] / 1e6:.1f} MB fetched in {pulled['download_seconds']:.2f} s ({rate / 1e6:.1f} MB/s)"
+        f"{unpacked}; {pulled['seconds']:.2f} s in all\n"
+        f"  layout: {pulled['layout']}\n"
+        + (f"  rootfs: {pulled['rootfs']}\n" if pulled["rootfs"] else "")
+        + (f"  snapshots: {os.path.dirname(pulled['snapshots'][-1])}\n" if pulled["snapshots"] else "")
+        + (f"  shared with process {leader}, which pulled it at the same time\n" if leader is not None else "")
     )
 
 
 def _pull_key(args: argparse.Namespace) -> str:
     """What makes two ``fastpull pull`` commands identical: their options (paths made absolute;
-    not ``-v``, which changes only the log) and the environment a pull reads."""
+    not ``-v``, ``--json`` or ``--quiet``, which change only what is written) and the environment
+    a pull reads."""
     options = {k: os.path.abspath(v) if k in ("layout", "rootfs", "snapshots") and v else v
-               for k, v in vars(args).items() if k not in ("func", "verbose")}
+               for k, v in vars(args).items() if k not in ("func", "verbose", "json", "quiet")}
     environment = {k: os.environ.get(k) for k in _REQUEST_ENVIRONMENT}
     proxies = {k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}
     return json.dumps([options, environment, proxies], sort_keys=True)
@@ -166,27 +171,21 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     def lead() -> Outcome:
         nonlocal started
         started = True
-        try:
-            return {"exit": 0, "stdout": _pull(args) + "\n", "stderr": ""}
-        except InvalidReference as exc:  # parsed by the pull: a process that joins another imports no parser
-            return {"exit": EXIT_USAGE, "stdout": "", "stderr": f"fastpull pull: error: {exc}\n"}
-        except FastpullError as exc:
-            return {"exit": EXIT_FAILED, "stdout": "", "stderr": f"fastpull: {exc}\n"}
+        log_to_stderr(args.verbose, args.quiet)
+        return _run_pull(args, args.reference, args.layout, json_lines=args.json, rootfs=args.rootfs,
+                         snapshots=args.snapshots, unpack_workers=args.unpack_workers)
 
     if not args.join:
         outcome, leader = lead(), None
     else:
         try:
             outcome, leader = run_once(os.path.join(args.layout, PULL_LOCKS), _pull_key(args), lead,
-                                       on_wait=_say_waiting if sys.stderr.isatty() else None)
+                                       on_wait=_say_waiting if sys.stderr.isatty() and not args.quiet else None)
         except OSError:
             if started:
                 raise
             outcome, leader = lead(), None  # no lock file (unwritable layout...): the pull says what is wrong
-    if leader is not None and outcome["exit"] == 0:
-        outcome["stdout"] += f"  shared with process {leader}, which pulled it at the same time\n"
-    sys.stdout.write(outcome["stdout"])
-    sys.stderr.write(outcome["stderr"])
+    _write_outcome(outcome, leader, json_lines=args.json, quiet=args.quiet)
     return outcome["exit"]
 
 
@@ -194,35 +193,66 @@ def _say_waiting() -> None:
     print("fastpull: an identical pull is in flight; waiting for it to finish", file=sys.stderr, flush=True)
 
 
-def _pull(args: argparse.Namespace) -> str:
-    log_to_stderr(args.verbose)
-    return _pull_and_report(args, args.reference, args.layout, rootfs=args.rootfs, snapshots=args.snapshots,
-                            unpack_workers=args.unpack_workers)
+def _run_pull(args: argparse.Namespace, ref: str, layout: str, *, json_lines: bool = False,
+              unpack_workers: int | None = None, **unpack: str | None) -> Outcome:
+    """Pull ``ref`` with the fetch options in ``args``; with ``json_lines`` its events go to stdout
+    as they happen, else a progress bar runs on a terminal.
 
-
-def _pull_and_report(args: argparse.Namespace, ref: str, layout: str, *, unpack_workers: int | None = None,
-                     **unpack: str | None) -> str:
-    """Pull ``ref`` with the fetch options in ``args``, a progress bar on a terminal; the report."""
+    The outcome (shared with identical pulls that join this one, whatever they write) holds the
+    exit status, the pull's summary events as JSON lines (``resolved``, then ``pulled`` or
+    ``error``) as "stdout", and the error line for stderr; :func:`_write_outcome` writes it.
+    """
+    from fastpull.events import Failed
     from fastpull.oci.manifest import Platform
     from fastpull.puller import Puller
 
-    with Puller(
-        fetch_options(args), insecure_registries=args.insecure_registry,
-        platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
-        unpack_workers=unpack_workers,
-    ) as puller, _ProgressBar(f"pulling {ref}") as bar:
-        return _report(puller.pull(ref, layout, progress=bar.update if bar.shown else None, **unpack))
+    status, error = 0, ""
+    with _Output(f"pulling {ref}", json_lines) as output:
+        try:
+            with Puller(
+                fetch_options(args), insecure_registries=args.insecure_registry,
+                platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
+                unpack_workers=unpack_workers,
+            ) as puller:
+                puller.pull(ref, layout, events=output.show, **unpack)
+        except FastpullError as exc:
+            if not any(e["event"] == Failed.NAME for e in output.summary):
+                output.show(Failed.of(exc, ref))  # raised before the pull began
+            # A reference is parsed by the pull: a process that joins another imports no parser.
+            status, error = ((EXIT_USAGE, f"fastpull pull: error: {exc}\n") if isinstance(exc, InvalidReference)
+                             else (EXIT_FAILED, f"fastpull: {exc}\n"))
+    return {"exit": status, "stdout": "".join(json.dumps(e) + "\n" for e in output.summary), "stderr": error}
 
 
-class _ProgressBar:
-    """Download progress on stderr while the pull runs, if stderr is a terminal (``rich``,
-    imported only then); erased when the pull ends, so the report stands alone."""
+def _write_outcome(outcome: Outcome, leader: int | None, *, json_lines: bool = False, quiet: bool = False) -> None:
+    """Write a pull's outcome: as JSON lines if this process did not write them as they happened (it
+    joined ``leader``'s pull: its ``pulled`` line says ``shared_with``), or the text report, or with
+    ``quiet`` the manifest digest alone; then the error line, if any."""
+    for line in outcome["stdout"].splitlines():
+        event = json.loads(line)
+        if json_lines and leader is not None:
+            if event["event"] == "pulled":
+                event["shared_with"] = leader
+            sys.stdout.write(json.dumps(event) + "\n")
+        elif not json_lines and event["event"] == "pulled":
+            sys.stdout.write(event["digest"] + "\n" if quiet else _report(event, leader))
+    sys.stderr.write(outcome["stderr"])
 
-    def __init__(self, description: str):
-        self.shown = sys.stderr.isatty()
+
+class _Output:
+    """Where a pull's events go: each as a JSON line on stdout (``json_lines``), else the download
+    and unpack progress as bars on stderr if it is a terminal (``rich``, imported only then; erased
+    when the pull ends, so that the report stands alone). The summary events are kept."""
+
+    SUMMARY = ("resolved", "pulled", "error")
+
+    def __init__(self, description: str, json_lines: bool):
+        self.summary: list[dict] = []
+        self._json_lines = json_lines
+        self._bar = not json_lines and sys.stderr.isatty()
         self._description = description
-        self._task = None
-        if self.shown:
+        self._download = self._unpack = None
+        if self._bar:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -237,23 +267,45 @@ class _ProgressBar:
                                       TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                                       transient=True)
 
-    def update(self, done: int, total: int) -> None:
-        if self._task is None:
-            self._task = self._progress.add_task(self._description, total=total)
-        self._progress.update(self._task, completed=done)
+    def show(self, event: Event) -> None:
+        if event.NAME in self.SUMMARY or self._json_lines:
+            as_dict = event.to_dict()
+            if event.NAME in self.SUMMARY:
+                self.summary.append(as_dict)
+            if self._json_lines:
+                try:
+                    sys.stdout.write(json.dumps(as_dict) + "\n")
+                    sys.stdout.flush()
+                except BrokenPipeError:  # the reader left: the pull goes on, its output to /dev/null
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, sys.stdout.fileno())
+                    os.close(devnull)
+        if self._bar and event.NAME == "progress":
+            self._draw(event)
 
-    def __enter__(self) -> _ProgressBar:
-        if self.shown:
+    def _draw(self, p: Progress) -> None:
+        if self._download is None:
+            self._download = self._progress.add_task(self._description, total=p.total)
+        self._progress.update(self._download, completed=p.done)
+        if p.unpack_total:
+            if self._unpack is None:
+                self._unpack = self._progress.add_task("unpacking", total=p.unpack_total)
+            self._progress.update(self._unpack, completed=p.unpacked)
+
+    def __enter__(self) -> _Output:
+        if self._bar:
             self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.shown:
+        if self._bar:
             self._progress.stop()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Start a local registry, push a generated image, pull it with fastpull."""
+    """Start a local registry, push a generated image, pull it with fastpull; remove what was built
+    unless ``--keep``."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -261,25 +313,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fastpull.testbed.registry import LocalRegistry
 
     log_to_stderr(args.verbose)
+    ours = args.workdir is None or not os.path.exists(args.workdir)  # else only what the demo puts there goes
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fastpull-demo-"))
+    built = {"image": work / "image", "registry data": work / "registry", "layout": work / "layout"}
     layer_bytes = int(args.size_mb * 1e6 / args.layers)
-    print(f"building a {args.layers}-layer image of {args.size_mb} MB in {work / 'image'} ...", flush=True)
-    image = build_image([LayerSpec(layer_bytes) for _ in range(args.layers)], work / "image")
-    with LocalRegistry(work / "registry") as registry:
-        print(f"registry at {registry.url}; pushing ...", flush=True)
-        push_image(registry.url, "demo/big", "latest", image)
-        print(_pull_and_report(args, f"{registry.host}/demo/big:latest", str(work / "layout")))
-    return 0
+    try:
+        print(f"building a {args.layers}-layer image of {args.size_mb} MB in {built['image']} ...", flush=True)
+        image = build_image([LayerSpec(layer_bytes) for _ in range(args.layers)], built["image"])
+        with LocalRegistry(built["registry data"] / "storage") as registry:  # its logs go beside the storage
+            print(f"registry at {registry.url}; pushing ...", flush=True)
+            push_image(registry.url, "demo/big", "latest", image)
+            outcome = _run_pull(args, f"{registry.host}/demo/big:latest", str(built["layout"]))
+        _write_outcome(outcome, None)
+        return outcome["exit"]
+    finally:
+        if args.keep:
+            print("kept: " + ", ".join(f"the {what} in {path}" for what, path in built.items()), flush=True)
+        else:
+            for path in [work] if ours else built.values():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "bench",
                             "bench_bed.py")
 
 
-def log_to_stderr(verbose: int) -> None:
+def log_to_stderr(verbose: int, quiet: bool = False) -> None:
+    """Log warnings (``quiet``: errors only; ``-v``: what the engine does; ``-vv``: each retry) to stderr."""
     import logging
 
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -316,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-join", dest="join", action="store_false",
                    help="pull even if an identical pull is in flight (default: wait for it and share its "
                         "result); each blob is still fetched once")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="write the pull's events to stdout as JSON lines (resolved, progress, layer, "
+                             "then pulled or error), not a report")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, warnings or report: the manifest digest on stdout, errors on stderr")
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 
@@ -327,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mb", type=_positive_number, default=300, help="image size in MB (default 300)")
     p.add_argument("--layers", type=_count, default=5)
     p.add_argument("--workdir", help="where the image, registry and layout go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the image, registry data and layout (default: removed when the demo ends)")
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
