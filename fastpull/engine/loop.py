@@ -187,7 +187,11 @@ class FetchEngine:
         received = self.stats.bytes_received + sum(t.sink.received for t in self._multi.transfers)
         self._received_so_far = received
         tuner = self._planner.tuner
+        before = (tuner.target, tuner.streams_per_connection)
         tuner.observe(now, received, len(self._multi.transfers))
+        if (tuner.target, tuner.streams_per_connection) != before:
+            log.info("tuner: transfers %d -> %d, streams per connection %d -> %d",
+                     before[0], tuner.target, before[1], tuner.streams_per_connection)
         self._multi.share_connections(tuner.streams_per_connection)
 
     def _start_transfer(self, blob: BlobFetch) -> None:
@@ -240,7 +244,10 @@ class FetchEngine:
                 self._blobs.chunk_done(blob)
             case Action.FOLLOW:
                 blob.redirects += 1
-                blob.url = urljoin(blob.url, verdict.location)  # reused for all its chunks
+                target = urljoin(blob.url, verdict.location)  # reused for all its chunks
+                if urlsplit(target).netloc != urlsplit(blob.url).netloc:
+                    log.info("%s is redirected to %s", blob.digest, urlsplit(target).netloc)
+                blob.url = target
                 self._planner.requeue(t)
             case Action.RESOLVE_AGAIN:
                 # A signed redirect target (CDN, S3) expired or refuses us: ask the registry for a
