@@ -44,13 +44,15 @@ def _assert_pulled(layout: Path, image) -> None:
         assert _stored(layout, desc.digest).read_bytes() == image.blob_path(desc.digest).read_bytes()
 
 
-def test_fetch_redirect_is_resolved_once_and_drops_authorization(server, image, layout):
+def test_fetch_redirect_is_resolved_once_and_drops_authorization(server, image, layout, caplog):
     big = image.layers[0]
     server.require_bearer("secret-token")
     with FaultRegistry(host="127.0.0.2") as cdn:
         server.redirect_to(big.digest, cdn)
-        pull(_ref(server), layout, options=FetchOptions(**FAST_RETRIES))
+        with caplog.at_level("INFO", logger="fastpull.engine.loop"):
+            pull(_ref(server), layout, options=FetchOptions(**FAST_RETRIES))
         _assert_pulled(layout, image)
+        assert caplog.text.count(f"{big.digest} is redirected to {cdn.host}") == 1  # what -v says
         assert len([r for r in server.requests_for(big.digest) if r.method == "GET"]) == 1
         cdn_gets = [r for r in cdn.requests_for(big.digest) if r.method == "GET"]
         assert len(cdn_gets) == -(-big.size // CHUNK)
