@@ -154,12 +154,14 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     what = f"{upstream}@{digest}"
     inflight = None
     if isinstance(blob, InflightBlob):
-        blob.clients += 1
-        follower = await asyncio.shield(blob.opened)
-        start, end = _range(request.headers.get("Range"), blob.size, what)
-        # Headers go out with the first bytes: a fetch that fails before them still gets its status.
-        await mirror.landed_beyond(blob, follower, start)
-        inflight, size, fd = (blob, follower), blob.size, follower.open()
+        try:
+            follower = await asyncio.shield(blob.opened)
+            start, end = _range(request.headers.get("Range"), blob.size, what)
+            # Headers go out with the first bytes: a fetch that fails before them still gets its status.
+            await mirror.landed_beyond(blob, follower, start)
+            inflight, size, fd = (blob, follower), blob.size, follower.open()
+        finally:
+            blob.release()
     else:
         fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
         size = os.fstat(fd).st_size

@@ -12,7 +12,7 @@ import os
 import threading
 
 from fastpull.content.store import BlobReader
-from fastpull.errors import FastpullError
+from fastpull.errors import FastpullError, StoreError
 
 
 class Follower:
@@ -32,6 +32,8 @@ class Follower:
 
     def open(self) -> int:
         """A descriptor of the blob's bytes of the caller's own (close it), valid after the commit too."""
+        if self._fd < 0:
+            raise StoreError(self._reader.digest, "opened after its follower was closed")
         return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     async def beyond(self, offset: int) -> int:
@@ -47,7 +49,9 @@ class Follower:
 
     def close(self) -> None:
         """Release the blob once its download is over (the watcher then returns by itself)."""
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _watch(self) -> None:
         available = 0

@@ -95,6 +95,20 @@ class InflightBlob:
     started: float = field(default_factory=time.monotonic)
     clients: int = 0
     """Requests that have asked for it."""
+    holders: int = 0
+    """Requests that may still open the blob through its follower (see ``release``)."""
+    over: bool = False
+    """The fetch has ended: the follower is closed as soon as no request holds it."""
+
+    def release(self) -> None:
+        """A request that :meth:`Mirror.blob` returned this blob to has opened its own descriptor
+        (or given up): the follower's may be closed once the fetch is over."""
+        self.holders -= 1
+        self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self.over and self.holders == 0 and self.opened.done() and not self.opened.exception():
+            self.opened.result().close()
 
 
 class Mirror:
@@ -203,8 +217,8 @@ class Mirror:
     # ---- blobs ------------------------------------------------------------------------
 
     async def blob(self, upstream: Upstream, digest: str) -> Path | InflightBlob:
-        """The committed blob's path, or the blob in flight (await its ``opened`` to read it).
-        Raises NotFound if ``upstream`` does not have it."""
+        """The committed blob's path, or the blob in flight (await its ``opened`` to read it, and
+        call its ``release`` once done with that). Raises NotFound if ``upstream`` does not have it."""
         size = self.ledger.size(upstream.registry, upstream.repository, digest)
         if size is None:  # the repository must show that it has the blob before the store serves it
             client = self.puller.client(upstream.registry)
@@ -221,6 +235,8 @@ class Mirror:
             blob = await self._start_fetch(upstream, digest, size)
         else:
             self.metrics.request("blob", "joined")
+        blob.clients += 1
+        blob.holders += 1  # no await between here and the caller: the follower cannot close first
         return blob
 
     async def _start_fetch(self, upstream: Upstream, digest: str, size: int) -> InflightBlob:
@@ -267,11 +283,10 @@ class Mirror:
         del self.inflight[blob.digest]
         seconds = time.monotonic() - blob.started
         error = done.exception()
-        if blob.opened.done():
-            if not blob.opened.exception():
-                blob.opened.result().close()
-        elif error is not None:
+        blob.over = True
+        if not blob.opened.done() and error is not None:
             blob.opened.set_exception(error)
+        blob._close_if_unused()
         if error is not None:
             self.metrics.error(error)
             log.error("fetching %s@%s failed: %s", blob.upstream, blob.digest, error)
