@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -99,26 +98,16 @@ class Row:
 
 @contextmanager
 def fastpull_serve(bed: ThrottledBed, store: Path, upstream: str, root: Path, log_path: Path) -> Iterator[Mirror]:
-    """``fastpull serve --store STORE --upstream UPSTREAM`` on 127.0.0.1:SERVE_PORT inside the bed, until
-    ``GET /_fastpull/v1/status`` answers; ended with SIGTERM (it must exit 0)."""
-    host = f"127.0.0.1:{SERVE_PORT}"
-    with open(log_path, "ab") as out:
-        proc = bed.popen([sys.executable, "-m", "fastpull", "serve", "--store", str(store), "--listen", host,
-                          "--upstream", upstream], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    """``fastpull serve`` of the tree at ``root`` (tests/clients.py) on 127.0.0.1:SERVE_PORT inside the bed."""
+    daemon = clients.FastpullServe(store, upstream, log_path, listen=f"127.0.0.1:{SERVE_PORT}",
+                                   command_prefix=bed.prefix, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    bed.call(daemon.start)  # its readiness probe must run inside the namespace
     try:
-        _wait_ready(bed, f"http://{host}/_fastpull/v1/status", proc, log_path)
-        yield Mirror("fastpull serve", host, proc.pid, lambda d: store / "blobs" / "sha256" / d.split(":")[1])
+        assert daemon.pid is not None
+        yield Mirror("fastpull serve", daemon.host, daemon.pid, daemon.blob_path)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        bed.forget(proc)
-        if code != 0:
-            log(f"fastpull serve exited {code}: {log_path.read_text(errors='replace')[-1500:]}")
+        if (code := daemon.stop()) != 0:
+            log(f"fastpull serve exited {code}: {daemon.log_tail()}")
 
 
 @contextmanager
@@ -137,22 +126,6 @@ def distribution_proxy(bed: ThrottledBed, storage: Path, upstream_url: str) -> I
 def _distribution_blob(storage: Path, digest: str) -> Path:
     hexd = digest.split(":")[1]
     return storage / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexd[:2] / hexd / "data"
-
-
-def _wait_ready(bed: ThrottledBed, url: str, proc: subprocess.Popen[Any], log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: exited {proc.returncode}: {log_path.read_text(errors='replace')[-1500:]}")
-        try:
-            with bed.call(_OPENER.open, url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer in 30 s: {log_path.read_text(errors='replace')[-1500:]}")
-        time.sleep(0.05)
 
 
 def _wait_stored(mirror: Mirror, digests: list[str], timeout: float = 300) -> None:

@@ -6,34 +6,26 @@ from the registry behind it. What the tests of ``fastpull serve`` rely on, prove
 from __future__ import annotations
 
 import shutil
-import tarfile
 
 import pytest
-from clients import check_containerd_image, check_skopeo_dir, skopeo_copy, write_hosts_toml, write_registries_conf
+from clients import (
+    check_containerd_image,
+    check_skopeo_dir,
+    client_image,
+    skopeo_copy,
+    write_hosts_toml,
+    write_registries_conf,
+)
 from conftest import blob_storage_path, wait_until
 
-from fastpull.testbed import LayerSpec, LocalRegistry, build_image, push_image
+from fastpull.testbed import LocalRegistry, push_image
 
 REPO = "clients/app"
 
 
-def _whiteout(tar: tarfile.TarFile) -> None:
-    """Delete ``layer-0/file-00001`` (the merged rootfs must not show it)."""
-    info = tarfile.TarInfo("layer-0/.wh.file-00001")
-    info.mtime = 1_700_000_000
-    tar.addfile(info)
-
-
-SPECS = [
-    LayerSpec(1_000_000, files=3),
-    LayerSpec(300_000, "text", "zstd", files=2),
-    LayerSpec(0, files=0, entries=_whiteout),
-]
-
-
 @pytest.fixture(scope="module")
 def image(registry, image_cache):
-    built = build_image(SPECS, image_cache / "clients")
+    built = client_image(image_cache / "clients")
     push_image(registry.url, REPO, "v1", built)
     return built
 
