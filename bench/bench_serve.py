@@ -1,6 +1,6 @@
 """containerd through a node-local registry mirror on the far-registry bed (bench/bed.py).
 
-    python bench/bench_serve.py                     # all sections, 3 runs (~15 min on 2 cores)
+    python bench/bench_serve.py                     # all sections, 3 runs (~12 min on 2 cores)
     python bench/bench_serve.py --quick             # images / 10, one run
     python bench/bench_serve.py --mirrors direct,proxy --only pull
 
@@ -13,9 +13,11 @@ same loopback, unshaped, as a daemon on the node would. Sections:
    fresh containerd, the daemon restarted on the same store); through distribution's registry in
    pull-through proxy mode (``proxy: remoteurl:``) cold, then warm likewise. Mirrors are pointed at
    with a containerd ``hosts.toml`` (tests/clients.py).
-2. **stream**: one cold ~850 MB layer as ``curl`` GETs it through each mirror (time to first byte and
+2. **fetch**: the same with ``ctr content fetch`` (no unpack): the mirror's part without containerd's
+   unpack, which alone takes most of a warm pull.
+3. **stream**: one cold ~850 MB layer as ``curl`` GETs it through each mirror (time to first byte and
    to the last), against ``fastpull pull`` of the same one-layer image (fetch only).
-3. **fanout**: 20 ``curl`` clients at once GET one cold blob through each mirror; each body's
+4. **fanout**: 20 ``curl`` clients at once GET one cold blob through each mirror; each body's
    sha256 is checked.
 
 Upstream bytes are the bodies the shaped registry sent (its access log). A mirror's peak RSS is
@@ -53,9 +55,14 @@ from fastpull.testbed import BuiltImage, LayerSpec, LocalRegistry, build_image, 
 SERVE_PORT = 5050
 PROXY_PORT = 5002
 MIRRORS = ("direct", "serve", "proxy")
-SECTIONS = ("pull", "stream", "fanout")
-PULL_LAYERS_MB = (300, 200, 150, 120, 100, 60, 40, 30)  # 1000 MB in 8 layers
+SECTIONS = ("pull", "fetch", "stream", "fanout")
+IMAGE_OF = {"pull": "multi", "fetch": "multi", "stream": "stream", "fanout": "fanout"}
+"""The image each section pulls: pull and fetch share the multi-layer one."""
+MULTI_LAYERS_MB = (300, 200, 150, 120, 100, 60, 40, 30)  # 1000 MB in 8 layers
 DIRECT = "containerd, directly"
+SERVE_COLD = "containerd through fastpull serve, cold"
+SERVE_WARM = "containerd through fastpull serve, warm"
+PROXY_COLD = "containerd through distribution proxy, cold"
 FASTPULL_PULL = "fastpull pull (fetch only, whole image)"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -196,22 +203,24 @@ class ServeBench:
                 shutil.rmtree(store.parent, ignore_errors=True)
         return rows
 
-    # 1. containerd pulls ---------------------------------------------------------------------------
+    # 1. containerd pulls (fetch + unpack), or fetches only ------------------------------------------
 
-    def pull_run(self, ref: str, image: BuiltImage) -> list[Row]:
+    def pull_run(self, ref: str, image: BuiltImage, unpack: bool) -> list[Row]:
+        section = "pull" if unpack else "fetch"
         rows = []
         if "direct" in self.mirrors:
             self.registry.clear_served()
-            s = peers.measure_containerd(self.bed, ref, self.work, label="direct")
-            rows.append(self._record("pull", Row(DIRECT, s.wall, _upstream(self.registry), None, {})))
+            s = peers.measure_containerd(self.bed, ref, self.work, unpack=unpack, label="direct")
+            rows.append(self._record(section, Row(DIRECT, s.wall, _upstream(self.registry), None, {})))
 
         def pull(mirror: Mirror, temperature: str) -> tuple[str, float, dict]:
             hosts = clients.write_hosts_toml(self._fresh("hosts"), self.registry.host, mirror.host)
-            s = peers.measure_containerd(self.bed, ref, self.work, hosts_dir=hosts, label=f"{mirror.name} {temperature}")
+            s = peers.measure_containerd(self.bed, ref, self.work, unpack=unpack, hosts_dir=hosts,
+                                         label=f"{mirror.name} {temperature}")
             shutil.rmtree(hosts)
             return f"containerd through {mirror.name}, {temperature}", s.wall, {}
 
-        return rows + self.through_mirrors("pull", [b.digest for b in image.blobs], pull, ("cold", "warm"))
+        return rows + self.through_mirrors(section, [b.digest for b in image.blobs], pull, ("cold", "warm"))
 
     # 2. one cold layer streamed ------------------------------------------------------------------------
 
@@ -288,11 +297,11 @@ def pull_table(rows: list[Row], nbytes: int) -> str:
 
 def stream_table(rows: list[Row], nbytes: int) -> str:
     pull = next((r for r in rows if r.setting == FASTPULL_PULL), None)
-    lines = ["| setting | first byte s | whole layer s | MB/s | vs fastpull pull | upstream / layer | "
+    lines = ["| setting | first byte s | whole layer s | MB/s | time / fastpull pull's | upstream / layer | "
              "mirror peak RSS MB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         first = f"{r.extra['first_byte']:.2f}" if "first_byte" in r.extra else "-"
-        ratio = f"{r.wall / pull.wall:.2f}x" if pull else "-"
+        ratio = f"{r.wall / pull.wall:.2f}" if pull else "-"
         lines.append(f"| {r.setting} | {first} | {r.wall:.2f} | {nbytes / r.wall / MB:.0f} | {ratio} "
                      f"| {r.upstream / nbytes:.2f} | {_rss(r)} |")
     return "\n".join(lines)
@@ -305,6 +314,40 @@ def fanout_table(rows: list[Row], nbytes: int) -> str:
         lines.append(f"| {r.setting} | {r.wall:.2f} | {r.extra['correct']:.0f} of {r.extra['clients']:.0f} "
                      f"| {r.upstream / nbytes:.2f} | {_rss(r)} |")
     return "\n".join(lines)
+
+
+def targets(summary: dict[str, list[Row]], images: dict[str, BuiltImage]) -> list[str]:
+    """The issue's targets that this run's rows can answer, each with its number and met or not."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    checks = []
+    pull = {r.setting: r for r in summary.get("pull", [])}
+    size = images["multi"].total_size if "multi" in images else 0
+    if (cold := pull.get(SERVE_COLD)) and (direct := pull.get(DIRECT)):
+        speedup = direct.wall / cold.wall
+        checks.append(f"containerd through cold `fastpull serve` at least 2x faster than directly: "
+                      f"{speedup:.2f}x, {mark(speedup >= 2)}")
+        checks.append(f"upstream bytes within 5% of the image: {cold.upstream / size:.3f}, "
+                      f"{mark(abs(cold.upstream / size - 1) <= 0.05)}")
+    if cold and (proxy := pull.get(PROXY_COLD)):
+        checks.append(f"faster than through distribution's proxy: {cold.wall:.2f} s vs {proxy.wall:.2f} s, "
+                      f"{mark(cold.wall < proxy.wall)}")
+    if warm := pull.get(SERVE_WARM):
+        checks.append(f"warm, nothing fetched upstream: {warm.upstream} bytes, {mark(warm.upstream == 0)}")
+    stream = {r.setting: r for r in summary.get("stream", [])}
+    if (through := stream.get("curl through fastpull serve, cold")) and (fetched := stream.get(FASTPULL_PULL)):
+        checks.append(f"cold layer: first byte under 1.5 s: {through.extra['first_byte']:.2f} s, "
+                      f"{mark(through.extra['first_byte'] < 1.5)}")
+        checks.append(f"cold layer: whole layer within 1.3x of `fastpull pull`: {through.wall / fetched.wall:.2f}x, "
+                      f"{mark(through.wall <= 1.3 * fetched.wall)}")
+    for r in summary.get("fanout", []):
+        if "fastpull serve" in r.setting:
+            copies = r.upstream / images["fanout"].layers[0].size
+            checks.append(f"{r.extra['clients']:.0f} clients of one cold blob: {copies:.2f} upstream copies, "
+                          f"{r.extra['correct']:.0f} bodies correct, peak RSS {r.rss_mb:.0f} MB: "
+                          f"{mark(copies <= 1.1 and r.extra['correct'] == r.extra['clients'] and (r.rss_mb or 0) < 100)}")
+    return checks
 
 
 # ---- main ------------------------------------------------------------------------------------------
@@ -344,17 +387,17 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     (work / "runs").mkdir(parents=True)
     specs = {
-        "pull": [LayerSpec(int(mb * scale * MB)) for mb in PULL_LAYERS_MB],
+        "multi": [LayerSpec(int(mb * scale * MB)) for mb in MULTI_LAYERS_MB],
         "stream": [LayerSpec(int(args.stream_mb * scale * MB))],
         "fanout": [LayerSpec(int(args.fanout_mb * scale * MB))],
     }
-    images = {key: build_image(specs[key], work / "images" / key, seed=i) for i, key in enumerate(SECTIONS)
-              if key in sections}
+    images = {key: build_image(layers, work / "images" / key, seed=i) for i, (key, layers) in enumerate(specs.items())
+              if key in {IMAGE_OF[s] for s in sections}}
 
     data: dict[str, Any] = {"per_flow_mbit": args.per_flow, "link_mbit": args.link, "rtt_ms": args.rtt,
                             "runs": runs, "mirrors": mirrors, "fastpull": git_state(args.fastpull_root),
                             "versions": peers.versions()}
-    results: dict[str, list[list[Row]]] = {key: [] for key in images}
+    results: dict[str, list[list[Row]]] = {key: [] for key in SECTIONS if key in sections}
     started = time.monotonic()
     with ThrottledBed(args.per_flow, args.link, rtt_ms=args.rtt, name=args.name) as bed, \
             bed.registry(work / "registry") as registry:
@@ -365,12 +408,14 @@ def main() -> int:
         bench = ServeBench(bed, registry, work / "runs", args.fastpull_root, mirrors)
         for run in range(runs):
             log(f"run {run + 1} of {runs}")
-            if "pull" in images:
-                results["pull"].append(bench.pull_run(refs["pull"], images["pull"]))
-            if "stream" in images:
-                results["stream"].append(bench.stream_run(refs["stream"], images["stream"]))
-            if "fanout" in images:
-                results["fanout"].append(bench.fanout_run(refs["fanout"], images["fanout"], args.clients))
+            for key in results:
+                ref, image = refs[IMAGE_OF[key]], images[IMAGE_OF[key]]
+                if key in ("pull", "fetch"):
+                    results[key].append(bench.pull_run(ref, image, unpack=key == "pull"))
+                elif key == "stream":
+                    results[key].append(bench.stream_run(ref, image))
+                else:
+                    results[key].append(bench.fanout_run(ref, image, args.clients))
 
     md = [f"# containerd through a node-local mirror: per flow {args.per_flow:g} / link {args.link:g} Mbit/s, "
           f"RTT +{args.rtt:g} ms\n\nMedians of {runs} run(s) (the largest peak RSS). Upstream: body bytes "
@@ -378,15 +423,20 @@ def main() -> int:
           "measurement; warm = restarted on the store the cold pull filled). The mirrors listen on the "
           "bed's loopback, unshaped; only the registry is far."]
     tables = {"pull": (pull_table, "containerd `ctr image pull` (fetch + unpack, a fresh containerd each)"),
+              "fetch": (pull_table, "containerd `ctr content fetch` (fetch only, a fresh containerd each)"),
               "stream": (stream_table, "one cold layer streamed through the mirror (curl), against "
                                        "`fastpull pull` of the same one-layer image"),
               "fanout": (fanout_table, f"{args.clients} clients of one cold blob at once (curl | sha256sum)")}
-    for key, image in images.items():
+    summary = {}
+    for key, runs_rows in results.items():
         table, title = tables[key]
-        rows = medians(results[key])
+        image = images[IMAGE_OF[key]]
+        summary[key] = rows = medians(runs_rows)
         md.append(f"## {key}: {title}; {len(image.layers)} layer(s), {image.total_size / MB:.0f} MB\n\n"
-                  + table(rows, image.total_size if key == "pull" else image.layers[0].size))
+                  + table(rows, image.total_size if key in ("pull", "fetch") else image.layers[0].size))
         data[key] = [asdict(r) for r in rows]
+    if checks := targets(summary, images):
+        md.append("## The issue's targets (issue 12, *Done when*)\n\n" + "\n".join(f"- {c}" for c in checks))
     md.append(f"Bench took {(time.monotonic() - started) / 60:.1f} min; fastpull {data['fastpull']}; "
               + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".")
     RESULTS.mkdir(exist_ok=True)
