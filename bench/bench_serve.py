@@ -51,8 +51,8 @@ from bench_bed import MB, RESULTS, bed_arguments, git_state, log
 from procs import descendants
 
 from fastpull.testbed import BuiltImage, LayerSpec, LocalRegistry, build_image, push_image
+from fastpull.testbed.daemon import ServeProcess
 
-SERVE_PORT = 5050
 PROXY_PORT = 5002
 MIRRORS = ("direct", "serve", "proxy")
 SECTIONS = ("pull", "fetch", "stream", "fanout")
@@ -104,17 +104,16 @@ class Row:
 
 
 @contextmanager
-def fastpull_serve(bed: ThrottledBed, store: Path, upstream: str, root: Path, log_path: Path) -> Iterator[Mirror]:
-    """``fastpull serve`` of the tree at ``root`` (tests/clients.py) on 127.0.0.1:SERVE_PORT inside the bed."""
-    daemon = clients.FastpullServe(store, upstream, log_path, listen=f"127.0.0.1:{SERVE_PORT}",
-                                   command_prefix=bed.prefix, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
-    bed.call(daemon.start)  # its readiness probe must run inside the namespace
+def fastpull_serve(bed: ThrottledBed, store: Path, upstream: str, root: Path) -> Iterator[Mirror]:
+    """``fastpull serve`` of the tree at ``root`` inside the bed, on a free port of its loopback."""
+    daemon = ServeProcess(store, upstream, env={"PYTHONPATH": str(root)})
+    bed.call(daemon.start)  # a child forked from a thread inside the namespace starts inside it
     try:
-        assert daemon.pid is not None
-        yield Mirror("fastpull serve", daemon.host, daemon.pid, daemon.blob_path)
+        assert daemon.proc is not None
+        yield Mirror("fastpull serve", daemon.host, daemon.proc.pid, lambda d: store / "blobs" / "sha256" / d[7:])
     finally:
         if (code := daemon.stop()) != 0:
-            log(f"fastpull serve exited {code}: {daemon.log_tail()}")
+            log(f"fastpull serve exited {code}: {daemon.log[-1500:]}")
 
 
 @contextmanager
@@ -176,7 +175,7 @@ class ServeBench:
     @contextmanager
     def mirror(self, kind: str, store: Path) -> Iterator[Mirror]:
         if kind == "serve":
-            with fastpull_serve(self.bed, store, self.registry.host, self.root, store.parent / "serve.log") as m:
+            with fastpull_serve(self.bed, store, self.registry.host, self.root) as m:
                 yield m
         else:
             with distribution_proxy(self.bed, store, self.registry.url) as m:

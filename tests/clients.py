@@ -1,7 +1,6 @@
 """Real registry clients for tests: a private containerd driven by ``ctr``, and skopeo, pointed at a
-registry mirror the standard way (containerd's ``hosts.toml``, containers' ``registries.conf``);
-checks that what they pulled is the generated image, byte for byte and file for file; and
-``fastpull serve`` run as a subprocess, the mirror they are pointed at.
+registry mirror the standard way (containerd's ``hosts.toml``, containers' ``registries.conf``), and
+checks that what they pulled is the generated image, byte for byte and file for file.
 
 Debian 12 ships containerd 1.6.20 and skopeo 1.9.3; the flags used here are theirs
 (``ctr image pull --hosts-dir``/``--plain-http``, skopeo's hidden global ``--registries-conf``).
@@ -10,18 +9,13 @@ Debian 12 ships containerd 1.6.20 and skopeo 1.9.3; the flags used here are thei
 from __future__ import annotations
 
 import contextlib
-import re
-import signal
-import socket
 import subprocess
-import sys
 import tarfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from fastpull.testbed.images import BuiltImage, LayerSpec, Media, build_image
 from fastpull.testbed.reference import describe, reference_rootfs
@@ -49,58 +43,67 @@ class ClientError(RuntimeError):
     """A client did not start or a command of it failed; the message quotes its output."""
 
 
-class _Daemon:
-    """A daemon subprocess (``command_prefix`` + :meth:`command`) logging to ``log_path``, started once
-    :meth:`ready`; a context manager that ends it by its PID. ``popen`` goes to ``subprocess.Popen``."""
+class Containerd:
+    """A private ``containerd``: its own root, state, socket and config under ``workdir``, CRI disabled.
 
-    name = "daemon"
+    A context manager; on exit the daemon is ended by its PID. ``snapshotter`` is chosen at start:
+    overlayfs where containerd could load it (its plugin tries an overlay mount in ``root`` when it
+    loads, so this is decided by trying), else native. ``command_prefix`` runs the daemon and ``ctr``
+    in another context, e.g. ``["ip", "netns", "exec", NAME]``.
+    """
 
-    def __init__(self, log_path: Path, command_prefix: Sequence[str], start_timeout: float, **popen: Any):
-        self.log_path = Path(log_path)
+    def __init__(self, workdir: Path, *, command_prefix: Sequence[str] = (), start_timeout: float = 20.0):
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "root"
+        self.state = self.workdir / "state"
+        self.address = self.state / "containerd.sock"
+        self.config = self.workdir / "config.toml"
+        self.log_path = self.workdir / "containerd.log"
+        self.snapshotter = ""
         self._prefix = list(command_prefix)
         self._start_timeout = start_timeout
-        self._popen = popen
         self._proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        raise NotImplementedError
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def start(self) -> Self:
-        """Launch the daemon and wait until it is ready; :class:`ClientError` quoting its log if it is not."""
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([*self._prefix, *self.command()], stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, **self._popen)
+        """Launch the daemon and wait until ``ctr version`` answers; :class:`ClientError` quoting its log if not."""
+        self.root.mkdir(parents=True)
+        self.state.mkdir()
+        self.config.write_text(_CONFIG.format(root=self.root, state=self.state))
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                [*self._prefix, "containerd", "--config", str(self.config), "--log-level", "warn"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + self._start_timeout
-        while not self.ready():
+        while not (self.address.exists() and self.ctr("version", check=False).returncode == 0):
             if (code := self._proc.poll()) is not None:
                 self._proc = None
-                raise ClientError(f"{self.name} exited {code}: {self.log_tail()}")
+                raise ClientError(f"containerd exited {code}: {self.log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise ClientError(f"{self.name} not ready in {self._start_timeout:g} s: {self.log_tail()}")
+                raise ClientError(f"containerd did not answer in {self._start_timeout:g} s: {self.log_tail()}")
             time.sleep(0.02)
+        plugins = self.ctr("plugins", "ls").stdout.split("\n")
+        overlay = any(line.split()[1:2] == ["overlayfs"] and line.split()[-1] == "ok" for line in plugins)
+        self.snapshotter = "overlayfs" if overlay else "native"
         return self
 
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 30 s; the exit status (None if it was not started)."""
+    def stop(self) -> None:
+        """End the daemon (SIGTERM, then SIGKILL after 20 s) and wait for it; a no-op if not started."""
         if self._proc is None:
-            return None
+            return
         proc, self._proc = self._proc, None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.terminate()
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        return proc.returncode
 
     def __enter__(self) -> Self:
         return self.start()
@@ -112,42 +115,6 @@ class _Daemon:
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-2000:]
-
-
-class Containerd(_Daemon):
-    """A private ``containerd``: its own root, state, socket and config under ``workdir``, CRI disabled.
-
-    ``snapshotter`` is chosen at start: overlayfs where containerd could load it (its plugin tries an
-    overlay mount in ``root`` when it loads, so this is decided by trying), else native.
-    ``command_prefix`` runs the daemon and ``ctr`` in another context, e.g. ``["ip", "netns", "exec", NAME]``.
-    """
-
-    name = "containerd"
-
-    def __init__(self, workdir: Path, *, command_prefix: Sequence[str] = (), start_timeout: float = 20.0):
-        self.workdir = Path(workdir)
-        self.root = self.workdir / "root"
-        self.state = self.workdir / "state"
-        self.address = self.state / "containerd.sock"
-        self.config = self.workdir / "config.toml"
-        self.snapshotter = ""
-        super().__init__(self.workdir / "containerd.log", command_prefix, start_timeout)
-
-    def command(self) -> list[str]:
-        return ["containerd", "--config", str(self.config), "--log-level", "warn"]
-
-    def ready(self) -> bool:
-        return self.address.exists() and self.ctr("version", check=False).returncode == 0
-
-    def start(self) -> Self:
-        self.root.mkdir(parents=True)
-        self.state.mkdir()
-        self.config.write_text(_CONFIG.format(root=self.root, state=self.state))
-        super().start()
-        plugins = self.ctr("plugins", "ls").stdout.split("\n")
-        overlay = any(line.split()[1:2] == ["overlayfs"] and line.split()[-1] == "ok" for line in plugins)
-        self.snapshotter = "overlayfs" if overlay else "native"
-        return self
 
     def ctr_command(self, *args: str) -> list[str]:
         """``ctr`` against this daemon (without the command prefix)."""
@@ -265,50 +232,3 @@ def client_image(out_dir: Path, media: Media = "oci") -> BuiltImage:
     return build_image([LayerSpec(1_000_000, files=3),
                         LayerSpec(300_000, "text", "zstd" if media == "oci" else "gzip", files=2),
                         LayerSpec(0, files=0, entries=_whiteout)], out_dir, media=media)
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$")
-
-
-class FastpullServe(_Daemon):
-    """``fastpull serve --store STORE --upstream UPSTREAM`` on ``listen`` (a free loopback port by
-    default), ready once ``GET /_fastpull/v1/status`` answers 200. ``command_prefix`` is as for
-    :class:`Containerd`; ``popen`` goes to ``subprocess.Popen`` (e.g. ``cwd`` and ``env`` to run another tree)."""
-
-    name = "fastpull serve"
-
-    def __init__(self, store: Path, upstream: str, log_path: Path, *, listen: str | None = None,
-                 command_prefix: Sequence[str] = (), start_timeout: float = 30.0, **popen: Any):
-        self.store = Path(store)
-        self.upstream = upstream
-        self.host = listen or f"127.0.0.1:{_free_port()}"
-        self.url = f"http://{self.host}"
-        super().__init__(log_path, command_prefix, start_timeout, **popen)
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "fastpull", "serve", "--store", str(self.store), "--listen", self.host,
-                "--upstream", self.upstream]
-
-    def ready(self) -> bool:
-        try:
-            with _OPENER.open(f"{self.url}/_fastpull/v1/status", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> dict[str, float]:
-        """``GET /metrics``: each sample's value by its name with labels (``name{label="v"}``)."""
-        with _OPENER.open(f"{self.url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        return {m[1]: float(m[2]) for line in text.splitlines() if (m := _SAMPLE.match(line))}
-
-    def blob_path(self, digest: str) -> Path:
-        """Where the store keeps a blob it has all of."""
-        return self.store / "blobs" / "sha256" / digest.removeprefix("sha256:")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
