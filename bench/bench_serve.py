@@ -23,7 +23,7 @@ same loopback, unshaped, as a daemon on the node would. Sections:
 Upstream bytes are the bodies the shaped registry sent (its access log). A mirror's peak RSS is
 ``VmHWM`` summed over its process and its descendants, read before it stops; every mirror is a fresh
 process per measurement (its store kept for the warm rows). Medians of ``--runs``; rows of one run
-are interleaved. Tables go to ``bench/results/serve[-quick].md`` (raw samples in ``.json``).
+are interleaved. Tables go to ``bench/results/serve[-quick].md`` (``--results``; raw samples in ``.json``).
 """
 
 from __future__ import annotations
@@ -364,6 +364,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="runs per row, median (default 3; quick 1)")
     ap.add_argument("--mirrors", default=",".join(MIRRORS), help=f"any of {','.join(MIRRORS)}")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections: any of {','.join(SECTIONS)}")
+    ap.add_argument("--multi-mb", default=",".join(map(str, MULTI_LAYERS_MB)),
+                    help="layers of the image of the pull and fetch sections, MB (default %(default)s)")
+    ap.add_argument("--results", default="serve", help="results file name, without .md (default serve)")
     ap.add_argument("--stream-mb", type=float, default=850, help="the streamed cold layer, MB (default 850)")
     ap.add_argument("--fanout-mb", type=float, default=200, help="the blob of the fanout section, MB (default 200)")
     ap.add_argument("--clients", type=int, default=20, help="clients of the fanout section (default 20)")
@@ -386,7 +389,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     (work / "runs").mkdir(parents=True)
     specs = {
-        "multi": [LayerSpec(int(mb * scale * MB)) for mb in MULTI_LAYERS_MB],
+        "multi": [LayerSpec(int(float(mb) * scale * MB)) for mb in args.multi_mb.split(",")],
         "stream": [LayerSpec(int(args.stream_mb * scale * MB))],
         "fanout": [LayerSpec(int(args.fanout_mb * scale * MB))],
     }
@@ -431,7 +434,8 @@ def main() -> int:
         table, title = tables[key]
         image = images[IMAGE_OF[key]]
         summary[key] = rows = medians(runs_rows)
-        md.append(f"## {key}: {title}; {len(image.layers)} layer(s), {image.total_size / MB:.0f} MB\n\n"
+        layers = ", ".join(f"{layer.size / MB:.0f}" for layer in image.layers)
+        md.append(f"## {key}: {title}; {image.total_size / MB:.0f} MB in {len(image.layers)} layer(s) ({layers} MB)\n\n"
                   + table(rows, image.total_size if key in ("pull", "fetch") else image.layers[0].size))
         data[key] = [asdict(r) for r in rows]
     if checks := targets(summary, images):
@@ -439,7 +443,7 @@ def main() -> int:
     md.append(f"Bench took {(time.monotonic() - started) / 60:.1f} min; fastpull {data['fastpull']}; "
               + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".")
     RESULTS.mkdir(exist_ok=True)
-    name = "serve" + ("-quick" if args.quick else "") + (f"-rtt{args.rtt:g}" if args.rtt else "")
+    name = args.results + ("-quick" if args.quick else "") + (f"-rtt{args.rtt:g}" if args.rtt else "")
     (RESULTS / f"{name}.md").write_text("\n\n".join(md) + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps({**data, "raw": bench.raw}, indent=1))
     log(f"wrote {RESULTS / f'{name}.md'}")
