@@ -24,10 +24,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from bed import REPO, ThrottledBed
 from procs import become_subreaper, children, reap_orphans
+
+sys.path.insert(0, str(REPO / "tests"))
+import clients  # noqa: E402  (tests/clients.py: the private containerd the tests use too)
 
 MiB = 1 << 20
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -193,80 +196,19 @@ def measure_skopeo(bed: ThrottledBed, ref: str, work: Path) -> Sample:
 
 # ---- containerd ------------------------------------------------------------------------------------
 
-_CONFIG = """\
-version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
-                    "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.snapshotter.v1.zfs", "io.containerd.internal.v1.tracing"]
-
-[grpc]
-  address = "{state}/containerd.sock"
-
-[ttrpc]
-  address = "{state}/containerd.sock.ttrpc"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{root}/opt"
-"""
-
-
-class Containerd:
-    """A private ``containerd`` inside the bed: its own root, state and socket under ``workdir``.
-
-    A context manager; on exit the daemon is ended (by PID) and ``workdir`` removed, so every
-    daemon starts cold. Snapshotter: overlayfs (``ctr``'s default).
-    """
+class Containerd(clients.Containerd):
+    """A private ``containerd`` (tests/clients.py) inside the bed, in a new directory under ``workdir``
+    that is removed on exit, so every daemon starts cold."""
 
     def __init__(self, bed: ThrottledBed, workdir: Path):
-        self.bed = bed
-        self.workdir = Path(tempfile.mkdtemp(dir=workdir, prefix="containerd-"))
-        self.root = self.workdir / "root"
-        self.state = self.workdir / "state"
-        self.address = self.state / "containerd.sock"
-        self.config = self.workdir / "config.toml"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = open(self.workdir / "containerd.log", "wb")  # noqa: SIM115 - closed in stop()
-
-    def __enter__(self) -> Self:
-        self.root.mkdir()
-        self.state.mkdir()
-        self.config.write_text(_CONFIG.format(root=self.root, state=self.state))
-        self.proc = self.bed.popen(
-            ["containerd", "--config", str(self.config), "--root", str(self.root), "--state", str(self.state),
-             "--address", str(self.address), "--log-level", "warn"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise PeerError(f"containerd exited {self.proc.returncode}: {self.log_tail()}")
-            if self.address.exists() and self.ctr("version", check=False).returncode == 0:
-                return self
-            if time.monotonic() > deadline:
-                raise PeerError(f"containerd did not answer in 20 s: {self.log_tail()}")
-            time.sleep(0.05)
+        super().__init__(Path(tempfile.mkdtemp(dir=workdir, prefix="containerd-")), command_prefix=bed.prefix)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.bed.forget(self.proc)
-        self._log.close()
+        super().__exit__(exc_type, exc, tb)
         # Snapshot mounts live in the daemon's private mount namespace (ip netns exec): gone with it.
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def log_tail(self) -> str:
-        self._log.flush()
-        return (self.workdir / "containerd.log").read_text(errors="replace")[-2000:]
 
     def https_hosts(self, ref: str) -> list[str]:
         """ctr flags for HTTPS to ``ref``'s host without verification: ctr 1.6 speaks plain HTTP
@@ -279,39 +221,38 @@ class Containerd:
             '  capabilities = ["pull", "resolve"]\n  skip_verify = true\n')
         return ["--hosts-dir", str(hosts_dir), "--skip-verify"]
 
-    def ctr_command(self, *args: str) -> list[str]:
-        return ["ctr", "--address", str(self.address), "--namespace", "bench", *args]
-
-    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = self.bed.run(self.ctr_command(*args), capture_output=True, text=True, check=False)
-        if check and out.returncode != 0:
-            raise PeerError(f"ctr {' '.join(args)}: {out.stderr.strip()}")
-        return out
-
     def cpu_seconds(self) -> float:
         """The daemon's user + system CPU so far, with that of children it reaped."""
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return sum(int(f) for f in fields[11:15]) / _TICK  # utime stime cutime cstime
 
     def peak_rss_mb(self) -> float:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return peak_rss_mb(self.pid)
+
+
+def peak_rss_mb(pid: int | None) -> float:
+    """A process's peak RSS over its whole life (``VmHWM``), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def measure_containerd(bed: ThrottledBed, ref: str, work: Path, concurrent: int = 1, unpack: bool = True,
-                       tls: bool = False) -> Sample:
+                       tls: bool = False, hosts_dir: Path | None = None, label: str | None = None) -> Sample:
     """``concurrent`` ``ctr image pull --plain-http`` (or ``ctr content fetch`` if not ``unpack``;
-    ``--skip-verify`` instead of ``--plain-http`` with ``tls``) of ``ref`` against a fresh daemon;
-    the daemon's CPU and peak RSS are added to the clients'."""
+    ``--skip-verify`` instead of ``--plain-http`` with ``tls``; ``--hosts-dir`` instead with ``hosts_dir``,
+    e.g. a mirror's) of ``ref`` against a fresh daemon; the daemon's CPU and peak RSS are added to the
+    clients'."""
     with Containerd(bed, work) as daemon:
         verb = ["images", "pull"] if unpack else ["content", "fetch"]
-        cmd = daemon.ctr_command(*verb, *(daemon.https_hosts(ref) if tls else ["--plain-http"]), ref)
+        if hosts_dir is not None:
+            flags = ["--hosts-dir", str(hosts_dir)]
+        else:
+            flags = daemon.https_hosts(ref) if tls else ["--plain-http"]
+        cmd = daemon.ctr_command(*verb, *flags, ref)
         before = daemon.cpu_seconds()
-        label = "containerd pull" if unpack else "containerd fetch"
+        label = label or ("containerd pull" if unpack else "containerd fetch")
         sample = run_at_once(bed, label, [cmd] * concurrent)
         cpu = daemon.cpu_seconds() - before
         rss = daemon.peak_rss_mb()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything fastpull needs on Debian 12 (as root): the CNCF distribution registry
-# (tests, demo, bench) and a virtualenv in .venv with fastpull built from source.
-# With --bench, also the peers and tools of the far-registry bench (skopeo, containerd, matplotlib).
+# (tests, demo, bench), containerd and skopeo (the real clients of the tests of `fastpull serve`)
+# and a virtualenv in .venv with fastpull built from source.
+# With --bench, also the tools of the far-registry bench (openssl, GNU time, iproute2, matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bench=false
@@ -9,9 +10,10 @@ bench=false
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v curl >/dev/null || need+=(curl)
+for tool in skopeo containerd; do command -v "$tool" >/dev/null || need+=("$tool"); done
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if $bench; then
-    for tool in skopeo containerd openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
+    command -v openssl >/dev/null || need+=(openssl)
     [ -x /usr/bin/time ] || need+=(time)
     command -v tc >/dev/null || need+=(iproute2)
 fi

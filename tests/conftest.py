@@ -15,6 +15,7 @@ from pathlib import Path
 
 import faultmatrix
 import pytest
+from clients import ClientError, Containerd
 
 if shutil.which("docker-registry") is None:  # pragma: no cover - a set-up problem, said plainly
     raise pytest.UsageError("docker-registry is not installed: run scripts/install.sh")
@@ -38,6 +39,36 @@ def image_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def layout(tmp_path) -> Path:
     return tmp_path / "layout"
+
+
+@pytest.fixture
+def start_containerd(tmp_path) -> Iterator[Callable[[], Containerd]]:
+    """Starts private containerd daemons under ``tmp_path`` (a fresh one is a cold cache); ends them
+    by PID at teardown. Skips the test, quoting containerd, where one cannot start (e.g. not root)."""
+    started: list[Containerd] = []
+
+    def start() -> Containerd:
+        if shutil.which("containerd") is None or shutil.which("ctr") is None:
+            pytest.skip("containerd is not installed: run scripts/install.sh")
+        if os.geteuid() != 0:
+            pytest.skip("containerd needs root (it mounts snapshots and owns its root directory)")
+        daemon = Containerd(tmp_path / f"containerd-{len(started)}")
+        try:
+            daemon.start()
+        except ClientError as e:
+            pytest.skip(f"cannot start containerd: {e}")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def containerd(start_containerd) -> Containerd:
+    """One private containerd daemon, started for the test."""
+    return start_containerd()
 
 
 def blob_storage_path(registry, digest: str) -> Path:
