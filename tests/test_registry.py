@@ -194,6 +194,26 @@ def test_transport_body_limit(serve: Callable[..., Scripted], chunked: bool) -> 
     assert len(transport.request("GET", server.url("/big"), max_body=5000, timeout=5).body) == 5000
 
 
+def test_registry_client_relearns_a_scheme_the_server_changed(serve: Callable[..., Scripted], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived process (``fastpull serve``) outlives a registry that moves between plain HTTP and
+    TLS on one host and port: the learned scheme is tried, then forgotten."""
+    from fastpull.registry import client as client_module
+
+    context, cert = _tls_server_context(tmp_path)
+    secure = serve(ok(b"{}"), tls=context)
+    host = f"127.0.0.1:{secure.httpd.server_address[1]}"
+    monkeypatch.setitem(client_module._SCHEMES, (host, True), "http")  # learned while it spoke plain HTTP
+    client = RegistryClient(host, credentials=None, transport=Transport(ca_file=str(cert)))
+    assert client.base_url == f"https://{host}"
+    assert client_module._SCHEMES[(host, True)] == "https"
+
+    plain = serve(ok(b"{}"))
+    host = f"127.0.0.1:{plain.httpd.server_address[1]}"
+    monkeypatch.setitem(client_module._SCHEMES, (host, True), "https")  # learned while it spoke TLS
+    assert RegistryClient(host, credentials=None).base_url == f"http://{host}"
+
+
 def _tls_server_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
     cert_path, key_path = server_certificate(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -193,11 +193,27 @@ class RegistryClient:
         return response.body, response.headers.get("content-type")
 
     def _probe(self) -> Response:
-        """``GET /v2/`` on the first of ``schemes`` that speaks to us; sets ``_base_url``."""
+        """``GET /v2/`` on the first of ``schemes`` that speaks to us; sets ``_base_url``. The
+        scheme learned before is tried alone, and forgotten if the server changed since (a TLS
+        server answers plain HTTP with 400; a plain one fails the TLS handshake)."""
         key = (self.api_host, self.tls_verify)
         with _SCHEMES_LOCK:
             known = _SCHEMES.get(key)
-        schemes = (known,) if known in self.schemes else self.schemes
+        if known in self.schemes and len(self.schemes) > 1:
+            try:  # one try: a failure falls back to the full probe, with its retries
+                response = self._request(f"{known}://{self.api_host}/v2/", _MAX_ERROR_BODY, attempts=1)
+                if not (known == "http" and response.status == 400):
+                    self._base_url = f"{known}://{self.api_host}"
+                    return response
+            except TransferError:
+                pass
+            log.info("%s no longer answers over %s: probing again", self.api_host, known)
+            with _SCHEMES_LOCK:
+                _SCHEMES.pop(key, None)
+        return self._probe_schemes(self.schemes)
+
+    def _probe_schemes(self, schemes: tuple[str, ...]) -> Response:
+        key = (self.api_host, self.tls_verify)
         for i, scheme in enumerate(schemes):
             url = f"{scheme}://{self.api_host}/v2/"
             fallback = i + 1 < len(schemes)
