@@ -62,7 +62,7 @@ def export_archive(layout: ImageLayout, name: str, out: str | os.PathLike[str]) 
             return out.stat().st_size
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            path = os.fspath(e.filename) if e.filename is not None else str(out)
+            path = str(out) if e.filename in (None, str(tmp), tmp) else os.fspath(e.filename)
             raise StoreError(path, e.strerror or str(e)) from e
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -52,7 +52,10 @@ def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None]) -> Coll
     pull's temporary tree. ManifestError (nothing removed) if an image's manifest is malformed."""
     store = layout.store
     collected = Collected()
-    fd = os.open(store.gc_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(store.gc_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise StoreError(str(store.gc_lock_path), e.strerror or str(e)) from e
     locked_ingests: list[tuple[str, int]] = []
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
