@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clients import check_containerd_image, client_image
 
 from fastpull.content.defaults import default_store
 from fastpull.content.layout import PULLED_AT, REF_NAME
@@ -184,3 +185,16 @@ def test_store_commands_never_make_a_layout_of_something_else(tmp_path):
     assert _fastpull("images", store=missing).stdout.splitlines() == ["NAME  DIGEST  SIZE  PULLED AT"]
     assert _fastpull("gc", store=missing).stdout == f"nothing to collect: no store at {missing}\n"
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("media", ["oci", "docker"])
+def test_ctr_imports_an_exported_archive(registry, image_cache, tmp_path, containerd, media):
+    image = client_image(image_cache / f"store-ctr-{media}", media)
+    push_image(registry.url, f"store/ctr-{media}", "v1", image)
+    ref = f"{registry.host}/store/ctr-{media}:v1"
+    store = tmp_path / "store"
+    assert _fastpull("pull", ref, store=store).returncode == 0
+    archive = tmp_path / "app.tar"
+    assert _fastpull("export", ref, "-o", str(archive), store=store).returncode == 0
+    containerd.ctr("image", "import", "--snapshotter", containerd.snapshotter, str(archive))
+    check_containerd_image(containerd, ref, image, tmp_path / "scratch")
