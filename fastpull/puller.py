@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fastpull.content.layout import ImageLayout
+from fastpull.content.leases import Lease
 from fastpull.content.store import ContentStore
 from fastpull.digests import check_digest
 from fastpull.engine import FetchEngine, FetchOptions, FetchStats
@@ -228,19 +229,20 @@ class Puller:
         manifest = resolved.manifest
         layers = [d for d in manifest.layers if d.media_type not in NON_DISTRIBUTABLE]
         blobs = [manifest.config, *layers]
-        missing = [d for d in blobs if not store.has(d.digest, d.size)]
-        follow.resolved(resolved, layers, missing, source.blob_url(manifest.config.digest))
-        for desc, body in resolved.documents:
-            if not store.has(desc.digest, desc.size):
-                follow.downloaded[desc.digest] = desc.size
-                store.put_bytes(desc.digest, body)
-
+        # `fastpull gc` keeps what the lease names until the image is tagged: taken before the store is looked at.
+        lease = Lease(store, [d.digest for d, _ in resolved.documents] + [d.digest for d in blobs])
         unpacks: list[_LayerUnpack | None] = [None] * len(layers)  # by position in ``layers``
         work: _WorkDir | None = None
         snapshot_paths: tuple[Path, ...] = ()
         unpacker: Unpacker | None = None
         futures: list[Future] = []
         try:
+            missing = [d for d in blobs if not store.has(d.digest, d.size)]
+            follow.resolved(resolved, layers, missing, source.blob_url(manifest.config.digest))
+            for desc, body in resolved.documents:
+                if not store.has(desc.digest, desc.size):
+                    follow.downloaded[desc.digest] = desc.size
+                    store.put_bytes(desc.digest, body)
             if rootfs is not None or snapshots is not None:
                 config_path = self.engine.fetch(store, source, manifest.config.digest, manifest.config.size,
                                                 on_downloaded=follow.on_downloaded(manifest.config)).result()
@@ -249,6 +251,7 @@ class Puller:
                             if d.media_type not in NON_DISTRIBUTABLE]
                 if rootfs is not None:
                     work = _WorkDir(Path(rootfs))
+                    lease.add(trees=[work.path])  # removed by `fastpull gc` if this process dies
                     unpacks = _rootfs_plan(store, layers, diff_ids, work.path)
                 else:
                     snapshotter = Snapshotter(snapshots)
@@ -281,6 +284,7 @@ class Puller:
             if work is not None:
                 layers_done = [(Path(u.job.target), u.future.result().implied_dirs) for u in unpacks]
                 _assemble_rootfs(work.path, layers_done, Path(rootfs))
+            image_layout.tag(str(reference), resolved.manifest_descriptor)
         except BaseException:
             # Interrupted (or an events callback raised) while layers may still unpack, or be
             # handed to a worker as they open: stop the workers before their targets go.
@@ -296,7 +300,7 @@ class Puller:
             follow.close()
             if work is not None:
                 work.remove()
-        image_layout.tag(str(reference), resolved.manifest_descriptor)
+            lease.release()
         finished = time.monotonic()
         total = sum(d.size for d in blobs) + sum(d.size for d, _ in resolved.documents)
         result = PullResult(

@@ -32,7 +32,7 @@ def test_bench_hands_every_argument_to_the_bench_script():
 def test_help_lists_the_commands():
     done = _fastpull("--help")
     assert done.returncode == 0
-    assert "{pull,serve,demo,bench}" in done.stdout
+    assert "{pull,serve,images,rm,gc,export,demo,bench}" in done.stdout
 
 
 def test_unknown_command_is_refused():

@@ -4,12 +4,12 @@
     oci         -> (nothing of ours)   references, descriptors, manifests, platforms: pure data
     http        -> (nothing of ours)   transport and the HTTP policy; no OCI
     registry    -> oci, http           credentials, tokens, the registry client
-    content     -> oci (layout only)   the content store, the image layout, the compiled core
+    content     -> oci                 the content store (no OCI), the image layout, gc, export, the compiled core
     engine      -> http, content       the fetch loop, its planner and hashers; no OCI
     unpack      -> content, oci        the tar applier, worker processes, snapshots, rootfs
     puller      -> all of the above    a pull, wired together; events, what a pull tells as it runs
     serve       -> puller and below    the node daemon: a pull-through mirror over the engine and store
-    cli         -> serve, puller, oci, engine (options), content (default store), testbed (the demo)
+    cli         -> serve, puller, oci, engine (options), content (the store commands), testbed (the demo)
 
 Every module of the package is in one layer; a new one must be placed here.
 """

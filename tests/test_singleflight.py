@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import blocked_on, wait_until
 
-from fastpull.cli.singleflight import run_once
+from fastpull.cli.singleflight import forget_finished, run_once
 
 
 def outcome(text: str, code: int = 0) -> dict:
@@ -95,6 +95,17 @@ def test_different_commands_do_not_wait_for_each_other(tmp_path):
     assert a.join() == (outcome("led by pull a"), None)
 
 
+def test_forget_finished_removes_the_records_of_commands_not_in_flight(tmp_path):
+    run_once(str(tmp_path), "pull done", lambda: outcome("done\n"))
+    flying = Flight(tmp_path, "pull flying")
+    wait_until(lambda: flying.led, "a command is in flight")
+    assert forget_finished(str(tmp_path)) == 1
+    assert len(list(tmp_path.glob("*.lock"))) == 1 and not list(tmp_path.glob("*.json"))
+    assert flying.join() == (outcome("led by pull flying"), None)
+    assert forget_finished(str(tmp_path)) == 1 and not any(tmp_path.iterdir())
+    assert forget_finished(str(tmp_path / "none")) == 0
+
+
 def test_a_leader_whose_work_raises_records_nothing_and_a_waiter_leads(tmp_path):
     leader = Flight(tmp_path, "pull w", fail=True)
     wait_until(lambda: leader.led, "the first command leads")
@@ -109,7 +120,7 @@ def test_a_leader_whose_work_raises_records_nothing_and_a_waiter_leads(tmp_path)
 
 _KILLED_LEADER = """
 import sys, time
-from fastpull.cli.singleflight import run_once
+from fastpull.cli.singleflight import forget_finished, run_once
 def lead():
     print("leading", flush=True)
     time.sleep(60)

@@ -165,7 +165,9 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     """Pull, or join an identical pull already in flight (another process with the same command,
     layout and environment) and report its outcome."""
     from fastpull.cli.singleflight import run_once
+    from fastpull.content.defaults import default_store
 
+    args.layout = args.layout or default_store()
     started = False
 
     def lead() -> Outcome:
@@ -371,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="pull an image into an OCI image layout")
     p.add_argument("reference", help="[host[:port]/]name[:tag][@digest]")
-    p.add_argument("--layout", required=True, help="OCI image layout directory (shared by images)")
+    p.add_argument("--layout", help="OCI image layout directory, shared by images (default: the store: "
+                   "$FASTPULL_STORE, else /var/lib/fastpull as root, else $XDG_DATA_HOME/fastpull)")
     unpack = p.add_mutually_exclusive_group()
     unpack.add_argument("--rootfs", help="also unpack the image into this (absent or empty) directory")
     unpack.add_argument("--snapshots",
@@ -389,9 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 
-    from fastpull.cli import serve
+    from fastpull.cli import export, gc, images, rm, serve
 
-    serve.add_parser(sub)
+    for command in (serve, images, rm, gc, export):
+        command.add_parser(sub)
 
     p = sub.add_parser("demo", help="start a local registry, push a generated image, pull it")
     p.add_argument("--size-mb", type=_positive_number, default=300, help="image size in MB (default 300)")

@@ -14,7 +14,8 @@ result file in a directory the caller owns (for ``fastpull pull``: the layout's 
 A command that starts while an identical one is in flight thus joins it, like concurrent ``docker
 pull``s of one image. The point is start-up cost: a waiting process imports only this module, so
 twenty identical ``fastpull pull`` processes cost about one pull plus twenty interpreter start-ups.
-Result files stay behind, one per distinct command (a few hundred bytes each).
+Result files stay behind, one per distinct command (a few hundred bytes each), until
+:func:`forget_finished` (``fastpull gc``) removes those of commands not in flight.
 """
 
 from __future__ import annotations
@@ -76,6 +77,34 @@ def run_once(
         return outcome, None
     finally:
         os.close(fd)  # releases the lock: the waiters wake
+
+
+def forget_finished(directory: str) -> int:
+    """Remove the result and lock files of the commands in ``directory`` that are not in flight (whose
+    lock is free); how many. A command that was waiting for one of them to finish finds no result
+    and runs itself, as after a leader that recorded nothing."""
+    forgotten = 0
+    try:
+        names = sorted(n.removesuffix(".lock") for n in os.listdir(directory) if n.endswith(".lock"))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        lock = os.path.join(directory, name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in flight
+        else:
+            _unlink(os.path.join(directory, name + ".json"))
+            _unlink(lock)
+            forgotten += 1
+        finally:
+            os.close(fd)
+    return forgotten
 
 
 def _read(path: str, key: str) -> dict | None:

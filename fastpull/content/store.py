@@ -6,6 +6,8 @@ Layout under ``root`` (an OCI image layout directory can be the root)::
     .fastpull/ingest/<hex>.lock      per-digest lock (flock) held by the one writer
     .fastpull/ingest/<hex>/data      the blob, preallocated, written at offsets
     .fastpull/ingest/<hex>/bitmap    shared chunk bitmap (see fastpull.content.core.ChunkBitmap)
+    .fastpull/gc.lock                held exclusively by a garbage collection (fastpull.content.gc),
+                                     shared by whatever must not interleave with one
 
 The store knows nothing of HTTP. A writer is obtained under an exclusive per-digest
 ``flock`` (per open file, so it excludes threads of one process as well as other
@@ -21,7 +23,8 @@ import hashlib
 import io
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastpull.content.core import ChunkBitmap, RangeSink, preallocate, start_writeback
@@ -29,6 +32,8 @@ from fastpull.digests import digest_hex
 from fastpull.errors import DigestMismatch, StoreError
 
 _HASH_BLOCK = 1 << 20
+PUT_SUFFIX = ".put"
+"""``put_bytes`` writes ``<hex>.put<pid>.<thread>`` in the ingest directory, then renames it into ``blobs/``."""
 
 
 _thread_buffers = threading.local()
@@ -83,6 +88,7 @@ class ContentStore:
         self.durable = durable
         self.blobs = self.root / "blobs" / "sha256"
         self.ingest_dir = self.root / ".fastpull" / "ingest"
+        self.gc_lock_path = self.root / ".fastpull" / "gc.lock"
         try:
             self.blobs.mkdir(parents=True, exist_ok=True)
             self.ingest_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,21 @@ class ContentStore:
             return False
         return size is None or st.st_size == size
 
+    @contextmanager
+    def gc_excluded(self) -> Iterator[None]:
+        """No garbage collection runs in this block (it waits for one that is running to finish):
+        for taking and extending leases, and for writes through temporary names a collection
+        would take for leftovers."""
+        try:
+            fd = os.open(self.gc_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StoreError(str(self.gc_lock_path), e.strerror or str(e)) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
     def put_bytes(self, digest: str, data: bytes) -> Path:
         """Verify and commit a small blob held in memory (manifests, indexes)."""
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -107,13 +128,14 @@ class ContentStore:
             raise DigestMismatch(digest, digest, actual)
         path = self.blob_path(digest)
         if not self.has(digest, len(data)):
-            tmp = self.ingest_dir / f"{digest_hex(digest)}.put{os.getpid()}.{threading.get_ident()}"
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            except OSError as e:
-                tmp.unlink(missing_ok=True)
-                raise StoreError(str(path), e.strerror or str(e)) from e
+            tmp = self.ingest_dir / f"{digest_hex(digest)}{PUT_SUFFIX}{os.getpid()}.{threading.get_ident()}"
+            with self.gc_excluded():  # a collection removes the temporary files it finds
+                try:
+                    tmp.write_bytes(data)
+                    os.replace(tmp, path)
+                except OSError as e:
+                    tmp.unlink(missing_ok=True)
+                    raise StoreError(str(path), e.strerror or str(e)) from e
         return path
 
     def open_writer(self, digest: str, size: int, chunk_size: int, *, block: bool = True) -> BlobWriter | None:

@@ -163,8 +163,7 @@ async def _blob(request: web.Request) -> web.StreamResponse:
         finally:
             blob.release()
     else:
-        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
-        size = os.fstat(fd).st_size
+        fd, size = blob, os.fstat(blob).st_size
     with open(fd, "rb") as body:
         if inflight is None:
             start, end = _range(request.headers.get("Range"), size, what)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from fastpull.content.layout import ImageLayout
+from fastpull.content.leases import Lease
 from fastpull.content.store import BlobReader
 from fastpull.digests import check_digest
 from fastpull.errors import FastpullError, ManifestError, RegistryError, TransferError
@@ -92,6 +94,8 @@ class InflightBlob:
     """Settled when its bytes can be followed (or the fetch failed first)."""
     fetched: asyncio.Future | None = None
     """The engine's fetch: settled when the blob is committed or the fetch failed."""
+    lease: Lease | None = None
+    """Keeps ``fastpull gc`` off the blob while it is fetched (a follower's descriptor keeps it after)."""
     started: float = field(default_factory=time.monotonic)
     clients: int = 0
     """Requests that have asked for it."""
@@ -216,9 +220,10 @@ class Mirror:
 
     # ---- blobs ------------------------------------------------------------------------
 
-    async def blob(self, upstream: Upstream, digest: str) -> Path | InflightBlob:
-        """The committed blob's path, or the blob in flight (await its ``opened`` to read it, and
-        call its ``release`` once done with that). Raises NotFound if ``upstream`` does not have it."""
+    async def blob(self, upstream: Upstream, digest: str) -> int | InflightBlob:
+        """A descriptor of the committed blob (the caller closes it; ``fastpull gc`` cannot take the
+        bytes of an open file), or the blob in flight (await its ``opened`` to read it, and call its
+        ``release`` once done with that). Raises NotFound if ``upstream`` does not have it."""
         size = self.ledger.size(upstream.registry, upstream.repository, digest)
         if size is None:  # the repository must show that it has the blob before the store serves it
             client = self.puller.client(upstream.registry)
@@ -226,9 +231,9 @@ class Mirror:
             if size is None:
                 raise NotFound(f"blob {upstream}@{digest}")
             self.ledger.record(upstream.registry, upstream.repository, digest, size)
-        if self.store.has(digest, size):
+        if (fd := self._open_stored(digest, size)) is not None:
             self.metrics.request("blob", "hit")
-            return self.store.blob_path(digest)
+            return fd
         blob = self.inflight.get(digest)
         if blob is None:
             self.metrics.request("blob", "miss")
@@ -239,13 +244,25 @@ class Mirror:
         blob.holders += 1  # no await between here and the caller: the follower cannot close first
         return blob
 
+    def _open_stored(self, digest: str, size: int) -> int | None:
+        try:
+            fd = os.open(self.store.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            return None
+        return fd
+
     async def _start_fetch(self, upstream: Upstream, digest: str, size: int) -> InflightBlob:
         loop = asyncio.get_running_loop()
         source = RepositorySource(self.puller.client(upstream.registry), upstream.repository)
         await self._call(source.authorization)  # learn the challenge off the loop's thread
+        lease = await self._call(Lease, self.store, (digest,))  # waits while a `fastpull gc` runs
         if (blob := self.inflight.get(digest)) is not None:  # another request started it meanwhile
+            lease.release()
             return blob
-        blob = self.inflight[digest] = InflightBlob(upstream, digest, size, loop.create_future())
+        blob = self.inflight[digest] = InflightBlob(upstream, digest, size, loop.create_future(), lease=lease)
 
         def opened() -> None:  # in the loop's thread
             if not blob.opened.done():
@@ -281,6 +298,7 @@ class Mirror:
 
     def _fetched(self, blob: InflightBlob, done: asyncio.Future) -> None:
         del self.inflight[blob.digest]
+        blob.lease.release()
         seconds = time.monotonic() - blob.started
         error = done.exception()
         blob.over = True
