@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fastpull.errors import AuthError
+from fastpull.errors import AuthError, ConfigError
 from fastpull.http.transport import Headers, Response, Transport
 from fastpull.registry.auth import (
     Authenticator,
@@ -27,6 +27,8 @@ from fastpull.registry.auth import (
     fetch_token,
     load_credentials,
     parse_www_authenticate,
+    remove_credentials,
+    store_credentials,
 )
 from fastpull.testbed.tokenserver import TokenRequest, TokenServer
 
@@ -445,6 +447,67 @@ def test_auth_helpers_run_once_and_only_when_needed(auth_files: tuple[Path, Path
     assert found.for_repository("other/app") == Credentials("helped", "s")
     fake_helper.write_text("{}")
     assert found.for_repository("third/app") == Credentials("helped", "s")  # answered once
+
+
+def test_auth_store_keeps_the_rest_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "dir" / "config.json"
+    path.parent.mkdir()
+    original = {"auths": {"quay.io": {"auth": b64("q:1")}, "ghcr.io": {"auth": b64("old:0")}},
+                "psFormat": "table {{.ID}}", "proxies": {"default": {"httpProxy": "http://p:3128"}}}
+    write_config(path, original)
+    path.chmod(0o644)
+    assert store_credentials(path, "ghcr.io", Credentials("new", "2"), docker=True) == str(path)
+    assert store_credentials(path, "docker.io", Credentials("hub", "3"), docker=True) == str(path)
+    saved = json.loads(path.read_text())
+    assert saved == {**original, "auths": {"quay.io": {"auth": b64("q:1")}, "ghcr.io": {"auth": b64("new:2")},
+                                           "https://index.docker.io/v1/": {"auth": b64("hub:3")}}}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and os.listdir(path.parent) == ["config.json"]
+    assert load_credentials("docker.io", [path]).for_repository() == Credentials("hub", "3")
+
+    podman = tmp_path / "new" / "auth.json"  # created, in a private directory, with podman's keys
+    store_credentials(podman, "docker.io", Credentials("hub", "4"), docker=False)
+    store_credentials(podman, "quay.io/team", Credentials("team", "5"), docker=False)
+    assert json.loads(podman.read_text())["auths"] == {"docker.io": {"auth": b64("hub:4")},
+                                                       "quay.io/team": {"auth": b64("team:5")}}
+    assert stat.S_IMODE(podman.parent.stat().st_mode) == 0o700
+
+    assert remove_credentials(path, "docker.io") and remove_credentials(path, "ghcr.io")
+    assert not remove_credentials(path, "ghcr.io")
+    assert json.loads(path.read_text()) == {**original, "auths": {"quay.io": {"auth": b64("q:1")}}}
+    assert remove_credentials(podman, "quay.io/team") and not remove_credentials(podman, "quay.io")
+    assert json.loads(podman.read_text())["auths"] == {"docker.io": {"auth": b64("hub:4")}}
+
+
+def test_auth_remove_takes_every_spelling_of_the_registry_but_not_its_namespaces(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    write_config(path, {"auths": {"ghcr.io": {}, "https://ghcr.io/v2/": {}, "http://ghcr.io": {}, "ghcr.io/team": {},
+                                  "ghcr.io:5000": {}}})
+    assert remove_credentials(path, "ghcr.io")
+    assert json.loads(path.read_text()) == {"auths": {"ghcr.io/team": {}, "ghcr.io:5000": {}}}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"auths": []}'])
+def test_auth_store_refuses_a_file_it_cannot_read_and_leaves_it(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=str(path)):
+        store_credentials(path, "ghcr.io", Credentials("u", "p"), docker=True)
+    with pytest.raises(ConfigError, match=str(path)):
+        remove_credentials(path, "ghcr.io")
+    assert path.read_text() == content and os.listdir(tmp_path) == ["config.json"]
+
+
+def test_auth_store_through_the_helper_the_file_names(tmp_path: Path, fake_helper: Path) -> None:
+    path = tmp_path / "config.json"
+    write_config(path, {"credsStore": "fake"})
+    assert "docker-credential-fake" in store_credentials(path, "docker.io", Credentials("hub", "1"), docker=True)
+    assert json.loads(path.read_text()) == {"credsStore": "fake"}  # the secret is the helper's only
+    assert load_credentials("docker.io", [path]).for_repository() == Credentials("hub", "1")
+    with pytest.raises(ConfigError, match="per namespace"):
+        store_credentials(path, "docker.io/team", Credentials("t", "2"), docker=True)
+    assert not remove_credentials(path, "docker.io/team")  # nothing to forget there; the helper is not asked
+    assert remove_credentials(path, "docker.io") and not remove_credentials(path, "docker.io")
+    assert load_credentials("docker.io", [path]).for_repository() is None
 
 
 def test_auth_identity_token_is_a_refresh_token_grant(tmp_path: Path) -> None:

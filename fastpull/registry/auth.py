@@ -1,5 +1,5 @@
 """Registry authentication: ``WWW-Authenticate`` challenges, credentials from the auth files of
-containers and Docker, the Docker token protocol with identity tokens,
+containers and Docker (read, and written by login), the Docker token protocol with identity tokens,
 and a token cache.
 
 Builds on the transport only; which URL to challenge and which scope to ask for is the registry
@@ -250,9 +250,58 @@ def _run_helper(helper: str, action: str, data: bytes) -> object:
         return None
 
 
+def store_credentials(path: Path, registry: str, credentials: Credentials, *, docker: bool) -> str:
+    """Save ``credentials`` for ``registry`` (``host[:port]``, ``docker.io``, or with a
+    ``/namespace``) as ``docker login`` and ``podman login`` do: through the credential helper the
+    auth file ``path`` names for the registry (``credHelpers``, else ``credsStore``), else as its
+    ``auths`` entry, keyed as Docker keys Docker Hub (``https://index.docker.io/v1/``) if ``docker``,
+    else as given (podman); every other entry and setting of the file is kept, and the file is
+    replaced atomically, mode 0600. Returns where they went. Raises ConfigError."""
+    config = _load_auth_file(path)
+    host, _, namespace = registry.partition("/")
+    if helper := _named_helper(config, host):
+        if namespace:  # as containers/image refuses it
+            raise ConfigError(str(path), f"docker-credential-{helper} holds the credentials of {host}; it keeps "
+                                         f"none per namespace ({registry})")
+        secret = {"ServerURL": helper_key(registry), "Username": credentials.username, "Secret": credentials.password}
+        if _run_helper(helper, "store", json.dumps(secret).encode()) is None:
+            raise ConfigError(str(path), f"docker-credential-{helper} could not store the credentials of {registry}")
+        return f"docker-credential-{helper} (named in {path})"
+    encoded = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode("ascii")
+    _auths(config, path)[helper_key(registry) if docker else registry] = {"auth": encoded}
+    _write_auth_file(path, config)
+    return str(path)
+
+
+def remove_credentials(path: Path, registry: str) -> bool:
+    """Forget the credentials of ``registry`` (or ``registry/namespace``) in the auth file
+    ``path``: its ``auths`` entries for exactly that (``host``, ``https://host/...``; or
+    ``host/namespace``), and what the credential helper the file names for the registry holds.
+    Returns whether there were any. Raises ConfigError."""
+    config = _load_auth_file(path)
+    host, _, namespace = registry.partition("/")
+    helper = None if namespace else _named_helper(config, host)  # helpers keep no namespaces
+    erased = helper is not None and _run_helper(helper, "erase", helper_key(host).encode()) is not None
+    auths = _auths(config, path)
+    names = _registry_names(host)
+    stale = [k for k in auths if _key_host(k) in names and _key_namespace(k) == namespace]
+    for k in stale:
+        del auths[k]
+    if stale:
+        _write_auth_file(path, config)
+    return erased or bool(stale)
+
+
 def _registry_names(registry: str) -> tuple[str, ...]:
     """The host names config keys may give ``registry`` (Docker Hub has three)."""
     return _DOCKER_HUB_NAMES if registry in _DOCKER_HUB_NAMES else (registry,)
+
+
+def _named_helper(config: dict[str, Any], registry: str) -> str | None:
+    """The credential helper an auth file names for ``registry``: its ``credHelpers`` entry, else
+    ``credsStore``."""
+    helper = _registry_helper(config, registry) or config.get("credsStore")
+    return helper if isinstance(helper, str) and helper else None
 
 
 def _registry_helper(config: dict[str, Any], registry: str) -> str | None:
@@ -261,6 +310,35 @@ def _registry_helper(config: dict[str, Any], registry: str) -> str | None:
     names = _registry_names(registry)
     helper = next((v for k, v in helpers.items() if _key_host(k) in names), None) if isinstance(helpers, dict) else None
     return helper if isinstance(helper, str) and helper else None
+
+
+def _auths(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    auths = config.setdefault("auths", {})
+    if not isinstance(auths, dict):
+        raise ConfigError(str(path), "'auths' is not a JSON object")
+    return auths
+
+
+def _write_auth_file(path: Path, config: dict[str, Any]) -> None:
+    """Replace the file at ``path`` (a symlink's target) by ``config``, mode 0600, atomically."""
+    import tempfile
+
+    target = Path(os.path.realpath(path))
+    tmp: str | None = None
+    try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)  # mode 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(config, indent="\t") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot be written: {e}") from None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
 
 
 TokenKey = tuple[str, str, str]

@@ -138,6 +138,20 @@ class RegistryClient:
             self._scopes[repository] = scope
         return self._auth.refresh(challenge, scope, failed)
 
+    def check_login(self) -> None:
+        """Check the credentials as ``docker login`` does: ``GET /v2/`` with the answer to the
+        registry's challenge (Basic, or a token asked for no scope). Raises AuthError if refused."""
+        self._ping()
+        with self._lock:
+            challenge = self._challenge
+        authorization = self._auth.authorization(challenge, "")
+        url = f"{self.base_url}/v2/"
+        response = self._request(url, _MAX_ERROR_BODY, {"Authorization": authorization} if authorization else None)
+        if response.status in (401, 403):
+            raise AuthError(response.status, "GET", url, response.body)
+        if response.status != 200:
+            raise RegistryError(response.status, "GET", url, response.body)
+
     def resolve(self, ref: Reference, platform: Platform) -> Resolved:
         """Fetch what ``ref`` names (by digest if it has one, else by tag) and, for an index, the
         manifest for ``platform``. Raises DigestMismatch when a body is not what its digest, the
