@@ -70,6 +70,14 @@ class AuthError(RegistryError):
     """Credentials missing or refused (401/403 after the auth flow ran)."""
 
 
+class ConfigError(FastpullError):
+    """A configuration file (credentials, registries) that cannot be read or written as needed."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"configuration file {path}: {why}")
+        self.path = path
+
+
 class TransferError(FastpullError):
     """A transfer that failed at the transport level after its retries ran out."""
 

@@ -11,6 +11,7 @@ need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v curl >/dev/null || need+=(curl)
 for tool in skopeo containerd; do command -v "$tool" >/dev/null || need+=("$tool"); done
+command -v tinyproxy >/dev/null || need+=(tinyproxy)  # tests: pulls through an HTTP proxy
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if $bench; then
     command -v openssl >/dev/null || need+=(openssl)

@@ -32,7 +32,8 @@ def test_bench_hands_every_argument_to_the_bench_script():
 def test_help_lists_the_commands():
     done = _fastpull("--help")
     assert done.returncode == 0
-    assert "{pull,serve,images,rm,gc,export,demo,bench}" in done.stdout
+    commands = done.stdout[done.stdout.index("{") + 1:done.stdout.index("}")].split(",")
+    assert {"pull", "serve", "login", "logout", "images", "rm", "gc", "export", "demo", "bench"} <= set(commands)
 
 
 def test_unknown_command_is_refused():

@@ -9,7 +9,7 @@
     unpack      -> content, oci        the tar applier, worker processes, snapshots, rootfs
     puller      -> all of the above    a pull, wired together; events, what a pull tells as it runs
     serve       -> puller and below    the node daemon: a pull-through mirror over the engine and store
-    cli         -> serve, puller, oci, engine (options), content (the store commands), testbed (the demo)
+    cli         -> serve, puller, oci, engine (options), content (the store commands), registry (login), testbed (the demo)
 
 Every module of the package is in one layer; a new one must be placed here.
 """
@@ -32,7 +32,7 @@ ALLOWED = {
     "unpack": {"oci", "content", "unpack"},
     "puller": {"oci", "registry", "engine", "content", "unpack", "events"},
     "serve": {"serve", "puller", "events", "registry", "engine", "content", "oci"},
-    "cli": {"cli", "serve", "puller", "events", "oci", "engine", "content", "testbed"},
+    "cli": {"cli", "serve", "puller", "events", "oci", "engine", "content", "registry", "testbed"},
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }
 TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "digests": "common", "_pycore": "common",

@@ -1,4 +1,5 @@
-"""Command line: ``fastpull pull``, ``fastpull serve`` (:mod:`fastpull.cli.serve`), ``fastpull demo``, ``fastpull bench``.
+"""Command line: ``fastpull pull``, ``fastpull serve`` (:mod:`fastpull.cli.serve`), ``fastpull login``/``logout``
+(:mod:`fastpull.cli.login`), ``fastpull demo``, ``fastpull bench``.
 
 Start-up matters here: a node may start many ``fastpull pull`` processes at once, and an identical
 pull that is already in flight is joined (:mod:`fastpull.cli.singleflight`) before the engine is even
@@ -27,7 +28,8 @@ MiB = 1 << 20
 PULL_LOCKS = os.path.join(".fastpull", "pulls")
 """Where in a layout identical ``fastpull pull`` commands meet (see :func:`_cmd_pull`)."""
 
-_REQUEST_ENVIRONMENT = ("HOME", "DOCKER_CONFIG", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "FASTPULL_NO_EXTENSIONS")
+_REQUEST_ENVIRONMENT = ("HOME", "DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME",
+                        "CURL_CA_BUNDLE", "SSL_CERT_FILE", "FASTPULL_NO_EXTENSIONS")
 """Environment variables that can change what a pull does: part of what makes two pulls identical."""
 
 
@@ -392,9 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 
-    from fastpull.cli import export, gc, images, rm, serve
+    from fastpull.cli import export, gc, images, login, rm, serve
 
-    for command in (serve, images, rm, gc, export):
+    serve.add_parser(sub)
+    login.add_parsers(sub)
+    for command in (images, rm, gc, export):
         command.add_parser(sub)
 
     p = sub.add_parser("demo", help="start a local registry, push a generated image, pull it")

@@ -14,7 +14,7 @@ import pycurl
 
 from fastpull.engine.options import FetchOptions
 from fastpull.engine.transfers import Transfer
-from fastpull.http.transport import USER_AGENT, configure_tls
+from fastpull.http.transport import USER_AGENT, configure_proxy, configure_tls
 
 
 class Multi:
@@ -55,6 +55,7 @@ class Multi:
         opts = self._options
         c = t.curl = self._free.pop() if self._free else pycurl.Curl()
         c.setopt(pycurl.URL, t.url)
+        configure_proxy(c, t.url)
         c.setopt(pycurl.HTTPHEADER, headers)
         if not t.sink.attach(c):
             c.setopt(pycurl.WRITEFUNCTION, t.sink)

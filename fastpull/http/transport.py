@@ -86,6 +86,7 @@ class Transport:
         url: str,
         headers: Mapping[str, str] | None = None,
         *,
+        body: bytes | None = None,
         max_body: int,
         timeout: float,
         follow_redirects: bool = True,
@@ -97,7 +98,7 @@ class Transport:
         Returns the final response whatever its status. Raises TransferError when the transfer
         itself fails after the retries, RegistryError when the body exceeds ``max_body`` bytes.
         ``verify=False`` accepts any certificate (an insecure registry); ``attempts`` overrides
-        the retry policy's number of tries.
+        the retry policy's number of tries; ``body`` is sent as it is (a POST's form).
         """
         policy = self.retry
         if method not in _IDEMPOTENT or attempts is not None:
@@ -105,7 +106,8 @@ class Transport:
         tries = 1
         while True:
             try:
-                response = self._perform(method, url, headers or {}, max_body, timeout, follow_redirects, verify)
+                response = self._perform(method, url, headers or {}, body, max_body, timeout, follow_redirects,
+                                         verify)
             except _CurlFailure as e:
                 exchange = Exchange(0, {}, e.code, e.message)
             else:
@@ -120,8 +122,8 @@ class Transport:
             tries += 1
 
     def _perform(
-        self, method: str, url: str, headers: Mapping[str, str], max_body: int, timeout: float, follow: bool,
-        verify: bool,
+        self, method: str, url: str, headers: Mapping[str, str], data: bytes | None, max_body: int, timeout: float,
+        follow: bool, verify: bool,
     ) -> Response:
         curl = self._handle()
         body = bytearray()
@@ -161,6 +163,9 @@ class Transport:
         curl.setopt(pycurl.NOPROGRESS, 0)
         curl.setopt(pycurl.XFERINFOFUNCTION, _let_signal_handlers_run)
         configure_tls(curl, self.ca_file, verify)
+        configure_proxy(curl, url)
+        if data is not None:
+            curl.setopt(pycurl.POSTFIELDS, data)
         if method == "HEAD":
             curl.setopt(pycurl.NOBODY, 1)
         elif method != "GET":
@@ -208,6 +213,20 @@ def configure_tls(curl: pycurl.Curl, ca_file: str | None, verify: bool) -> None:
         curl.setopt(pycurl.SSL_VERIFYHOST, 0)
     elif ca_file:
         curl.setopt(pycurl.CAINFO, ca_file)
+
+
+def configure_proxy(curl: pycurl.Curl, url: str) -> None:
+    """Send ``url`` through the proxy the environment names, as Docker does. libcurl itself reads
+    ``https_proxy``/``HTTPS_PROXY``, ``http_proxy``, ``ALL_PROXY`` and ``NO_PROXY`` (host names,
+    domains, CIDR ranges; loopback is proxied unless listed there) and never sends a request's own
+    headers (``Authorization``) to the proxy in a ``CONNECT``. It ignores an upper-case
+    ``HTTP_PROXY``, which a CGI program's ``Proxy:`` request header could set: as Go does, it is
+    honoured here for plain-HTTP URLs unless this runs as CGI (``REQUEST_METHOD`` set)."""
+    if (url.startswith("http://") and (proxy := os.environ.get("HTTP_PROXY")) and "http_proxy" not in os.environ
+            and "REQUEST_METHOD" not in os.environ):
+        curl.setopt(pycurl.PROXY, proxy)
+    else:
+        curl.unsetopt(pycurl.PROXY)  # a reused handle: back to libcurl's own reading of the environment
 
 
 def default_ca_file() -> str | None:

@@ -31,7 +31,7 @@ from fastpull.registry.auth import (
     Authenticator,
     Challenge,
     Credentials,
-    load_docker_credentials,
+    load_credentials,
     parse_www_authenticate,
 )
 
@@ -69,8 +69,8 @@ class RegistryClient:
     HTTPS, verified, by default. As Docker does, a loopback host is tried with HTTPS first and
     plain HTTP when it does not speak TLS; ``insecure=True`` does the same for any host and accepts
     any certificate; ``insecure=False`` allows verified HTTPS only. The scheme that answered is
-    remembered for the life of the process. ``credentials`` are read from the Docker config by
-    default; None pulls anonymously.
+    remembered for the life of the process. ``credentials`` are read from the containers and Docker
+    auth files by default (:func:`~fastpull.registry.auth.load_credentials`); None pulls anonymously.
     """
 
     def __init__(
@@ -94,9 +94,8 @@ class RegistryClient:
         self._base_url: str | None = None
         self.timeout = timeout
         self._transport = transport or Transport()
-        if credentials == "docker-config":
-            credentials = load_docker_credentials(host)
-        self._auth = Authenticator(self._transport, credentials, timeout=timeout)
+        found = load_credentials(host) if credentials == "docker-config" else credentials
+        self._auth = Authenticator(self._transport, found, timeout=timeout, registry=host)
         self._lock = threading.Lock()
         self._ping_lock = threading.Lock()
         self._known = False  # whether _challenge has been learned
@@ -138,6 +137,20 @@ class RegistryClient:
             self._challenge, self._known = challenge, True
             self._scopes[repository] = scope
         return self._auth.refresh(challenge, scope, failed)
+
+    def check_login(self) -> None:
+        """Check the credentials as ``docker login`` does: ``GET /v2/`` with the answer to the
+        registry's challenge (Basic, or a token asked for no scope). Raises AuthError if refused."""
+        self._ping()
+        with self._lock:
+            challenge = self._challenge
+        authorization = self._auth.authorization(challenge, "")
+        url = f"{self.base_url}/v2/"
+        response = self._request(url, _MAX_ERROR_BODY, {"Authorization": authorization} if authorization else None)
+        if response.status in (401, 403):
+            raise AuthError(response.status, "GET", url, response.body)
+        if response.status != 200:
+            raise RegistryError(response.status, "GET", url, response.body)
 
     def resolve(self, ref: Reference, platform: Platform) -> Resolved:
         """Fetch what ``ref`` names (by digest if it has one, else by tag) and, for an index, the

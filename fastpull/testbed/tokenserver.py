@@ -1,4 +1,6 @@
-"""A Docker token server for tests: issues the ES256 JWTs that distribution 2.8's token auth accepts.
+"""A Docker token server for tests: issues the ES256 JWTs that distribution 2.8's token auth accepts,
+for ``GET /token`` (the Docker token spec, Basic credentials) and ``POST /token`` (distribution's
+OAuth2 spec: an identity token as a refresh token).
 
 The registry is configured with ``auth: {token: {realm, service, issuer, rootcertbundle}}``
 (``TokenServer.auth_config()``). It trusts a token whose ``x5c`` header carries a certificate
@@ -33,18 +35,21 @@ AUTHENTICATED_ACTIONS = frozenset({"pull", "push"})
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """One request the server answered with a token: who asked (None: anonymous), for which scopes."""
+    """One request the server answered with a token: who asked (None: anonymous), for which
+    scopes, with which method (``POST``: an OAuth2 refresh-token grant)."""
 
     user: str | None
     scopes: tuple[str, ...]
+    method: str = "GET"
 
 
 class TokenServer:
-    """Serves ``GET /token`` on 127.0.0.1 from a thread; use as a context manager.
+    """Serves ``/token`` on 127.0.0.1 from a thread; use as a context manager.
 
-    ``users`` maps user names to passwords (checked with Basic auth); each user is granted pull
-    and push, anonymous callers ``anonymous`` (nothing by default). ``requests`` records every
-    token issued over HTTP. The signing certificate is written under ``workdir``.
+    ``users`` maps user names to passwords (checked with Basic auth), ``identity_tokens`` refresh
+    tokens to user names; each user is granted pull and push, anonymous callers ``anonymous``
+    (nothing by default). ``requests`` records every token issued over HTTP. The signing
+    certificate is written under ``workdir``.
     """
 
     def __init__(
@@ -56,8 +61,10 @@ class TokenServer:
         issuer: str = "fastpull-testbed-tokens",
         lifetime: int = 300,
         anonymous: Iterable[str] = (),
+        identity_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.users = dict(users or {})
+        self.identity_tokens = dict(identity_tokens or {})
         self.service = service
         self.issuer = issuer
         self.lifetime = lifetime
@@ -155,10 +162,28 @@ class TokenServer:
                 return 400, {"error": "malformed Basic credentials"}
             if scheme.lower() != "basic" or self.users.get(user) != password:
                 return 401, {"error": "invalid credentials"}
-        scopes = tuple(s for value in query.get("scope", []) for s in value.split())
+        return self._grant(user, query.get("scope", []), "GET")
+
+    def _answer_post(self, path: str, form: str) -> tuple[int, dict[str, Any]]:
+        """Status and JSON body for a ``POST`` of the form ``form`` to ``path``: the OAuth2
+        refresh-token grant, whose errors are RFC 6749's (400 and an ``error`` code)."""
+        fields = parse_qs(form)
+        if urlsplit(path).path != "/token":
+            return 404, {"error": "not found"}
+        if fields.get("grant_type") != ["refresh_token"]:
+            return 400, {"error": "unsupported_grant_type"}
+        if fields.get("service") != [self.service] or len(fields.get("client_id", [])) != 1:
+            return 400, {"error": "invalid_request", "error_description": "service and client_id are required"}
+        user = self.identity_tokens.get(fields.get("refresh_token", [""])[0])
+        if user is None:
+            return 400, {"error": "invalid_grant", "error_description": "unknown refresh token"}
+        return self._grant(user, fields.get("scope", []), "POST")
+
+    def _grant(self, user: str | None, scope_values: list[str], method: str) -> tuple[int, dict[str, Any]]:
+        scopes = tuple(s for value in scope_values for s in value.split())
         token = self.issue(scopes, user)
         with self._lock:
-            self.requests.append(TokenRequest(user, scopes))
+            self.requests.append(TokenRequest(user, scopes, method))
         issued = dt.datetime.now(dt.UTC).isoformat()
         return 200, {"token": token, "access_token": token, "expires_in": self.lifetime, "issued_at": issued}
 
@@ -166,7 +191,13 @@ class TokenServer:
 def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            status, reply = server._answer(self.path, self.headers.get("Authorization"))
+            self._reply(*server._answer(self.path, self.headers.get("Authorization")))
+
+        def do_POST(self) -> None:
+            form = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8", "replace")
+            self._reply(*server._answer_post(self.path, form))
+
+        def _reply(self, status: int, reply: dict[str, Any]) -> None:
             body = json.dumps(reply).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
