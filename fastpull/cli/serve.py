@@ -13,8 +13,7 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub) -> None:
-    from fastpull.serve.daemon import DEFAULT_LISTEN
-    from fastpull.serve.mirror import DEFAULT_TAG_TTL
+    from fastpull.serve import DEFAULT_LISTEN, DEFAULT_TAG_TTL
 
     p = sub.add_parser("serve", help="serve the node's container runtimes as a pull-through registry mirror")
     p.add_argument("--store", type=Path, help="content store (an OCI image layout; default: $FASTPULL_STORE, "

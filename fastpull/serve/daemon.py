@@ -20,13 +20,13 @@ from aiohttp import web
 from fastpull.engine import FetchOptions
 from fastpull.errors import FastpullError, StoreError
 from fastpull.puller import Puller
+from fastpull.serve import DEFAULT_LISTEN, DEFAULT_TAG_TTL
 from fastpull.serve.api import make_app, start_prefetch
 from fastpull.serve.metrics import Metrics
-from fastpull.serve.mirror import DEFAULT_TAG_TTL, Mirror
+from fastpull.serve.mirror import Mirror
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = ("127.0.0.1", 5050)
 PREFETCH_CHECK_SECONDS = 2.0
 """How often the prefetch file is looked at (a stat) for a change."""
 SHUTDOWN_SECONDS = 5.0

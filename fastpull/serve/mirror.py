@@ -28,6 +28,7 @@ from fastpull.errors import FastpullError, ManifestError, RegistryError, Transfe
 from fastpull.oci.manifest import INDEX_TYPES, MANIFEST_TYPES, ImageIndex, digest_of, parse_manifest
 from fastpull.oci.reference import parse_reference
 from fastpull.puller import NON_DISTRIBUTABLE, Puller, RepositorySource
+from fastpull.serve import DEFAULT_TAG_TTL
 from fastpull.serve.follow import Follower
 from fastpull.serve.ledger import Ledger
 from fastpull.serve.metrics import Metrics
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_TAG_TTL = 30.0
 FETCH_ERROR_GRACE = 5.0
 """Seconds to wait for a fetch's error once its download was seen to stop."""
 UPSTREAM_THREADS = 16
