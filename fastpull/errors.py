@@ -78,6 +78,14 @@ class ConfigError(FastpullError):
         self.path = path
 
 
+class RegistryBlocked(FastpullError):
+    """A pull from a registry (or repository) that the configuration blocks."""
+
+    def __init__(self, name: str, where: str):
+        super().__init__(f"pulling from {name} is blocked by {where}")
+        self.name = name
+
+
 class TransferError(FastpullError):
     """A transfer that failed at the transport level after its retries ran out."""
 

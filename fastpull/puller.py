@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fcntl
 import functools
@@ -38,6 +39,8 @@ from fastpull.oci.manifest import (
 )
 from fastpull.oci.reference import Reference, parse_reference
 from fastpull.registry.client import RegistryClient, Resolved
+from fastpull.registry.hosts import RegistryHost, RegistryHosts
+from fastpull.registry.mirrors import Breaker, MirroredRegistry
 from fastpull.unpack.rootfs import assemble, inherit_implied, remove_tree
 from fastpull.unpack.snapshots import Snapshotter, SnapshotWriter, chain_ids
 
@@ -47,15 +50,28 @@ if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: impor
     from fastpull.unpack.workers import LayerJob, Unpacker, UnpackProgress
 
 
-class RepositorySource:
-    """The fetch engine's view of one repository: blob URLs, Authorization values and the
-    client's TLS settings."""
+MIRROR_ATTEMPTS = 2
+"""Tries of one blob request at a mirror before the blob moves to the next endpoint."""
 
-    def __init__(self, client: RegistryClient, repository: str):
-        self.client = client
-        self.repository = repository
-        self.ca_file = client.ca_file
-        self.tls_verify = client.tls_verify
+
+class RepositorySource:
+    """The fetch engine's view of one repository at one endpoint (a mirror or the registry): blob
+    URLs, Authorization values, how its host is reached; :meth:`fallback` names the next endpoint."""
+
+    def __init__(self, client: RegistryClient | MirroredRegistry, repository: str):
+        if isinstance(client, MirroredRegistry):
+            self._registry: MirroredRegistry | None = client
+            self._chain = tuple(client.endpoints(repository))
+        else:
+            self._registry, self._chain = None, ((client, repository),)
+        self._at(0)
+
+    def _at(self, position: int) -> RepositorySource:
+        self._position = position
+        self.client, self.repository = self._chain[position]
+        self.origin = self.client.origin
+        self.attempts = MIRROR_ATTEMPTS if position < len(self._chain) - 1 else None
+        return self
 
     def blob_url(self, digest: str) -> str:
         return self.client.blob_url(self.repository, digest)
@@ -65,6 +81,21 @@ class RepositorySource:
 
     def reauthorize(self, challenge: str, failed: str | None) -> str | None:
         return self.client.reauthorize(self.repository, challenge, failed)
+
+    def fallback(self, digest: str, error: FastpullError | None) -> RepositorySource | None:
+        """The next endpoint whose breaker has not tripped (the last one always counts); with no
+        ``error``, this one if its breaker has not tripped."""
+        if self._registry is None:
+            return None
+        if error is not None:
+            self._registry.breaker.failed(self.client.host, error)
+        last = len(self._chain) - 1
+        for position in range(self._position + (error is not None), last + 1):
+            if position == last or not self._registry.breaker.tripped(self._chain[position][0].host):
+                if position == self._position:
+                    return None
+                return copy.copy(self)._at(position)
+        return None
 
 
 _PROGRESS_INTERVAL_S = 0.5
@@ -121,7 +152,9 @@ class _LayerUnpack:
 class Puller:
     """Pulls many images in one process over one fetch engine; safe to use from many threads.
 
-    One :class:`RegistryClient` per registry host keeps tokens and connections warm; unpacking
+    One :class:`RegistryClient` per registry host (and per mirror) keeps tokens and connections warm;
+    each registry is reached through the endpoints that ``hosts`` configures (mirrors first;
+    default: the node's files, :meth:`RegistryHosts.load`, read at the first pull); unpacking
     (``rootfs=`` or ``snapshots=``) runs in a pool of worker processes started on first use. A pull
     interrupted while layers unpack (KeyboardInterrupt, or the CLI's SIGTERM) kills that pool, so
     that its temporary trees can be removed; the next pull starts a new one.
@@ -136,9 +169,10 @@ class Puller:
         durable: bool = False,
         unpack_workers: int | None = None,
         clients: Iterable[RegistryClient] = (),
+        hosts: RegistryHosts | None = None,
     ):
         """``clients`` are registry clients configured by the caller (credentials, TLS on a
-        loopback host...); other registries get a default client on first use."""
+        loopback host...), used as they are, without mirrors; other registries get clients on first use."""
         self.engine = FetchEngine(options)
         self.platform = platform or Platform.host()
         self._platform_given = platform is not None
@@ -146,15 +180,38 @@ class Puller:
         self.durable = durable
         self.unpack_workers = unpack_workers
         self._unpacker: Unpacker | None = None
-        self._clients: dict[str, RegistryClient] = {c.host: c for c in clients}
+        self._clients: dict[str, RegistryClient | MirroredRegistry] = {c.host: c for c in clients}
+        self._servers: dict[tuple[RegistryHost, bool], RegistryClient] = {}
+        self._hosts = hosts
+        self.breaker = Breaker()
+        """Mirrors that failed lately, skipped by every pull of this Puller."""
         self._lock = threading.Lock()
 
-    def client(self, registry: str) -> RegistryClient:
+    @property
+    def hosts(self) -> RegistryHosts:
+        """Where each registry is reached: mirrors, certificates (raises ConfigError on a bad file)."""
+        with self._lock:
+            if self._hosts is None:
+                self._hosts = RegistryHosts.load(insecure=self.insecure_registries)
+            return self._hosts
+
+    def client(self, registry: str) -> RegistryClient | MirroredRegistry:
+        """The client of ``registry``: its configured endpoints, or the caller's client."""
+        hosts = self.hosts
         with self._lock:
             client = self._clients.get(registry)
             if client is None:
-                insecure = True if registry in self.insecure_registries else None
-                client = self._clients[registry] = RegistryClient(registry, insecure=insecure)
+                client = self._clients[registry] = MirroredRegistry(registry, hosts, self._server, self.breaker)
+            return client
+
+    def _server(self, server: RegistryHost, last: bool) -> RegistryClient:
+        """The client of one endpoint's server (one try per request unless it is the ``last`` endpoint)."""
+        with self._lock:
+            client = self._servers.get((server, last))
+            if client is None:
+                insecure = True if server.host in self.insecure_registries else None
+                client = self._servers[server, last] = RegistryClient(server.host, insecure=insecure, server=server,
+                                                                      attempts=None if last else 1)
             return client
 
     def unpacker(self) -> Unpacker:
@@ -224,7 +281,10 @@ class Puller:
         image_layout = ImageLayout(layout, durable=self.durable)
         store = image_layout.store
         source = RepositorySource(client, reference.repository)
-        source.authorization()  # learn the auth challenge once, before the loop needs it
+        try:
+            source.authorization()  # learn the auth challenge once, before the loop needs it
+        except FastpullError as e:
+            log.info("%s: %s (the fetch moves on to the next endpoint)", source.client.host, e)
 
         manifest = resolved.manifest
         layers = [d for d in manifest.layers if d.media_type not in NON_DISTRIBUTABLE]

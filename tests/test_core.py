@@ -300,6 +300,7 @@ def test_core_engine_writes_through_the_c_callback_in_a_normal_build(tmp_path, m
     from fastpull.content import core
     from fastpull.content.store import ContentStore
     from fastpull.engine import FetchEngine, FetchOptions
+    from fastpull.http.transport import Origin
 
     assert core.BACKEND == "cy"
     handles, fallbacks = [], []
@@ -317,12 +318,15 @@ def test_core_engine_writes_through_the_c_callback_in_a_normal_build(tmp_path, m
     monkeypatch.setattr(pycurl, "Curl", SpyCurl)
 
     class Source:
-        ca_file, tls_verify = None, True
+        origin, attempts = Origin(), None
 
         def blob_url(self, digest):
             return f"{server.url}/v2/any/blobs/{digest}"
 
         def authorization(self):
+            return None
+
+        def fallback(self, digest, error):
             return None
 
     body = os.urandom(1 << 20)

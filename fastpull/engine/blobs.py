@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastpull.content.store import BlobWriter
-from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox
+from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Switched
 from fastpull.engine.hashing import Hashers
 from fastpull.engine.options import FetchOptions, FetchStats
 from fastpull.engine.transfers import BlobFetch, Transfer
@@ -135,12 +135,54 @@ class Blobs:
     def _start(self, blob: BlobFetch, writer: BlobWriter) -> None:
         blob.writer = writer
         self._call_openers(blob)
-        blob.auth = blob.source.authorization()
         blob.pending = writer.missing_chunks()
         self._stats.bytes_resumed += writer.resumed_bytes
         self.active.append(blob)
         if not blob.pending:
             self._maybe_commit(blob)
+            return
+        try:
+            if (instead := blob.source.fallback(blob.digest, None)) is not None:
+                blob.switch(instead, instead.blob_url(blob.digest), None)
+            blob.auth = blob.source.authorization()
+        except FastpullError as exc:  # its host is unreachable: the source may name another
+            self.fail_over(blob, exc)
+
+    def fail_over(self, blob: BlobFetch, error: FastpullError) -> None:
+        """The blob failed at its source: fetch the rest from the next place the source names,
+        resuming from the chunks written, or end it with ``error`` if there is none. The source is
+        asked on a side thread (it may reach the next place first); meanwhile the blob has no
+        transfers."""
+        for t in list(blob.transfers):
+            self._cancel(t)  # their chunks go back to the queue, resuming from the bytes written
+        blob.switching = True
+        threading.Thread(target=self._ask_fallback, args=(blob, error), daemon=True).start()
+
+    def _ask_fallback(self, blob: BlobFetch, error: FastpullError) -> None:
+        try:
+            source = blob.source.fallback(blob.digest, error)
+            if source is None:
+                self._mailbox.post(Switched(blob, None, "", None, error))
+            else:
+                self._mailbox.post(Switched(blob, source, source.blob_url(blob.digest), source.authorization(), error))
+        except FastpullError as exc:
+            self._mailbox.post(Switched(blob, None, "", None, exc))
+        except BaseException as exc:  # a source's bug must not leave the blob waiting forever
+            log.exception("asking where to fetch %s next failed", blob.digest)
+            self._mailbox.post(Switched(blob, None, "", None, FastpullError(f"{blob.digest}: {exc}")))
+
+    def switched(self, command: Switched) -> None:
+        """The source answered where to fetch the blob next."""
+        blob = command.blob
+        blob.switching = False
+        if blob.writer is None or blob.committing:
+            return  # it ended meanwhile (the engine stopped)
+        if command.source is None:
+            self.finish(blob, command.error)
+            return
+        log.warning("%s: %s; fetching the rest (%d of %d chunks) from %s", blob.digest, command.error,
+                    len(blob.pending), blob.writer.bitmap.nchunks, urlsplit(command.url).netloc)
+        blob.switch(command.source, command.url, command.auth)
 
     def chunk_done(self, blob: BlobFetch) -> None:
         """A request of ``blob`` finished: hash along the watermark, or commit a complete blob."""

@@ -46,11 +46,23 @@ class Committed:
 
 
 @dataclass(frozen=True)
+class Switched:
+    """A side thread asked a blob's source where to fetch it next, after it failed there: ``source``
+    (None: nowhere) with its blob URL and Authorization value, or the ``error`` that ends the blob."""
+
+    blob: BlobFetch
+    source: BlobSource | None
+    url: str
+    auth: str | None
+    error: BaseException
+
+
+@dataclass(frozen=True)
 class Stop:
     """The engine is closing."""
 
 
-Command = Fetch | Locked | Committed | Stop
+Command = Fetch | Locked | Committed | Switched | Stop
 
 
 class Mailbox:

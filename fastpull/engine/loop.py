@@ -26,13 +26,14 @@ from urllib.parse import urljoin, urlsplit
 
 from fastpull.content.store import ContentStore
 from fastpull.engine.blobs import Blobs
-from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Stop
+from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Stop, Switched
 from fastpull.engine.multi import Multi
 from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
 from fastpull.engine.planner import Planner
 from fastpull.engine.transfers import BlobFetch, Transfer
 from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
 from fastpull.http.policy import THROTTLE_STATUSES, Action, Counters, Exchange, judge
+from fastpull.http.transport import Origin
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ class FetchEngine:
                     self._blobs.locked(command)
                 case Committed():
                     self._blobs.committed(command)
+                case Switched():
+                    self._blobs.switched(command)
                 case Stop():
                     self._running = False
                     self._blobs.stopping = True
@@ -199,8 +202,8 @@ class FetchEngine:
         sink = blob.writer.sink(span.start, span.end, span.valid_from)
         t = Transfer(blob, span.chunks, span.start, span.end, sink, time.monotonic(), blob.url, blob.auth)
         extra = [f"Range: bytes={span.start}-{span.end - 1}"] if span.chunks is not None else []
-        self._multi.start(t, blob.headers(extra), blob.source.ca_file,
-                          blob.source.tls_verify or not blob.at_origin(blob.url))
+        origin = blob.source.origin
+        self._multi.start(t, blob.headers(extra), origin if blob.at_origin(blob.url) else Origin(ca_file=origin.ca_file))
         blob.transfers.add(t)
         self.stats.requests += 1
 
@@ -233,7 +236,7 @@ class FetchEngine:
         exchange = Exchange(t.status, t.headers, curl_code, message,
                             complete=t.sink.armed and t.sink.offset == t.end, elsewhere=not blob.at_origin(t.url))
         counters = Counters(blob.tries.get(key, 0) + 1, blob.redirects, blob.reauthentications, blob.resolutions)
-        verdict = judge(exchange, counters, self.options.retry)
+        verdict = judge(exchange, counters, blob.retry(self.options.retry))
         if t.status in THROTTLE_STATUSES:
             tuner.throttled(time.monotonic())
         match verdict.action:
@@ -263,7 +266,7 @@ class FetchEngine:
                 try:
                     blob.auth = blob.source.reauthorize(t.headers["www-authenticate"], blob.auth)
                 except FastpullError as exc:
-                    self._blobs.finish(blob, exc)
+                    self._fail(t, exc)
                     return
                 self._planner.requeue(t)
             case Action.RETRY:
@@ -272,10 +275,15 @@ class FetchEngine:
                 log.debug("retrying %s chunks %s in %.2fs: %s", blob.digest, t.chunks, verdict.delay, verdict.why)
                 self._planner.requeue(t, verdict.delay, time.monotonic())
             case Action.FAIL if curl_code or t.status < 400:
-                self._blobs.finish(blob, TransferError(t.url, verdict.why, curl_code or None))
+                self._fail(t, TransferError(t.url, verdict.why, curl_code or None))
             case Action.FAIL:
-                self._blobs.finish(blob, RegistryError(t.status, "GET", t.url, t.sink.error_body,
-                                                       retry_after=t.headers.get("retry-after")))
+                self._fail(t, RegistryError(t.status, "GET", t.url, t.sink.error_body,
+                                            retry_after=t.headers.get("retry-after")))
+
+    def _fail(self, t: Transfer, error: FastpullError) -> None:
+        """``t``'s blob failed at its source: its chunks wait for the next place the source names."""
+        self._planner.requeue(t)
+        self._blobs.fail_over(t.blob, error)
 
     def _reissue_stragglers(self, now: float) -> None:
         """Cut the ranged transfers far slower than their blob's others; their remaining bytes

@@ -14,7 +14,7 @@ import pycurl
 
 from fastpull.engine.options import FetchOptions
 from fastpull.engine.transfers import Transfer
-from fastpull.http.transport import USER_AGENT, configure_proxy, configure_tls
+from fastpull.http.transport import USER_AGENT, Origin, configure_proxy, configure_tls
 
 
 class Multi:
@@ -50,8 +50,8 @@ class Multi:
             self._multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, streams)
             self._streams_per_connection = streams
 
-    def start(self, t: Transfer, headers: list[str], ca_file: str | None, verify: bool) -> None:
-        """Send ``t``'s GET of ``t.url`` on a free handle; its body goes to ``t.sink``."""
+    def start(self, t: Transfer, headers: list[str], origin: Origin) -> None:
+        """Send ``t``'s GET of ``t.url`` on a free handle, with ``origin``'s TLS settings; its body goes to ``t.sink``."""
         opts = self._options
         c = t.curl = self._free.pop() if self._free else pycurl.Curl()
         c.setopt(pycurl.URL, t.url)
@@ -71,7 +71,7 @@ class Multi:
         if opts.transfer_rate_limit:
             c.setopt(pycurl.MAX_RECV_SPEED_LARGE, opts.transfer_rate_limit)
         c.setopt(pycurl.USERAGENT, USER_AGENT)
-        configure_tls(c, ca_file, verify)
+        configure_tls(c, origin.ca_file, origin.verify, origin.client_cert)
         self._transfers[c] = t
         self._multi.add_handle(c)
 

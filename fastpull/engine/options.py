@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
+from fastpull.errors import FastpullError
 from fastpull.http.policy import RetryPolicy
+from fastpull.http.transport import Origin
 
 MiB = 1 << 20
 BITMAP_CHUNK = MiB
@@ -15,7 +17,8 @@ BITMAP_CHUNK = MiB
 
 
 class BlobSource(Protocol):
-    """Where the blobs of one repository live, and how to authenticate to it."""
+    """Where the blobs of one repository live, and how to authenticate to it; it may name another
+    place to fetch a blob from when it fails one (a mirror, then the registry)."""
 
     def blob_url(self, digest: str) -> str:
         """The registry URL of a blob (it may redirect elsewhere)."""
@@ -27,13 +30,22 @@ class BlobSource(Protocol):
         """A fresh Authorization value after the registry refused ``failed`` with 401 ``challenge``."""
 
     @property
-    def ca_file(self) -> str | None:
-        """CA bundle to verify HTTPS servers with (None: libcurl's default)."""
+    def origin(self) -> Origin:
+        """How the registry's host is reached: its certificate checked or not, the CA bundle, a client
+        certificate, extra headers. A redirect target on another host is always checked, against the
+        CA bundle, and gets no client certificate and no headers."""
 
     @property
-    def tls_verify(self) -> bool:
-        """Whether the registry's certificate is checked (False: an insecure registry). A redirect
-        target on another host is always checked."""
+    def attempts(self) -> int | None:
+        """Tries a request gets here before the blob has failed at this source (None: the engine's
+        ``retries``); a source that another backs up may give few, to move on quickly."""
+
+    def fallback(self, digest: str, error: FastpullError | None) -> BlobSource | None:
+        """Where to fetch ``digest`` instead of here. After this source failed it for good with
+        ``error``: the next place (the bytes already written are kept), or None if there is none; it
+        may block (the engine asks from another thread). With ``error`` None, when the download
+        starts: a place to use instead of this one, which has failed other downloads lately, or None
+        to start here; then it must not block."""
 
 
 @dataclass(frozen=True)

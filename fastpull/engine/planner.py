@@ -199,7 +199,7 @@ class Planner:
         """
         budget = self.tuner.target - in_flight
         for blob in blobs:
-            while budget > 0 and blob.writer is not None and blob.pending and not blob.committing:
+            while budget > 0 and blob.writer is not None and blob.pending and not blob.committing and not blob.switching:
                 limit = 1 if blob.mode in ("probe", "single") else self._options.chunks_per_blob
                 if len(blob.transfers) >= limit:
                     break

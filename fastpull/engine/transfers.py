@@ -3,6 +3,7 @@ response's headers decide whether its body is the bytes asked for."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pycurl
 
 from fastpull.content.store import BlobWriter, ContentStore
 from fastpull.engine.options import BlobSource
+from fastpull.http.policy import RetryPolicy
 
 log = logging.getLogger("fastpull.engine.loop")  # one logger for the loop and its transfers
 
@@ -45,6 +47,7 @@ class BlobFetch:
     hashed_watermark: int = 0
     committing: bool = False
     refetched: bool = False  # failed its digest once and was fetched again from scratch
+    switching: bool = False  # its source failed it: asking the source where to fetch it next
     finished_rates: deque = field(default_factory=lambda: deque(maxlen=16))  # B/s of finished chunks
 
     def at_origin(self, url: str) -> bool:
@@ -52,10 +55,22 @@ class BlobFetch:
         return urlsplit(url).netloc == self.registry_netloc
 
     def headers(self, extra: list[str]) -> list[str]:
-        # The registry's credentials never go to a redirect target on another host.
-        if self.auth and self.at_origin(self.url):
-            return extra + [f"Authorization: {self.auth}"]
-        return extra
+        # The registry's credentials and headers never go to a redirect target on another host.
+        if not self.at_origin(self.url):
+            return extra
+        own = [f"{name}: {value}" for name, value in self.source.origin.headers]
+        return extra + own + ([f"Authorization: {self.auth}"] if self.auth else [])
+
+    def retry(self, default: RetryPolicy) -> RetryPolicy:
+        """The retry limits of a request to the blob's source: ``default`` but for its ``attempts``."""
+        attempts = self.source.attempts
+        return default if attempts is None else dataclasses.replace(default, attempts=attempts)
+
+    def switch(self, source: BlobSource, url: str, auth: str | None) -> None:
+        """Fetch the rest of the blob from ``source`` at ``url``: its own counters start afresh."""
+        self.source, self.url, self.auth = source, url, auth
+        self.registry_netloc = urlsplit(url).netloc
+        self.tries, self.redirects, self.reauthentications, self.resolutions = {}, 0, 0, 0
 
 
 @dataclass(eq=False)

@@ -63,6 +63,19 @@ class Headers(Mapping[str, str]):
 
 
 @dataclass(frozen=True)
+class Origin:
+    """How requests to one server are made beyond the defaults: its certificate checked (against
+    ``ca_file``, None: the system bundle) or not, a client certificate, extra headers. A redirect
+    to another host gets none of it but the CA bundle."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    client_cert: tuple[str, str] | None = None
+    """``(certificate, key)`` PEM files."""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Response:
     """A complete response; ``url`` is where the last redirect led."""
 
@@ -75,9 +88,12 @@ class Response:
 class Transport:
     """Blocking HTTP requests; safe to share between threads (each thread has its own handle)."""
 
-    def __init__(self, *, retry: RetryPolicy | None = None, ca_file: str | None = None) -> None:
+    def __init__(self, *, retry: RetryPolicy | None = None, ca_file: str | None = None,
+                 client_cert: tuple[str, str] | None = None) -> None:
+        """``client_cert``: ``(certificate, key)`` PEM files presented to servers that ask for one."""
         self.retry = retry or RetryPolicy()
         self.ca_file = ca_file or default_ca_file()
+        self.client_cert = client_cert
         self._local = threading.local()
 
     def request(
@@ -162,7 +178,7 @@ class Transport:
         # ends a request that waits on a stalled server, and perform() raises it.
         curl.setopt(pycurl.NOPROGRESS, 0)
         curl.setopt(pycurl.XFERINFOFUNCTION, _let_signal_handlers_run)
-        configure_tls(curl, self.ca_file, verify)
+        configure_tls(curl, self.ca_file, verify, self.client_cert)
         configure_proxy(curl, url)
         if data is not None:
             curl.setopt(pycurl.POSTFIELDS, data)
@@ -205,14 +221,49 @@ class _CurlFailure(Exception):
         self.message = message
 
 
-def configure_tls(curl: pycurl.Curl, ca_file: str | None, verify: bool) -> None:
+def configure_tls(curl: pycurl.Curl, ca_file: str | None, verify: bool,
+                  client_cert: tuple[str, str] | None = None) -> None:
     """Set how ``curl`` checks an HTTPS server: against ``ca_file`` (libcurl's default if None), or
-    not at all."""
+    not at all; and the ``(certificate, key)`` it presents if the server asks for one."""
     if not verify:
         curl.setopt(pycurl.SSL_VERIFYPEER, 0)
         curl.setopt(pycurl.SSL_VERIFYHOST, 0)
     elif ca_file:
         curl.setopt(pycurl.CAINFO, ca_file)
+    if client_cert is not None:
+        curl.setopt(pycurl.SSLCERT, client_cert[0])
+        curl.setopt(pycurl.SSLKEY, client_cert[1])
+
+
+_BUNDLES: dict[tuple[str, ...], str] = {}
+_BUNDLES_LOCK = threading.Lock()
+
+
+def ca_bundle(extra: tuple[str, ...]) -> str:
+    """A CA bundle of the system's CAs and the PEM files ``extra`` (as Docker and containerd add a
+    registry's CAs to the system pool): one per set of files, kept in memory (a memfd) for the life
+    of the process, named by its ``/proc/self/fd`` path. Raises ConfigError naming a file that
+    cannot be read."""
+    from fastpull.errors import ConfigError
+
+    with _BUNDLES_LOCK:
+        if (path := _BUNDLES.get(extra)) is not None:
+            return path
+        parts = []
+        for name in (default_ca_file(), *extra):
+            if name is None:
+                continue
+            try:
+                with open(name, "rb") as f:
+                    parts.append(f.read().rstrip(b"\n") + b"\n")
+            except OSError as e:
+                raise ConfigError(name, f"cannot read the CA certificate: {e.strerror or e}") from None
+        fd = os.memfd_create("fastpull-ca-bundle", os.MFD_CLOEXEC)
+        data = memoryview(b"".join(parts))
+        while data:
+            data = data[os.write(fd, data):]
+        path = _BUNDLES[extra] = f"/proc/self/fd/{fd}"
+        return path
 
 
 def configure_proxy(curl: pycurl.Curl, url: str) -> None:

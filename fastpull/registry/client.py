@@ -13,8 +13,8 @@ from typing import Literal
 
 from fastpull.digests import check_digest
 from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError, TransferError
-from fastpull.http.policy import SSL_CONNECT_ERROR
-from fastpull.http.transport import Response, Transport
+from fastpull.http.policy import SSL_CONNECT_ERROR, RetryPolicy
+from fastpull.http.transport import Origin, Response, Transport, ca_bundle
 from fastpull.oci.manifest import (
     ACCEPT,
     MAX_MANIFEST_BYTES,
@@ -34,6 +34,7 @@ from fastpull.registry.auth import (
     load_credentials,
     parse_www_authenticate,
 )
+from fastpull.registry.hosts import RegistryHost
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class RegistryClient:
     any certificate; ``insecure=False`` allows verified HTTPS only. The scheme that answered is
     remembered for the life of the process. ``credentials`` are read from the containers and Docker
     auth files by default (:func:`~fastpull.registry.auth.load_credentials`); None pulls anonymously.
+    ``server`` is where a mirror or a configured registry is reached and how (schemes, API root,
+    ``?ns=``, TLS, headers); ``host`` is then its ``server.host``. ``attempts`` bounds the tries of
+    each request (a mirror that another endpoint backs up: one).
     """
 
     def __init__(
@@ -81,19 +85,27 @@ class RegistryClient:
         credentials: Credentials | Literal["docker-config"] | None = "docker-config",
         timeout: float = DEFAULT_TIMEOUT,
         transport: Transport | None = None,
+        server: RegistryHost | None = None,
+        attempts: int | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be greater than zero")
+        server = server or RegistryHost(host)
         self.host = host
         self.api_host = DOCKER_HUB_API_HOST if host == DOCKER_HUB else host
-        self.tls_verify = insecure is not True
+        self.tls_verify = insecure is not True and server.verify
         """Whether the registry's certificate is checked."""
         may_be_plain = insecure is True or (insecure is None and _is_loopback(self.api_host))
-        self.schemes = ("https", "http") if may_be_plain else ("https",)
+        self.schemes = server.schemes or (("https", "http") if may_be_plain else ("https",))
         """The schemes tried, in order, until one answers."""
         self._base_url: str | None = None
+        self._api = server.path
+        self._query = f"?ns={server.ns}" if server.ns else ""
+        self._headers = dict(server.headers)
         self.timeout = timeout
-        self._transport = transport or Transport()
+        self._transport = transport or Transport(
+            retry=RetryPolicy(attempts) if attempts else None,
+            ca_file=ca_bundle(server.ca_files) if server.ca_files else None, client_cert=server.client_cert)
         found = load_credentials(host) if credentials == "docker-config" else credentials
         self._auth = Authenticator(self._transport, found, timeout=timeout, registry=host)
         self._lock = threading.Lock()
@@ -108,6 +120,11 @@ class RegistryClient:
         return self._transport.ca_file
 
     @property
+    def origin(self) -> Origin:
+        """How the fetch engine reaches this registry: TLS, client certificate, headers."""
+        return Origin(self.tls_verify, self.ca_file, self._transport.client_cert, tuple(self._headers.items()))
+
+    @property
     def base_url(self) -> str:
         """``scheme://host``: the first use learns which scheme the registry speaks (``GET /v2/``)."""
         self._ping()
@@ -116,7 +133,7 @@ class RegistryClient:
 
     def blob_url(self, repository: str, digest: str) -> str:
         """The URL of a blob (the registry may redirect it elsewhere)."""
-        return f"{self.base_url}/v2/{repository}/blobs/{digest}"
+        return f"{self.base_url}{self._api}/{repository}/blobs/{digest}{self._query}"
 
     def authorization(self, repository: str) -> str | None:
         """The ``Authorization`` header value for pulling from ``repository``, None if the registry
@@ -131,7 +148,7 @@ class RegistryClient:
         scope and return a fresh header value. ``failed`` is the header value the request was
         refused with: if another thread has already replaced it, its replacement is returned and
         no new token is fetched (callers should still bound their retries)."""
-        challenge = _pick_challenge(www_authenticate, f"{self.base_url}/v2/{repository}/")
+        challenge = _pick_challenge(www_authenticate, f"{self.base_url}{self._api}/{repository}/")
         scope = challenge.params.get("scope") or _pull_scope(repository)
         with self._lock:
             self._challenge, self._known = challenge, True
@@ -145,7 +162,7 @@ class RegistryClient:
         with self._lock:
             challenge = self._challenge
         authorization = self._auth.authorization(challenge, "")
-        url = f"{self.base_url}/v2/"
+        url = f"{self.base_url}{self._api}/"
         response = self._request(url, _MAX_ERROR_BODY, {"Authorization": authorization} if authorization else None)
         if response.status in (401, 403):
             raise AuthError(response.status, "GET", url, response.body)
@@ -195,7 +212,7 @@ class RegistryClient:
 
     def _manifest(self, repository: str, target: str, expected: str | None, where: str) -> tuple[bytes, str | None]:
         """GET a manifest and check its digest; returns (body, Content-Type)."""
-        url = f"{self.base_url}/v2/{repository}/manifests/{target}"
+        url = f"{self.base_url}{self._api}/{repository}/manifests/{target}{self._query}"
         response = self._send("GET", repository, url, {"Accept": ACCEPT}, MAX_MANIFEST_BYTES)
         actual = digest_of(response.body)
         if expected is not None and actual != expected:
@@ -214,7 +231,7 @@ class RegistryClient:
             known = _SCHEMES.get(key)
         if known in self.schemes and len(self.schemes) > 1:
             try:  # one try: a failure falls back to the full probe, with its retries
-                response = self._request(f"{known}://{self.api_host}/v2/", _MAX_ERROR_BODY, attempts=1)
+                response = self._request(f"{known}://{self.api_host}{self._api}/", _MAX_ERROR_BODY, attempts=1)
                 if not (known == "http" and response.status == 400):
                     self._base_url = f"{known}://{self.api_host}"
                     return response
@@ -228,7 +245,7 @@ class RegistryClient:
     def _probe_schemes(self, schemes: tuple[str, ...]) -> Response:
         key = (self.api_host, self.tls_verify)
         for i, scheme in enumerate(schemes):
-            url = f"{scheme}://{self.api_host}/v2/"
+            url = f"{scheme}://{self.api_host}{self._api}/"
             fallback = i + 1 < len(schemes)
             try:
                 # When plain HTTP may follow, one try tells a server that does not speak TLS.
@@ -249,6 +266,7 @@ class RegistryClient:
 
     def _request(self, url: str, max_body: int, headers: dict[str, str] | None = None,
                  attempts: int | None = None, method: str = "GET") -> Response:
+        headers = {**self._headers, **headers} if headers else self._headers
         return self._transport.request(method, url, headers, max_body=max_body, timeout=self.timeout,
                                        verify=self.tls_verify, attempts=attempts)
 
