@@ -25,7 +25,7 @@ from fastpull.content.leases import Lease
 from fastpull.content.store import ContentStore
 from fastpull.digests import check_digest
 from fastpull.engine import FetchEngine, FetchOptions, FetchStats
-from fastpull.errors import FastpullError, ManifestError, PlatformNotFound, UnpackError
+from fastpull.errors import FastpullError, ManifestError, PlatformNotFound, RegistryError, UnpackError
 from fastpull.events import Blob, Event, Failed, LayerDone, Progress, Pulled
 from fastpull.events import Resolved as ResolvedEvent
 from fastpull.oci.manifest import (
@@ -37,7 +37,7 @@ from fastpull.oci.manifest import (
     ImageManifest,
     Platform,
 )
-from fastpull.oci.reference import Reference, parse_reference
+from fastpull.oci.reference import Reference, is_short_name, parse_reference
 from fastpull.registry.client import RegistryClient, Resolved
 from fastpull.registry.hosts import RegistryHost, RegistryHosts
 from fastpull.registry.mirrors import Breaker, MirroredRegistry
@@ -64,7 +64,7 @@ class RepositorySource:
             self._chain = tuple(client.endpoints(repository))
         else:
             self._registry, self._chain = None, ((client, repository),)
-        self._at(0)
+        self._at(self._usable(0) or 0)
 
     def _at(self, position: int) -> RepositorySource:
         self._position = position
@@ -89,12 +89,15 @@ class RepositorySource:
             return None
         if error is not None:
             self._registry.breaker.failed(self.client.host, error)
+        position = self._usable(self._position + (error is not None))
+        return None if position is None or position == self._position else copy.copy(self)._at(position)
+
+    def _usable(self, start: int) -> int | None:
+        """The first endpoint from ``start`` on whose breaker has not tripped (the last one always counts)."""
         last = len(self._chain) - 1
-        for position in range(self._position + (error is not None), last + 1):
+        for position in range(start, last + 1):
             if position == last or not self._registry.breaker.tripped(self._chain[position][0].host):
-                if position == self._position:
-                    return None
-                return copy.copy(self)._at(position)
+                return position
         return None
 
 
@@ -214,6 +217,24 @@ class Puller:
                                                                       attempts=None if last else 1)
             return client
 
+    def _resolve(self, ref: str | Reference, platform: Platform
+                 ) -> tuple[Reference, RegistryClient | MirroredRegistry, Resolved]:
+        search = self.hosts.search_registries if isinstance(ref, str) and is_short_name(ref) else None
+        if isinstance(ref, Reference):
+            candidates = [ref]
+        else:
+            candidates = [parse_reference(ref, registry) for registry in search] if search else [parse_reference(ref)]
+        for candidate in candidates[:-1]:
+            client = self.client(candidate.registry)
+            try:
+                return candidate, client, client.resolve(candidate, platform)
+            except RegistryError as e:
+                if e.status not in (401, 403, 404):  # not "no such image here" (Docker Hub says 401)
+                    raise
+                log.info("%s: %s; trying the next search registry", candidate, e)
+        client = self.client(candidates[-1].registry)
+        return candidates[-1], client, client.resolve(candidates[-1], platform)
+
     def unpacker(self) -> Unpacker:
         from fastpull.unpack.workers import Unpacker
 
@@ -239,7 +260,9 @@ class Puller:
         events: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> PullResult:
-        """Pull ``ref`` into the OCI layout at ``layout`` and tag it there by its full name.
+        """Pull ``ref`` into the OCI layout at ``layout`` and tag it there by its full name. A short
+        name (no registry) is looked up in the configuration's ``unqualified-search-registries`` in
+        order, if it names any, else on Docker Hub.
 
         With ``rootfs``, also unpack the image into that (absent or empty) directory; with
         ``snapshots``, into one directory per layer keyed by ChainID under that root. Layers
@@ -273,10 +296,8 @@ class Puller:
 
     def _pull(self, ref, layout, platform, rootfs, snapshots, follow: _Follow) -> PullResult:
         started = time.monotonic()
-        reference = parse_reference(ref) if isinstance(ref, str) else ref
-        client = self.client(reference.registry)
         wanted = platform or self.platform
-        resolved = client.resolve(reference, wanted)
+        reference, client, resolved = self._resolve(ref, wanted)
         platform_given = platform is not None or self._platform_given
         image_layout = ImageLayout(layout, durable=self.durable)
         store = image_layout.store
@@ -284,7 +305,7 @@ class Puller:
         try:
             source.authorization()  # learn the auth challenge once, before the loop needs it
         except FastpullError as e:
-            log.info("%s: %s (the fetch moves on to the next endpoint)", source.client.host, e)
+            log.debug("%s: %s (the fetch moves on to the next endpoint)", source.client.host, e)
 
         manifest = resolved.manifest
         layers = [d for d in manifest.layers if d.media_type not in NON_DISTRIBUTABLE]

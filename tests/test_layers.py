@@ -9,7 +9,7 @@
     unpack      -> content, oci        the tar applier, worker processes, snapshots, rootfs
     puller      -> all of the above    a pull, wired together; events, what a pull tells as it runs
     serve       -> puller and below    the node daemon: a pull-through mirror over the engine and store
-    cli         -> serve, puller, oci, engine (options), content (the store commands), registry (login), testbed (the demo)
+    cli         -> serve, puller, oci, engine (options), content (the store commands), registry (login, configuration), testbed (the demo)
 
 Every module of the package is in one layer; a new one must be placed here.
 """

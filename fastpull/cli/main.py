@@ -177,7 +177,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         started = True
         log_to_stderr(args.verbose, args.quiet)
         return _run_pull(args, args.reference, args.layout, json_lines=args.json, rootfs=args.rootfs,
-                         snapshots=args.snapshots, unpack_workers=args.unpack_workers)
+                         snapshots=args.snapshots, unpack_workers=args.unpack_workers,
+                         registries=(args.hosts_dir, args.registries_conf))
 
     if not args.join:
         outcome, leader = lead(), None
@@ -198,9 +199,11 @@ def _say_waiting() -> None:
 
 
 def _run_pull(args: argparse.Namespace, ref: str, layout: str, *, json_lines: bool = False,
-              unpack_workers: int | None = None, **unpack: str | None) -> Outcome:
+              unpack_workers: int | None = None, registries: tuple[str | None, str | None] = (None, None),
+              **unpack: str | None) -> Outcome:
     """Pull ``ref`` with the fetch options in ``args``; with ``json_lines`` its events go to stdout
-    as they happen, else a progress bar runs on a terminal.
+    as they happen, else a progress bar runs on a terminal. ``registries`` are the ``--hosts-dir`` and
+    ``--registries-conf`` (None: the system's).
 
     The outcome (shared with identical pulls that join this one, whatever they write) holds the
     exit status, the pull's summary events as JSON lines (``resolved``, then ``pulled`` or
@@ -209,14 +212,16 @@ def _run_pull(args: argparse.Namespace, ref: str, layout: str, *, json_lines: bo
     from fastpull.events import Failed
     from fastpull.oci.manifest import Platform
     from fastpull.puller import Puller
+    from fastpull.registry.hosts import RegistryHosts
 
     status, error = 0, ""
     with _Output(f"pulling {ref}", json_lines) as output:
         try:
+            hosts = RegistryHosts.load(*registries, insecure=args.insecure_registry)
             with Puller(
                 fetch_options(args), insecure_registries=args.insecure_registry,
                 platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
-                unpack_workers=unpack_workers,
+                unpack_workers=unpack_workers, hosts=hosts,
             ) as puller:
                 puller.pull(ref, layout, events=output.show, **unpack)
         except FastpullError as exc:
@@ -391,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "then pulled or error), not a report")
     output.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar, warnings or report: the manifest digest on stdout, errors on stderr")
+    g = p.add_argument_group("registries and mirrors (read as containerd, podman and Docker read them)")
+    g.add_argument("--hosts-dir", metavar="DIR",
+                   help="containerd hosts.toml directories, DIR/<registry>/hosts.toml and DIR/_default "
+                        "(default: /etc/containerd/certs.d if it exists)")
+    g.add_argument("--registries-conf", metavar="FILE",
+                   help="containers registries.conf, with FILE.d/*.conf (default: /etc/containers/registries.conf "
+                        "and registries.conf.d/ if they exist)")
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 

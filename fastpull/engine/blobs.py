@@ -77,9 +77,7 @@ class Blobs:
                 _call_safely(on_open)
             command.future.set_result(store.blob_path(digest))
             return
-        url = command.source.blob_url(digest)
-        blob = BlobFetch(store, command.source, digest, command.size, [command.future], url=url,
-                         registry_netloc=urlsplit(url).netloc, streamed=on_open is not None,
+        blob = BlobFetch(store, command.source, digest, command.size, [command.future], streamed=on_open is not None,
                          on_downloaded=command.on_downloaded)
         if on_open is not None:
             blob.openers.append(on_open)
@@ -143,8 +141,8 @@ class Blobs:
             return
         try:
             if (instead := blob.source.fallback(blob.digest, None)) is not None:
-                blob.switch(instead, instead.blob_url(blob.digest), None)
-            blob.auth = blob.source.authorization()
+                blob.source = instead
+            blob.switch(blob.source, blob.source.blob_url(blob.digest), blob.source.authorization())
         except FastpullError as exc:  # its host is unreachable: the source may name another
             self.fail_over(blob, exc)
 

@@ -56,10 +56,11 @@ class Reference:
         return s
 
 
-def parse_reference(s: str) -> Reference:
+def parse_reference(s: str, default_registry: str = DOCKER_HUB) -> Reference:
     """Parse ``[host[:port]/]name[:tag][@digest]``.
 
-    A name without a registry host is on Docker Hub (``ubuntu`` is ``docker.io/library/ubuntu``);
+    A name without a registry host (a short name) is on ``default_registry``, by default Docker Hub
+    (``ubuntu`` is ``docker.io/library/ubuntu``);
     ``index.docker.io`` becomes ``docker.io``; a reference with neither tag nor digest gets ``latest``.
     Raises InvalidReference saying what is wrong.
     """
@@ -79,7 +80,7 @@ def parse_reference(s: str) -> Reference:
         if not _TAG_RE.fullmatch(tag):
             raise InvalidReference(s, f"invalid tag {tag!r}")
 
-    registry, repository = _split_registry(rest)
+    registry, repository = _split_registry(rest, default_registry)
     host = _HOST_RE.fullmatch(registry)
     if host is None:
         raise InvalidReference(s, f"invalid registry host {registry!r}")
@@ -98,14 +99,25 @@ def parse_reference(s: str) -> Reference:
     return Reference(registry, repository, tag, digest if at else None)
 
 
-def _split_registry(name: str) -> tuple[str, str]:
-    """Split off the registry host as Docker does: the first component is a host if it has ``.``
-    or ``:``, is ``localhost`` or has upper case; otherwise the name is on Docker Hub."""
+def is_short_name(s: str) -> bool:
+    """Whether reference ``s`` names no registry (``ubuntu``, ``team/app:1``)."""
+    first, slash, _ = s.partition("/")
+    return not (slash and _is_host(first))
+
+
+def _is_host(first: str) -> bool:
+    """Docker's rule: a name's first component is a host if it has ``.`` or ``:``, is
+    ``localhost`` or has upper case."""
+    return "." in first or ":" in first or first == "localhost" or first != first.lower()
+
+
+def _split_registry(name: str, default_registry: str) -> tuple[str, str]:
+    """Split off the registry host (Docker's rule, :func:`_is_host`), else ``default_registry``."""
     first, slash, remainder = name.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+    if slash and _is_host(first):
         registry = DOCKER_HUB if first == _LEGACY_HUB else first
     else:
-        registry, remainder = DOCKER_HUB, name
+        registry, remainder = default_registry, name
     if registry == DOCKER_HUB and "/" not in remainder:
         remainder = f"{_OFFICIAL_NAMESPACE}/{remainder}"
     return registry, remainder
