@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import blob_storage_path, wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from faultserver import FaultRegistry
@@ -109,6 +110,8 @@ def test_pull_through_a_mirror_then_with_the_upstream_dead(tmp_path, upstream, p
     access = proxy.access_log.read_text()
     assert (f"?ns={upstream.host}" in access) == (form == "hosts.toml")  # containerd names the registry
 
+    # The proxy stores a blob with a GET of its own after it served it: let those land first.
+    wait_until(lambda: all(blob_storage_path(proxy, d.digest).exists() for d in image.blobs), "the proxy stored the blobs")
     upstream.stop()
     with Puller(OPTS, hosts=hosts) as puller:
         result = puller.pull(ref, tmp_path / "cold")
