@@ -243,6 +243,20 @@ def test_a_mirror_that_dies_mid_blob_costs_none_of_the_bytes_written(tmp_path, t
     assert from_mirror + from_origin <= 1.1 * layer.size
 
 
+def test_whether_a_repository_has_a_blob_is_the_registrys_word_while_it_answers(tmp_path, image):
+    """fastpull serve serves a blob to a repository only if the registry says it has it: a mirror
+    (which serves any digest it holds) is asked only when the registry is unreachable."""
+    blob = image.layers[1]
+    with FaultRegistry() as origin, FaultRegistry() as mirror:
+        mirror.add_image("team/app", "v1", image)  # the origin has no such image
+        with Puller(OPTS, hosts=_config(tmp_path, **_hosts_toml(origin.host, mirror.host))) as puller:
+            registry = puller.client(origin.host)
+            assert registry.blob_size("team/app", blob.digest) is None
+            assert not [r for r in mirror.log if "/blobs/" in r.path]
+            origin.stop()
+            assert registry.blob_size("team/app", blob.digest) == blob.size
+
+
 def test_a_mirror_that_is_this_process_is_skipped():
     """``fastpull serve`` listed in the hosts.toml it reads itself would ask itself, forever."""
     with socket.socket() as listening, socket.socket() as bound:

@@ -111,19 +111,23 @@ class MirroredRegistry:
         return self._first(repository, by_digest, lambda client, repo: client.manifest(repo, target))
 
     def blob_size(self, repository: str, digest: str) -> int | None:
-        """:meth:`RegistryClient.blob_size` at the endpoints in order: the first that has the blob."""
-        chain = self._usable(self.endpoints(repository, by_digest=True))
-        for i, (client, repo) in enumerate(chain):
+        """:meth:`RegistryClient.blob_size`, asked of the registry itself (the last endpoint): whether
+        the repository has the blob is the word of the registry that guards it (``fastpull serve``
+        serves a blob to a repository only then). If the registry is unwell, the mirrors answer."""
+        *mirrors, registry = self._usable(self.endpoints(repository, by_digest=True))
+        try:
+            return registry[0].blob_size(registry[1], digest)
+        except _SKIPPABLE as e:
+            if not mirrors or not unwell(e):
+                raise
+            error = e
+        for client, repo in mirrors:
             try:
-                size = client.blob_size(repo, digest)
+                if (size := client.blob_size(repo, digest)) is not None:
+                    return size
             except _SKIPPABLE as e:
-                if i == len(chain) - 1:
-                    raise
                 self._skip(client, e)
-                continue
-            if size is not None:
-                return size
-        return None
+        raise error
 
     def _first(self, repository: str, by_digest: bool, call: Callable[[RegistryClient, str], T]) -> T:
         chain = self._usable(self.endpoints(repository, by_digest=by_digest, resolve=not by_digest))
