@@ -325,3 +325,20 @@ def test_command_line_errors_are_one_line(tmp_path, daemon):
     assert docker.returncode == 2 and "docker.io only" in docker.stderr
     printed = serve("--print-config", "containerd", "--listen", "127.0.0.1:6000", "ghcr.io")
     assert printed.returncode == 0 and '[host."http://127.0.0.1:6000"]' in printed.stdout
+
+
+def test_the_daemon_reaches_its_upstream_through_the_mirrors_of_a_hosts_dir(tmp_path, upstream, image):
+    dead = "127.0.0.1:9"
+    hosts = tmp_path / "certs.d" / dead
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(f'server = "http://{dead}"\n\n[host."http://{upstream.host}"]\n'
+                                      '  capabilities = ["pull", "resolve"]\n')
+    with ServeProcess(tmp_path / "store", dead, "--hosts-dir", str(tmp_path / "certs.d")) as daemon:
+        status, _, body = request(daemon, "/v2/team/app/manifests/v1")
+        assert (status, body) == (200, image.manifest)
+        status, _, body = request(daemon, f"/v2/team/app/blobs/{layer(image).digest}")
+        assert status == 200 and body == image.blob_path(layer(image).digest).read_bytes()
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[[registry]\n")
+    with pytest.raises(RuntimeError, match="bad.conf"):
+        ServeProcess(tmp_path / "store2", dead, "--registries-conf", str(bad)).start()

@@ -77,6 +77,16 @@ def fetch_options(args: argparse.Namespace) -> FetchOptions:
         raise UsageError(f"invalid fetch options: {e}") from None
 
 
+def add_registry_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registries and mirrors (read as containerd, podman and Docker read them)")
+    g.add_argument("--hosts-dir", metavar="DIR",
+                   help="containerd hosts.toml directories, DIR/<registry>/hosts.toml and DIR/_default "
+                        "(default: /etc/containerd/certs.d if it exists)")
+    g.add_argument("--registries-conf", metavar="FILE",
+                   help="containers registries.conf, with FILE.d/*.conf (default: /etc/containers/registries.conf "
+                        "and registries.conf.d/ if they exist)")
+
+
 def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fetch engine")
     g.add_argument("--chunk-size", type=_positive_number, metavar="MiB",
@@ -396,13 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "then pulled or error), not a report")
     output.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar, warnings or report: the manifest digest on stdout, errors on stderr")
-    g = p.add_argument_group("registries and mirrors (read as containerd, podman and Docker read them)")
-    g.add_argument("--hosts-dir", metavar="DIR",
-                   help="containerd hosts.toml directories, DIR/<registry>/hosts.toml and DIR/_default "
-                        "(default: /etc/containerd/certs.d if it exists)")
-    g.add_argument("--registries-conf", metavar="FILE",
-                   help="containers registries.conf, with FILE.d/*.conf (default: /etc/containers/registries.conf "
-                        "and registries.conf.d/ if they exist)")
+    add_registry_arguments(p)
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fastpull.cli.main import EXIT_USAGE, UsageError, add_fetch_arguments, fetch_options, log_to_stderr
+from fastpull.cli.main import (
+    EXIT_USAGE,
+    UsageError,
+    add_fetch_arguments,
+    add_registry_arguments,
+    fetch_options,
+    log_to_stderr,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,6 +42,7 @@ def add_parser(sub) -> None:
                    help="print what to write for containerd, crio or docker to use this mirror for the "
                         "REGISTRY arguments, and exit")
     p.add_argument("registries", nargs="*", metavar="REGISTRY", help="with --print-config: registries to mirror")
+    add_registry_arguments(p)
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -71,7 +79,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(ServeOptions(
         store=(args.store or default_root()).absolute(), host=host, port=port, upstream=args.upstream,
         insecure_registries=tuple(args.insecure_registry), prefetch=args.prefetch, tag_ttl=args.tag_ttl,
-        fetch_ahead=args.fetch_ahead,
+        fetch_ahead=args.fetch_ahead, hosts_dir=args.hosts_dir, registries_conf=args.registries_conf,
         fetch=fetch_options(args),
     ))
     return 0

@@ -20,6 +20,7 @@ from aiohttp import web
 from fastpull.engine import FetchOptions
 from fastpull.errors import FastpullError, StoreError
 from fastpull.puller import Puller
+from fastpull.registry.hosts import RegistryHosts
 from fastpull.serve import DEFAULT_LISTEN, DEFAULT_TAG_TTL
 from fastpull.serve.api import make_app, start_prefetch
 from fastpull.serve.metrics import Metrics
@@ -43,6 +44,9 @@ class ServeOptions:
     prefetch: Path | None = None
     tag_ttl: float = DEFAULT_TAG_TTL
     fetch_ahead: bool = True
+    hosts_dir: str | None = None
+    """containerd hosts.toml directories for the upstreams (None: the node's, as ``fastpull pull`` reads them)."""
+    registries_conf: str | None = None
     fetch: FetchOptions = field(default_factory=FetchOptions)
 
 
@@ -64,7 +68,8 @@ def serve(options: ServeOptions) -> None:
 async def _serve(options: ServeOptions) -> None:
     refs = read_refs(options.prefetch) if options.prefetch else []
     _raise_file_limit()
-    puller = Puller(options.fetch, insecure_registries=options.insecure_registries)
+    hosts = RegistryHosts.load(options.hosts_dir, options.registries_conf, insecure=options.insecure_registries)
+    puller = Puller(options.fetch, insecure_registries=options.insecure_registries, hosts=hosts)
     metrics = Metrics(puller.engine.received_bytes)
     mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl,
                     fetch_ahead=options.fetch_ahead)
