@@ -3,16 +3,20 @@
     python bench/bench_serve.py                     # all sections, 3 runs (~12 min on 2 cores)
     python bench/bench_serve.py --quick             # images / 10, one run
     python bench/bench_serve.py --mirrors direct,proxy --only pull
+    python bench/bench_serve.py --tls               # the registry speaks HTTPS (HTTP/2 by ALPN)
 
 Every process runs inside the bed's namespace. The registry on 127.0.0.1:5000 is shaped (each
 connection capped at ``--per-flow``, all at ``--link``); the mirrors listen on other ports of the
-same loopback, unshaped, as a daemon on the node would. Sections:
+same loopback, unshaped and over plain HTTP, as a daemon on the node would. With ``--tls`` the
+registry serves HTTPS with a self-signed certificate, and every client of it verifies that (the
+bench's environment names it in ``SSL_CERT_FILE`` and ``CURL_CA_BUNDLE`` for fastpull and
+distribution's proxy; containerd's ``hosts.toml`` names it as ``ca``). Sections:
 
 1. **pull**: ``ctr image pull`` (fetch + unpack, a fresh containerd per pull) of a ~1 GB multi-layer
    image: directly from the registry; through ``fastpull serve`` with a cold store, then warm (a
    fresh containerd, the daemon restarted on the same store); through distribution's registry in
-   pull-through proxy mode (``proxy: remoteurl:``) cold, then warm likewise. Mirrors are pointed at
-   with a containerd ``hosts.toml`` (tests/clients.py).
+   pull-through proxy mode (``proxy: remoteurl:``) cold, then warm likewise. containerd is pointed
+   at the mirror, or at the registry, with a ``hosts.toml`` (tests/clients.py).
 2. **fetch**: the same with ``ctr content fetch`` (no unpack): the mirror's part without containerd's
    unpack, which alone takes most of a warm pull.
 3. **stream**: one cold ~850 MB layer as ``curl`` GETs it through each mirror (time to first byte and
@@ -20,10 +24,11 @@ same loopback, unshaped, as a daemon on the node would. Sections:
 4. **fanout**: 20 ``curl`` clients at once GET one cold blob through each mirror; each body's
    sha256 is checked.
 
-Upstream bytes are the bodies the shaped registry sent (its access log). A mirror's peak RSS is
-``VmHWM`` summed over its process and its descendants, read before it stops; every mirror is a fresh
-process per measurement (its store kept for the warm rows). Medians of ``--runs``; rows of one run
-are interleaved. Tables go to ``bench/results/serve[-quick].md`` (``--results``; raw samples in ``.json``).
+Upstream bytes are the bodies the shaped registry sent (its access log, which also tells the HTTP
+version each client spoke to it). A mirror's peak RSS is ``VmHWM`` summed over its process and its
+descendants, read before it stops; every mirror is a fresh process per measurement (its store kept
+for the warm rows). Medians of ``--runs``; rows of one run are interleaved. Tables go to
+``bench/results/serve[-tls][-quick].md`` (``--results``; raw samples in ``.json``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import clients  # tests/clients.py
 import peers
-from bed import REPO, ThrottledBed, compile_package
+from bed import REPO, ThrottledBed, compile_package, trust
 from bench_bed import MB, RESULTS, bed_arguments, git_state, log
 from procs import descendants
 
@@ -144,11 +149,6 @@ def _wait_stored(mirror: Mirror, digests: list[str], timeout: float = 300) -> No
         time.sleep(0.1)
 
 
-def _upstream(registry: Any) -> int:
-    """Body bytes the registry sent since its last ``clear_served()``."""
-    return sum(r.bytes_written for r in registry.served() if r.method == "GET")
-
-
 # ---- sections --------------------------------------------------------------------------------------
 
 
@@ -160,16 +160,24 @@ class ServeBench:
         self.root = root
         self.mirrors = mirrors
         self.raw: list[dict[str, Any]] = []
+        self.protocols: dict[str, set[str]] = {}
+        """Per setting, the HTTP versions of the GETs the registry answered with a body, over all runs."""
         self._n = 0
 
     def _fresh(self, prefix: str) -> Path:
         self._n += 1
         return self.work / f"{prefix}-{self._n}"
 
-    def _record(self, section: str, row: Row) -> Row:
-        self.raw.append({"section": section, **asdict(row)})
-        rss = f", mirror peak RSS {row.rss_mb:.0f} MB" if row.rss_mb is not None else ""
-        log(f"{section} {row.setting}: {row.wall:.2f} s, upstream {row.upstream / MB:.1f} MB{rss} {row.extra or ''}")
+    def _record(self, section: str, setting: str, wall: float, rss_mb: float | None, extra: dict[str, float]) -> Row:
+        """The row of a measurement, with what the registry served since its last ``clear_served()``."""
+        gets = [r for r in self.registry.served() if r.method == "GET"]
+        row = Row(setting, wall, sum(r.bytes_written for r in gets), rss_mb, extra)
+        protocols = {r.protocol for r in gets if r.bytes_written}
+        self.protocols.setdefault(setting, set()).update(protocols)
+        self.raw.append({"section": section, **asdict(row), "protocols": sorted(protocols)})
+        rss = f", mirror peak RSS {rss_mb:.0f} MB" if rss_mb is not None else ""
+        log(f"{section} {setting}: {wall:.2f} s, upstream {row.upstream / MB:.1f} MB "
+            f"({', '.join(sorted(protocols)) or '-'}){rss} {extra or ''}")
         return row
 
     @contextmanager
@@ -197,27 +205,34 @@ class ServeBench:
                         setting, wall, extra = measure(mirror, temperature)
                         _wait_stored(mirror, digests)
                         rss = mirror.peak_rss_mb()
-                    rows.append(self._record(section, Row(setting, wall, _upstream(self.registry), rss, extra)))
+                    rows.append(self._record(section, setting, wall, rss, extra))
             finally:
                 shutil.rmtree(store.parent, ignore_errors=True)
         return rows
 
     # 1. containerd pulls (fetch + unpack), or fetches only ------------------------------------------
 
+    def containerd(self, ref: str, unpack: bool, mirror: Mirror | None, label: str) -> float:
+        """Wall seconds of ``ctr`` pulling ``ref`` (a fresh daemon) through ``mirror`` (None: directly from
+        the registry), pointed there by a ``hosts.toml``."""
+        hosts = clients.write_hosts_toml(self._fresh("hosts"), self.registry.host, mirror and mirror.host,
+                                         self.registry.ca_file)
+        try:
+            return peers.measure_containerd(self.bed, ref, self.work, unpack=unpack, hosts_dir=hosts, label=label).wall
+        finally:
+            shutil.rmtree(hosts)
+
     def pull_run(self, ref: str, image: BuiltImage, unpack: bool) -> list[Row]:
         section = "pull" if unpack else "fetch"
         rows = []
         if "direct" in self.mirrors:
             self.registry.clear_served()
-            s = peers.measure_containerd(self.bed, ref, self.work, unpack=unpack, label="direct")
-            rows.append(self._record(section, Row(DIRECT, s.wall, _upstream(self.registry), None, {})))
+            wall = self.containerd(ref, unpack, None, "direct")
+            rows.append(self._record(section, DIRECT, wall, None, {}))
 
         def pull(mirror: Mirror, temperature: str) -> tuple[str, float, dict]:
-            hosts = clients.write_hosts_toml(self._fresh("hosts"), self.registry.host, mirror.host)
-            s = peers.measure_containerd(self.bed, ref, self.work, unpack=unpack, hosts_dir=hosts,
-                                         label=f"{mirror.name} {temperature}")
-            shutil.rmtree(hosts)
-            return f"containerd through {mirror.name}, {temperature}", s.wall, {}
+            wall = self.containerd(ref, unpack, mirror, f"{mirror.name} {temperature}")
+            return f"containerd through {mirror.name}, {temperature}", wall, {}
 
         return rows + self.through_mirrors(section, [b.digest for b in image.blobs], pull, ("cold", "warm"))
 
@@ -238,7 +253,7 @@ class ServeBench:
         rows = self.through_mirrors("stream", [layer.digest], stream)
         self.registry.clear_served()
         s = peers.measure_fastpull(self.bed, ref, self.work, root=self.root)
-        return rows + [self._record("stream", Row(FASTPULL_PULL, s.wall, _upstream(self.registry), None, {}))]
+        return rows + [self._record("stream", FASTPULL_PULL, s.wall, None, {})]
 
     # 3. many clients of one cold blob -------------------------------------------------------------------
 
@@ -366,7 +381,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections: any of {','.join(SECTIONS)}")
     ap.add_argument("--multi-mb", default=",".join(map(str, MULTI_LAYERS_MB)),
                     help="layers of the image of the pull and fetch sections, MB (default %(default)s)")
-    ap.add_argument("--results", default="serve", help="results file name, without .md (default serve)")
+    ap.add_argument("--tls", action="store_true", help="the registry speaks HTTPS (HTTP/2 by ALPN), not plain HTTP")
+    ap.add_argument("--results", default="serve", help="results file name, without .md (default serve; "
+                                                        "-tls, -quick, -rttN are appended)")
     ap.add_argument("--stream-mb", type=float, default=850, help="the streamed cold layer, MB (default 850)")
     ap.add_argument("--fanout-mb", type=float, default=200, help="the blob of the fanout section, MB (default 200)")
     ap.add_argument("--clients", type=int, default=20, help="clients of the fanout section (default 20)")
@@ -397,12 +414,14 @@ def main() -> int:
               if key in {IMAGE_OF[s] for s in sections}}
 
     data: dict[str, Any] = {"per_flow_mbit": args.per_flow, "link_mbit": args.link, "rtt_ms": args.rtt,
-                            "runs": runs, "mirrors": mirrors, "fastpull": git_state(args.fastpull_root),
+                            "tls": args.tls, "runs": runs, "mirrors": mirrors,
+                            "fastpull": git_state(args.fastpull_root),
                             "versions": peers.versions()}
     results: dict[str, list[list[Row]]] = {key: [] for key in SECTIONS if key in sections}
     started = time.monotonic()
     with ThrottledBed(args.per_flow, args.link, rtt_ms=args.rtt, name=args.name) as bed, \
-            bed.registry(work / "registry") as registry:
+            bed.registry(work / "registry", tls=args.tls) as registry:
+        trust(registry.ca_file)  # the pusher, fastpull (serve and pull) and distribution's proxy
         refs = {}
         for key, image in images.items():
             bed.call(push_image, registry.url, f"bench/{key}", "latest", image)
@@ -419,11 +438,12 @@ def main() -> int:
                 else:
                     results[key].append(bench.fanout_run(ref, image, args.clients))
 
+    upstream = "HTTPS, HTTP/2 by ALPN (verified with the bed's CA)" if args.tls else "plain HTTP"
     md = [f"# containerd through a node-local mirror: per flow {args.per_flow:g} / link {args.link:g} Mbit/s, "
-          f"RTT +{args.rtt:g} ms\n\nMedians of {runs} run(s) (the largest peak RSS). Upstream: body bytes "
-          "the shaped registry sent. Mirror peak RSS: VmHWM of its process tree (a fresh process per "
-          "measurement; warm = restarted on the store the cold pull filled). The mirrors listen on the "
-          "bed's loopback, unshaped; only the registry is far."]
+          f"RTT +{args.rtt:g} ms, registry {upstream}\n\nMedians of {runs} run(s) (the largest peak RSS). "
+          "Upstream: body bytes the shaped registry sent. Mirror peak RSS: VmHWM of its process tree (a fresh "
+          "process per measurement; warm = restarted on the store the cold pull filled). The mirrors listen on "
+          "the bed's loopback, unshaped, over plain HTTP; only the registry is far."]
     tables = {"pull": (pull_table, "containerd `ctr image pull` (fetch + unpack, a fresh containerd each)"),
               "fetch": (pull_table, "containerd `ctr content fetch` (fetch only, a fresh containerd each)"),
               "stream": (stream_table, "one cold layer streamed through the mirror (curl), against "
@@ -438,12 +458,16 @@ def main() -> int:
         md.append(f"## {key}: {title}; {image.total_size / MB:.0f} MB in {len(image.layers)} layer(s) ({layers} MB)\n\n"
                   + table(rows, image.total_size if key in ("pull", "fetch") else image.layers[0].size))
         data[key] = [asdict(r) for r in rows]
+    if used := {setting: versions for setting, versions in bench.protocols.items() if versions}:
+        md.append("## HTTP versions the registry answered (its GETs with a body, all runs)\n\n"
+                  + "\n".join(f"- {setting}: {', '.join(sorted(versions))}" for setting, versions in used.items()))
     if checks := targets(summary, images):
         md.append("## The issue's targets (issue 12, *Done when*)\n\n" + "\n".join(f"- {c}" for c in checks))
     md.append(f"Bench took {(time.monotonic() - started) / 60:.1f} min; fastpull {data['fastpull']}; "
               + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".")
     RESULTS.mkdir(exist_ok=True)
-    name = args.results + ("-quick" if args.quick else "") + (f"-rtt{args.rtt:g}" if args.rtt else "")
+    name = (args.results + ("-tls" if args.tls else "") + ("-quick" if args.quick else "")
+            + (f"-rtt{args.rtt:g}" if args.rtt else ""))
     (RESULTS / f"{name}.md").write_text("\n\n".join(md) + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps({**data, "raw": bench.raw}, indent=1))
     log(f"wrote {RESULTS / f'{name}.md'}")

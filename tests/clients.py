@@ -176,14 +176,19 @@ def check_containerd_image(daemon: Containerd, ref: str, image: BuiltImage, scra
         assert describe(rootfs) == describe(scratch / "expected")
 
 
-def write_hosts_toml(hosts_dir: Path, registry: str, mirror: str) -> Path:
+def write_hosts_toml(hosts_dir: Path, registry: str, mirror: str | None = None, ca_file: str | None = None) -> Path:
     """Write ``hosts_dir/REGISTRY/hosts.toml``: containerd pulls of ``registry`` (``HOST:PORT``) go to the
-    plain-HTTP mirror ``mirror`` (``HOST:PORT``) for manifests and blobs, then to ``registry`` itself
-    over plain HTTP if the mirror fails. Returns ``hosts_dir`` (for ``--hosts-dir``)."""
+    plain-HTTP mirror ``mirror`` (``HOST:PORT``) for manifests and blobs, then to ``registry`` itself if
+    the mirror fails; without ``mirror``, to ``registry`` alone. ``registry`` speaks plain HTTP, or with
+    ``ca_file`` HTTPS verified with that CA. Returns ``hosts_dir`` (for ``--hosts-dir``)."""
+    server = f"{'https' if ca_file else 'http'}://{registry}"
+    ca = f'ca = "{ca_file}"\n' if ca_file else ""
+    host = f"http://{mirror}" if mirror else server
+    # containerd 1.6 rejects a hosts.toml without a [host] table; top-level keys configure `server`.
     (hosts_dir / registry).mkdir(parents=True, exist_ok=True)
     (hosts_dir / registry / "hosts.toml").write_text(
-        f'server = "http://{registry}"\n\n'
-        f'[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+        f'server = "{server}"\n{ca}\n'
+        f'[host."{host}"]\n  capabilities = ["pull", "resolve"]\n' + (f"  {ca}" if host == server else "")
     )
     return hosts_dir
 

@@ -107,7 +107,8 @@ def test_bed_serves_tls_and_redirects_blobs_to_the_registry(tmp_path, monkeypatc
                            f"https://{front.host}/v2/bed/tls/blobs/{blob.digest}"],
                           capture_output=True, text=True, check=True).stdout.split()
             assert got[0] == "1" and got[1].startswith(registry.url + "/") and "X-Amz-Signature=" in got[1]
-            assert got[2] == "2"  # the registry negotiated HTTP/2
+            assert got[2] == "2"  # the registry negotiated HTTP/2, and its access log says so
+            assert [r.protocol for r in registry.served() if r.method == "GET"] == ["HTTP/2.0"]
             assert (tmp_path / "blob").read_bytes() == image.blob_path(blob.digest).read_bytes()
             manifest = bed.run(["curl", "-sf", "--cacert", front.ca_file, "-H",
                                 f"Accept: {image.media_type}", f"https://{front.host}/v2/bed/tls/manifests/latest"],

@@ -1,7 +1,8 @@
-"""tests/clients.py against the CNCF distribution registry: containerd pulls directly and through a
-``hosts.toml`` mirror, skopeo copies through a ``registries.conf`` mirror; the mirror is a second
-``docker-registry`` in pull-through ``proxy`` mode, and a second pull through it fetches no blob
-from the registry behind it. What the tests of ``fastpull serve`` rely on, proven without it."""
+"""tests/clients.py against the CNCF distribution registry: containerd pulls directly, from HTTPS
+with the ``hosts.toml``'s CA, and through a ``hosts.toml`` mirror, skopeo copies through a
+``registries.conf`` mirror; the mirror is a second ``docker-registry`` in pull-through ``proxy``
+mode, and a second pull through it fetches no blob from the registry behind it. What the tests of
+``fastpull serve`` rely on, proven without it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 
 import pytest
 from clients import (
+    ClientError,
     check_containerd_image,
     check_skopeo_dir,
     client_image,
@@ -19,6 +21,7 @@ from clients import (
 from conftest import blob_storage_path, wait_until
 
 from fastpull.testbed import LocalRegistry, push_image
+from fastpull.testbed.tls import server_certificate
 
 REPO = "clients/app"
 
@@ -74,6 +77,30 @@ def test_containerd_pulls_through_a_hosts_toml_mirror_and_a_fresh_one_again(
     second.pull(ref, hosts_dir=hosts)
     check_containerd_image(second, ref, image, tmp_path / "check-2")
     assert _blob_gets(registry) == set()
+
+
+def test_containerd_verifies_an_https_registry_with_the_hosts_toml_ca(
+    start_containerd, image, tmp_path, monkeypatch
+):
+    cert, key = server_certificate(tmp_path)
+    tls = {"http": {"tls": {"certificate": str(cert), "key": str(key)}}}
+    with LocalRegistry(tmp_path / "storage", extra_config=tls) as registry:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        push_image(registry.url, REPO, "v1", image)
+        monkeypatch.delenv("SSL_CERT_FILE")  # containerd and ctr trust the CA from the hosts.toml alone
+        ref = f"{registry.host}/{REPO}:v1"
+        direct = start_containerd()
+        direct.pull(ref, hosts_dir=write_hosts_toml(tmp_path / "direct", registry.host, ca_file=str(cert)))
+        check_containerd_image(direct, ref, image, tmp_path / "check-direct")
+        # A mirror that refuses connections: the registry behind it, verified with the CA too.
+        fallback = start_containerd()
+        fallback.pull(ref, hosts_dir=write_hosts_toml(tmp_path / "fallback", registry.host, "127.0.0.1:1", str(cert)))
+        check_containerd_image(fallback, ref, image, tmp_path / "check-fallback")
+        (tmp_path / "other").mkdir()
+        other, _ = server_certificate(tmp_path / "other")
+        wrong_ca = write_hosts_toml(tmp_path / "other", registry.host, ca_file=str(other))
+        with pytest.raises(ClientError, match="certificate"):
+            start_containerd().pull(ref, hosts_dir=wrong_ca)
 
 
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed: run scripts/install.sh")

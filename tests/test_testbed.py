@@ -152,9 +152,9 @@ def test_served_counts_ranged_gets_exactly(testbed_registry: LocalRegistry, imag
     # The log lists requests in the order the registry finished them, which need not be the order sent.
     assert Counter(testbed_registry.served()) == Counter(
         [
-            *(ServedRequest("GET", path, 206, length) for length in ranges.values()),
-            ServedRequest("GET", path, 200, layer.size),
-            ServedRequest("HEAD", path, 200, 0),
+            *(ServedRequest("GET", path, 206, length, "HTTP/1.1") for length in ranges.values()),
+            ServedRequest("GET", path, 200, layer.size, "HTTP/1.1"),
+            ServedRequest("HEAD", path, 200, 0, "HTTP/1.1"),
         ]
     )
     testbed_registry.clear_served()

@@ -33,7 +33,7 @@ _INTERNAL_AGENT = "fastpull-testbed-internal"
 """User-Agent of the readiness probes, which served() leaves out."""
 
 _ACCESS_LINE = re.compile(
-    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>\S+) (?P<uri>\S+)[^"]*" (?P<status>\d{3}) (?P<size>\d+|-)'
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>\S+) (?P<uri>\S+) (?P<proto>[^"]*)" (?P<status>\d{3}) (?P<size>\d+|-)'
 )
 """A combined-format line: ``HOST - USER [TIME] "METHOD URI PROTO" STATUS BYTES "REFERER" "AGENT"``."""
 
@@ -55,7 +55,8 @@ class LocalRegistryError(FastpullError):
 
 @dataclass(frozen=True)
 class ServedRequest:
-    """One request from the access log; ``path`` has no query string.
+    """One request from the access log; ``path`` has no query string; ``protocol`` is as Go names it
+    (``HTTP/1.1``, ``HTTP/2.0``).
 
     ``bytes_written`` is the body the handler wrote: exact for complete responses (for a ``206``, the
     range); for a transfer the client aborted it may exceed what the client received (socket buffers);
@@ -66,6 +67,7 @@ class ServedRequest:
     path: str
     status: int
     bytes_written: int
+    protocol: str
 
 
 class LocalRegistry:
@@ -204,6 +206,7 @@ class LocalRegistry:
                     path=m["uri"].split("?", 1)[0],
                     status=int(m["status"]),
                     bytes_written=0 if size == "-" else int(size),
+                    protocol=m["proto"],
                 )
             )
         return served
