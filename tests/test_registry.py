@@ -221,6 +221,30 @@ def _tls_server_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
     return context, cert_path
 
 
+def test_a_host_that_drops_connects_fails_at_the_connect_timeout_not_the_request_timeout() -> None:
+    """A blackholed mirror: its accept queue is full, so the kernel drops the client's SYNs."""
+    import re
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    queued = [socket.socket() for _ in range(3)]
+    for s in queued:
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    try:
+        transport = Transport(retry=RetryPolicy(attempts=1), connect_timeout=0.3)
+        with pytest.raises(TransferError) as e:
+            transport.request("GET", f"http://127.0.0.1:{port}/v2/", max_body=10, timeout=60)
+        assert e.value.curl_code == 28  # CURLE_OPERATION_TIMEDOUT, in the connect phase, as libcurl says:
+        assert int(re.search(r"Connection timed out after (\d+) milliseconds", str(e.value))[1]) < 60_000
+    finally:
+        for s in (server, *queued):
+            s.close()
+
+
 def test_transport_verifies_https(serve: Callable[..., Scripted], tmp_path: Path) -> None:
     context, cert = _tls_server_context(tmp_path)
     server = serve(ok(b"secure"), tls=context)

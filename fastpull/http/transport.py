@@ -85,13 +85,21 @@ class Response:
     url: str
 
 
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""As the engine's ``FetchOptions.connect_timeout``."""
+
+
 class Transport:
     """Blocking HTTP requests; safe to share between threads (each thread has its own handle)."""
 
     def __init__(self, *, retry: RetryPolicy | None = None, ca_file: str | None = None,
-                 client_cert: tuple[str, str] | None = None) -> None:
-        """``client_cert``: ``(certificate, key)`` PEM files presented to servers that ask for one."""
+                 client_cert: tuple[str, str] | None = None,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        """``client_cert``: ``(certificate, key)`` PEM files presented to servers that ask for one.
+        ``connect_timeout``: seconds a TCP and TLS connect may take (within a request's timeout): a
+        host that drops packets, such as a dead mirror, fails in that time, not the whole timeout."""
         self.retry = retry or RetryPolicy()
+        self.connect_timeout = connect_timeout
         self.ca_file = ca_file or default_ca_file()
         self.client_cert = client_cert
         self._local = threading.local()
@@ -171,6 +179,7 @@ class Transport:
         curl.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         curl.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(min(timeout, self.connect_timeout) * 1000)))
         curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.USERAGENT, USER_AGENT)
         # Python runs signal handlers only while Python code runs in the main thread: libcurl calls
