@@ -318,15 +318,8 @@ class ThrottledBed:
         port = BACKEND_PORT if self.rtt_ms else REGISTRY_PORT
         ca_file = None
         if tls:
-            from fastpull.testbed.tls import server_certificate
-
-            cert_dir = Path(storage_dir).resolve().parent / "tls"
-            cert_dir.mkdir(parents=True, exist_ok=True)
-            cert, key = server_certificate(cert_dir)
-            ca_file = str(cert)
-            extra = kwargs.pop("extra_config", None) or {}
-            kwargs["extra_config"] = {**extra, "http": {**extra.get("http", {}),
-                                                          "tls": {"certificate": str(cert), "key": str(key)}}}
+            ca_file, kwargs["extra_config"] = tls_config(Path(storage_dir).resolve().parent / "tls", "127.0.0.1",
+                                                         kwargs.pop("extra_config", None))
         reg = LocalRegistry(storage_dir, host="127.0.0.1", port=port, command_prefix=self.prefix, **kwargs)
         self.call(reg.start)
         proxy = None
@@ -409,6 +402,17 @@ class BedRegistry:
 
     def clear_served(self) -> None:
         self.bed.call(self.local.clear_served)
+
+
+def tls_config(cert_dir: Path, host: str, extra_config: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """A self-signed certificate for ``host`` written to ``cert_dir``: (the CA file that verifies it,
+    ``extra_config`` for a ``LocalRegistry`` with distribution's ``http.tls`` serving it)."""
+    from fastpull.testbed.tls import server_certificate
+
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    cert, key = server_certificate(cert_dir, host)
+    extra = extra_config or {}
+    return str(cert), {**extra, "http": {**extra.get("http", {}), "tls": {"certificate": str(cert), "key": str(key)}}}
 
 
 def trust(ca_file: str | None) -> None:

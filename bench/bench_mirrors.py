@@ -2,11 +2,14 @@
 mirror killed in the middle of a pull costs, against a direct pull of the same image in the same run.
 
     python bench/bench_mirrors.py            # 1 GB image, 3 runs per row; ~3 min
+    python bench/bench_mirrors.py --tls      # both registries serve HTTPS (HTTP/2 by ALPN)
     python bench/bench_mirrors.py --quick    # 100 MB, 1 run per row
 
 The registry is on 127.0.0.1:5000 and the mirror, a second ``docker-registry`` holding the same
 image, on 127.0.0.2:5000: both shaped alike (per connection and one link together). fastpull reads a
-``hosts.toml`` naming the mirror first (``--hosts-dir``), as containerd would. Rows:
+``hosts.toml`` naming the mirror first (``--hosts-dir``), as containerd would. With ``--tls`` both
+serve HTTPS, HTTP/2 by ALPN, each with its own self-signed certificate: fastpull verifies the
+registry with ``SSL_CERT_FILE`` and the mirror with the ``ca`` of its ``hosts.toml`` entry. Rows:
 
 - direct: no mirror (the baseline);
 - dead mirror first: the mirror's address refuses connections (nothing listens there);
@@ -16,7 +19,8 @@ image, on 127.0.0.2:5000: both shaped alike (per connection and one link togethe
 
 "bytes sent" is what both registries sent in all (the bed's counters: payload and headers) over the
 image's bytes; the image is checked by digest as it lands (and its layer once more by sha256 here).
-The table goes to ``bench/results/mirrors[-quick].md``.
+The table goes to ``bench/results/mirrors[-tls][-quick].md``, with the HTTP versions the registries
+answered fastpull (their access logs).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bed import REDIRECTOR_HOST, REGISTRY_PORT, REPO, ThrottledBed, compile_package
+from bed import REDIRECTOR_HOST, REGISTRY_PORT, REPO, BedRegistry, ThrottledBed, compile_package, tls_config, trust
 from bench_bed import MB, RESULTS, bed_arguments, git_state, log
 
 from fastpull.testbed.images import LayerSpec, build_image, push_image
@@ -47,6 +52,8 @@ KILL_AT = 0.30
 def main() -> int:
     ap = bed_arguments(__doc__, "smoke run: a 100 MB image, one run per row")
     ap.add_argument("--runs", type=int, help="runs per row (default 3; quick 1)")
+    ap.add_argument("--tls", action="store_true",
+                    help="the registry and the mirror serve HTTPS with HTTP/2 (fastpull verifies both)")
     ap.add_argument("--name", default="fpmirror", help="network namespace name (must not exist)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fastpull-bench-mirrors"))
     args = ap.parse_args()
@@ -58,35 +65,43 @@ def main() -> int:
     work.mkdir(parents=True)
     image = build_image([LayerSpec(int(size_mb * MB))], work / "image")
     (layer,) = image.layers
-    upstream = f"127.0.0.1:{REGISTRY_PORT}"
-    mirror_host = f"{REDIRECTOR_HOST}:{REGISTRY_PORT}"
-    ref = f"{upstream}/bench/mirrors:latest"
-    configs = {
-        "direct": None,
-        "dead mirror first": f"127.0.0.1:{_free_port()}",
-        "live mirror": mirror_host,
-        f"mirror killed at {KILL_AT:.0%}": mirror_host,
-    }
-    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    mirror_ca, mirror_config = tls_config(work / "mirror-tls", REDIRECTOR_HOST) if args.tls else (None, None)
+    scheme = "https" if args.tls else "http"
+    rows: dict[str, list[tuple[float, float]]] = {}
     started = time.monotonic()
     with ThrottledBed(args.per_flow, args.link, rtt_ms=args.rtt, name=args.name) as bed, \
-            bed.registry(work / "registry") as registry:
-        mirror = LocalRegistry(work / "mirror", host=REDIRECTOR_HOST, port=REGISTRY_PORT, command_prefix=bed.prefix)
+            bed.registry(work / "registry", tls=args.tls) as registry:
+        mirror = LocalRegistry(work / "mirror", host=REDIRECTOR_HOST, port=REGISTRY_PORT, command_prefix=bed.prefix,
+                               extra_config=mirror_config)
         bed.call(mirror.start)
+        ref = f"{registry.host}/bench/mirrors:latest"
+        configs = {
+            "direct": None,
+            "dead mirror first": f"{scheme}://127.0.0.1:{_free_port()}",
+            "live mirror": mirror.url,
+            f"mirror killed at {KILL_AT:.0%}": mirror.url,
+        }
         try:
-            for url in (registry.url, mirror.url):
+            # The pusher verifies each with its CA; the registry's stays trusted for fastpull, which
+            # gets the mirror's from hosts.toml only.
+            for url, ca_file in ((mirror.url, mirror_ca), (registry.url, registry.ca_file)):
+                trust(ca_file)
                 bed.call(push_image, url, "bench/mirrors", "latest", image)
+            registry.clear_served()
+            bed.call(mirror.clear_served)
             for _ in range(runs):
                 for name, via in configs.items():
-                    hosts_dir = _hosts_dir(work / "config" / name, upstream, via)
+                    hosts_dir = _hosts_dir(work / "config" / name, registry, via, mirror_ca)
                     kill = mirror if name.startswith("mirror killed") else None
                     wall, sent = _pull(bed, ref, work / "layout", hosts_dir, kill, image.total_size)
                     _check(work / "layout", layer.digest)
-                    rows[name].append((wall, sent / image.total_size))
+                    rows.setdefault(name, []).append((wall, sent / image.total_size))
                     log(f"{name}: {wall:.2f} s, {sent / image.total_size:.3f}x the image sent")
                     if kill is not None:
                         mirror.stop()
                         bed.call(mirror.start)
+            protocols = {"registry": Counter(r.protocol for r in registry.served()),
+                         "mirror": Counter(r.protocol for r in bed.call(mirror.served))}
         finally:
             mirror.stop()
 
@@ -96,28 +111,36 @@ def main() -> int:
         wall = statistics.median(w for w, _ in samples)
         sent = statistics.median(s for _, s in samples)
         table.append(f"| {name} | {wall:.2f} | {wall / base:.2f}x | {image.total_size / wall / MB:.0f} | {sent:.3f}x |")
-    md = [f"# Mirrors on the bed: per flow {args.per_flow:g} / link {args.link:g} Mbit/s, RTT +{args.rtt:g} ms",
+    served = "TLS, HTTP/2 by ALPN (fastpull verifies both)" if args.tls else "plain HTTP"
+    md = [f"# Mirrors on the bed: per flow {args.per_flow:g} / link {args.link:g} Mbit/s, RTT +{args.rtt:g} ms, "
+          f"{served}",
           f"A {image.total_size / MB:.0f} MB image (one layer), cold, fetch only; median of {runs} run(s), "
           "all rows in the same run. fastpull reads a hosts.toml that names the mirror first "
-          "(`--hosts-dir`). 'bytes sent': both registries together (the bed's counters) over the image's bytes.",
+          "(`--hosts-dir`). 'bytes sent': both registries together (the bed's counters, TLS records "
+          "included) over the image's bytes.",
           "\n".join(table)]
+    md.append("Requests answered in all the runs, by HTTP version: " + "; ".join(
+        f"{who}: " + ", ".join(f"{proto} {n}" for proto, n in sorted(counts.items()))
+        for who, counts in protocols.items()))
     md.append("Runs (wall s, bytes sent): " + "; ".join(
         f"{name}: " + ", ".join(f"{w:.2f} s / {s:.3f}x" for w, s in samples) for name, samples in rows.items()))
     md.append(f"Bench took {(time.monotonic() - started) / 60:.1f} min; fastpull {git_state(REPO)}.")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"mirrors{'-quick' if args.quick else ''}.md"
+    out = RESULTS / f"mirrors{'-tls' if args.tls else ''}{'-quick' if args.quick else ''}.md"
     out.write_text("\n\n".join(md) + "\n")
     log(f"wrote {out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def _hosts_dir(directory: Path, upstream: str, mirror: str | None) -> Path:
-    """A hosts.toml directory naming ``mirror`` before ``upstream`` (none: an empty directory)."""
-    (directory / upstream).mkdir(parents=True, exist_ok=True)
+def _hosts_dir(directory: Path, upstream: BedRegistry, mirror: str | None, mirror_ca: str | None) -> Path:
+    """A hosts.toml directory naming the ``mirror`` URL before ``upstream`` (none: an empty directory);
+    ``mirror_ca`` (a file) verifies the mirror."""
+    (directory / upstream.host).mkdir(parents=True, exist_ok=True)
     if mirror is not None:
-        (directory / upstream / "hosts.toml").write_text(
-            f'server = "http://{upstream}"\n\n[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n')
+        ca = f'  ca = "{mirror_ca}"\n' if mirror_ca else ""
+        (directory / upstream.host / "hosts.toml").write_text(
+            f'server = "{upstream.url}"\n\n[host."{mirror}"]\n  capabilities = ["pull", "resolve"]\n{ca}')
     return directory
 
 
