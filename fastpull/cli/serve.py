@@ -58,7 +58,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from fastpull.content.layout import default_root
+    from fastpull.content.defaults import default_store
     from fastpull.serve.config import snippets
     from fastpull.serve.daemon import ServeOptions, serve
 
@@ -77,7 +77,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--tag-ttl must not be negative, got {args.tag_ttl:g}")
     log_to_stderr(max(args.verbose, 1))
     serve(ServeOptions(
-        store=(args.store or default_root()).absolute(), host=host, port=port, upstream=args.upstream,
+        store=(args.store or Path(default_store())).absolute(), host=host, port=port, upstream=args.upstream,
         insecure_registries=tuple(args.insecure_registry), prefetch=args.prefetch, tag_ttl=args.tag_ttl,
         fetch_ahead=args.fetch_ahead, hosts_dir=args.hosts_dir, registries_conf=args.registries_conf,
         fetch=fetch_options(args),

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastpull.content.defaults import default_store
 from fastpull.content.store import ContentStore
 from fastpull.errors import ManifestError, StoreError
 from fastpull.oci.manifest import (
@@ -43,12 +42,6 @@ class ImageNotFound(StoreError):
     def __init__(self, root: Path, name: str):
         StoreError.__init__(self, str(root), f"no image named {name}")
         self.name = name
-
-
-def default_root() -> Path:
-    """Where images go when no layout is named: ``$FASTPULL_STORE``, else ``/var/lib/fastpull`` as
-    root, else ``$XDG_DATA_HOME/fastpull`` (``~/.local/share/fastpull``)."""
-    return Path(default_store())
 
 
 class ImageLayout:
