@@ -27,6 +27,7 @@ from fastpull.errors import (
     TransferError,
 )
 from fastpull.oci.reference import parse_reference
+from fastpull.serve.follow import Follower
 from fastpull.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastpull.serve.mirror import InflightBlob, Mirror, NotFound, route
 
@@ -152,20 +153,20 @@ async def _blob(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "DIGEST_INVALID", f"{upstream}@{digest}: {why}")
     blob = await mirror.blob(upstream, digest)
     what = f"{upstream}@{digest}"
-    inflight = None
+    follower = None  # for a committed blob: all of it is there
     if isinstance(blob, InflightBlob):
         try:
             follower = await asyncio.shield(blob.opened)
             start, end = _range(request.headers.get("Range"), blob.size, what)
             # Headers go out with the first bytes: a fetch that fails before them still gets its status.
-            await mirror.landed_beyond(blob, follower, start)
-            inflight, size, fd = (blob, follower), blob.size, follower.open()
+            await follower.beyond(start)
+            size, fd = blob.size, follower.open()
         finally:
             blob.release()
     else:
         fd, size = blob, os.fstat(blob).st_size
     with open(fd, "rb") as body:
-        if inflight is None:
+        if follower is None:
             start, end = _range(request.headers.get("Range"), size, what)
         headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest,
                    "ETag": f'"{digest}"', "Accept-Ranges": "bytes", "Content-Length": str(end - start),
@@ -178,7 +179,7 @@ async def _blob(request: web.Request) -> web.StreamResponse:
         if request.method == "HEAD":
             return response
         try:
-            await _send(request, body, start, end, inflight, mirror)
+            await _send(request, body, start, end, follower, mirror)
             await response.write_eof()
         except ConnectionError as e:  # the fetch goes on for the blob's other clients and the store
             log.info("%s %s: %s", request.method, request.path, e)
@@ -190,12 +191,13 @@ async def _blob(request: web.Request) -> web.StreamResponse:
         return response
 
 
-async def _send(request: web.Request, body, start: int, end: int, inflight, mirror: Mirror) -> None:
+async def _send(request: web.Request, body, start: int, end: int, follower: Follower | None,
+                mirror: Mirror) -> None:
     """Send ``body[start:end]`` as it lands. A client that goes away stops only its own sending."""
     loop = asyncio.get_running_loop()
     position = start
     while position < end:
-        landed = end if inflight is None else min(end, await mirror.landed_beyond(*inflight, position))
+        landed = end if follower is None else min(end, await follower.beyond(position))
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError(f"the client went away after {position - start} bytes")

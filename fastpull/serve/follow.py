@@ -38,7 +38,7 @@ class Follower:
 
     async def beyond(self, offset: int) -> int:
         """Wait until more than ``offset`` bytes (or all) have landed; return how many have.
-        Raises the StoreError of a download that stopped first."""
+        Raises the fetch's error if it failed first."""
         while not (self.available > offset or self.available >= self.size):
             if self.error is not None:
                 raise self.error
@@ -53,21 +53,27 @@ class Follower:
             os.close(self._fd)
             self._fd = -1
 
+    def end(self, error: FastpullError | None) -> None:
+        """The fetch is over: all bytes have landed, or none will after ``error`` (the fetch's own,
+        which says why better than the stopped download the watcher sees)."""
+        self._publish(self.size if error is None else self.available, error)
+
     def _watch(self) -> None:
         available = 0
         try:
             while available < self.size:
                 available = self._reader.wait_beyond(available)
                 self._loop.call_soon_threadsafe(self._publish, available, None)
-        except FastpullError as e:
-            self._loop.call_soon_threadsafe(self._publish, available, e)
+        except FastpullError:  # the download stopped: the fetch ends with the reason, see end()
+            pass
         except RuntimeError:  # the loop closed under us: the daemon is stopping
             pass
         finally:
             self._reader.close()
 
     def _publish(self, available: int, error: FastpullError | None) -> None:
-        self.available, self.error = available, error
+        self.available = max(self.available, available)
+        self.error = self.error or error
         waiting, self._waiters = self._waiters, []
         for waiter in waiting:
             if not waiter.done():

@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FETCH_ERROR_GRACE = 5.0
-"""Seconds to wait for a fetch's error once its download was seen to stop."""
 UPSTREAM_THREADS = 16
 """Registry calls (manifests, HEADs, token requests) at once; blob bytes go through the engine."""
 
@@ -92,8 +90,6 @@ class InflightBlob:
     size: int
     opened: asyncio.Future[Follower]
     """Settled when its bytes can be followed (or the fetch failed first)."""
-    fetched: asyncio.Future | None = None
-    """The engine's fetch: settled when the blob is committed or the fetch failed."""
     lease: Lease | None = None
     """Keeps ``fastpull gc`` off the blob while it is fetched (a follower's descriptor keeps it after)."""
     started: float = field(default_factory=time.monotonic)
@@ -273,28 +269,8 @@ class Mirror:
 
         fetched = self.puller.engine.fetch(self.store, source, digest, size,
                                            on_open=lambda: loop.call_soon_threadsafe(opened))
-        blob.fetched = asyncio.wrap_future(fetched)
-        blob.fetched.add_done_callback(lambda f: self._fetched(blob, f))
+        asyncio.wrap_future(fetched).add_done_callback(lambda f: self._fetched(blob, f))
         return blob
-
-    @staticmethod
-    async def landed_beyond(blob: InflightBlob, follower: Follower, offset: int) -> int:
-        """Wait until more than ``offset`` bytes of ``blob`` have landed; raise the fetch's error if
-        it fails first."""
-        if follower.available > offset:
-            return follower.available
-        landed = asyncio.ensure_future(follower.beyond(offset))
-        await asyncio.wait((landed, blob.fetched), return_when=asyncio.FIRST_COMPLETED)
-        if not landed.done():
-            landed.cancel()
-            blob.fetched.result()  # raises a failed fetch's error; a committed blob has all landed
-            return await follower.beyond(offset)
-        if landed.exception() is not None:
-            # The download stopped: the fetch's own error (due at once) says why better than the store.
-            await asyncio.wait((blob.fetched,), timeout=FETCH_ERROR_GRACE)
-            if blob.fetched.done():
-                blob.fetched.result()
-        return landed.result()
 
     def _fetched(self, blob: InflightBlob, done: asyncio.Future) -> None:
         del self.inflight[blob.digest]
@@ -302,8 +278,11 @@ class Mirror:
         seconds = time.monotonic() - blob.started
         error = done.exception()
         blob.over = True
-        if not blob.opened.done() and error is not None:
-            blob.opened.set_exception(error)
+        if not blob.opened.done():
+            if error is not None:
+                blob.opened.set_exception(error)
+        elif not blob.opened.exception():
+            blob.opened.result().end(error)
         blob._close_if_unused()
         if error is not None:
             self.metrics.error(error)
