@@ -1,6 +1,7 @@
 """The package's layers import one way (as go-containerregistry checks its own):
 
     errors, digests, _core/_pycore     used by all
+    protos      -> (nothing of ours)   gRPC stubs generated from containerd's and cri-api's protos
     oci         -> (nothing of ours)   references, descriptors, manifests, platforms: pure data
     http        -> (nothing of ours)   transport and the HTTP policy; no OCI
     registry    -> oci, http           credentials, tokens, the registry client
@@ -24,6 +25,7 @@ import fastpull
 PACKAGE = Path(fastpull.__file__).parent
 COMMON = {"fastpull", "fastpull.errors", "fastpull.digests", "fastpull._core", "fastpull._pycore"}
 ALLOWED = {
+    "protos": {"protos"},
     "oci": {"oci"},
     "http": {"http"},
     "registry": {"oci", "http", "registry"},
