@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything fastpull needs on Debian 12 (as root): the CNCF distribution registry
-# (tests, demo, bench), containerd and skopeo (the real clients of the tests of `fastpull serve`)
+# (tests, demo, bench), containerd, runc and skopeo (the real clients of the tests of `fastpull serve`)
 # and a virtualenv in .venv with fastpull built from source.
 # With --bench, also the tools of the far-registry bench (openssl, GNU time, iproute2, matplotlib).
 set -euo pipefail
@@ -12,6 +12,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v curl >/dev/null || need+=(curl)
 for tool in skopeo containerd; do command -v "$tool" >/dev/null || need+=("$tool"); done
 command -v tinyproxy >/dev/null || need+=(tinyproxy)  # tests: pulls through an HTTP proxy
+command -v runc >/dev/null || need+=(runc)  # tests: containers run on the snapshotter's mounts
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)  # tests: a static shell inside the test images
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if $bench; then
     command -v openssl >/dev/null || need+=(openssl)
