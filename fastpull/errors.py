@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 class FastpullError(Exception):
     """Base of every error fastpull raises on purpose."""
@@ -144,3 +146,35 @@ class UnsafeArchive(FastpullError):
         super().__init__(f"unsafe entry {entry!r} in layer {layer}: {why}")
         self.layer = layer
         self.entry = entry
+
+
+class SnapshotError(FastpullError):
+    """A snapshotter operation refused; each subclass is one of containerd's errdefs codes. Keys,
+    names and labels come from the client, so messages quote them cut short."""
+
+    def __init__(self, key: str | None, why: str):
+        super().__init__(why if key is None else f"snapshot {self.quote(key)}: {why}")
+        self.key = key
+
+    @staticmethod
+    def quote(value: str, limit: int = 200) -> str:
+        """``value`` double-quoted with control characters escaped, cut to ``limit`` characters; always
+        valid UTF-8 (a lone surrogate is escaped), as a gRPC status message must be."""
+        cut = value if len(value) <= limit else value[:limit] + "…"
+        return json.dumps(cut, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
+
+
+class SnapshotNotFound(SnapshotError):
+    """NOT_FOUND: no such snapshot, parent or cached layer."""
+
+
+class SnapshotExists(SnapshotError):
+    """ALREADY_EXISTS: the key or name is taken."""
+
+
+class SnapshotPrecondition(SnapshotError):
+    """FAILED_PRECONDITION: the snapshot is of the wrong kind, or has children."""
+
+
+class SnapshotInvalid(SnapshotError):
+    """INVALID_ARGUMENT: a malformed key, label, field path or filter."""

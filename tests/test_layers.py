@@ -9,7 +9,8 @@
     engine      -> http, content       the fetch loop, its planner and hashers; no OCI
     unpack      -> content, oci        the tar applier, worker processes, snapshots, rootfs
     puller      -> all of the above    a pull, wired together; events, what a pull tells as it runs
-    serve       -> puller and below    the node daemon: a pull-through mirror over the engine and store
+    snapshotter -> unpack, protos      containerd's snapshots API over overlay directories and the layer cache
+    serve       -> puller, snapshotter and below   the node daemon: mirror and snapshotter over one engine and store
     cli         -> serve, puller, oci, engine (options), content (the store commands), registry (login, configuration), testbed (the demo)
 
 Every module of the package is in one layer; a new one must be placed here.
@@ -33,8 +34,10 @@ ALLOWED = {
     "engine": {"http", "content", "engine"},
     "unpack": {"oci", "content", "unpack"},
     "puller": {"oci", "registry", "engine", "content", "unpack", "events"},
-    "serve": {"serve", "puller", "events", "registry", "engine", "content", "oci"},
-    "cli": {"cli", "serve", "puller", "events", "oci", "engine", "content", "registry", "testbed"},
+    "snapshotter": {"snapshotter", "unpack", "protos"},
+    "serve": {"serve", "snapshotter", "puller", "events", "registry", "engine", "content", "unpack", "oci"},
+    "cli": {"cli", "serve", "snapshotter", "puller", "events", "oci", "engine", "content", "unpack", "registry",
+            "testbed"},
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }
 TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "digests": "common", "_pycore": "common",

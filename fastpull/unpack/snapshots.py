@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastpull.content.store import acquire_key_lock
@@ -75,6 +76,19 @@ class Snapshotter:
                 raise UnpackError(str(self.building), e.strerror or str(e)) from e
             raise
         return SnapshotWriter(self, chain_id, build, lock_fd)
+
+    @contextmanager
+    def hold(self, chain_id: str) -> Iterator[None]:
+        """Hold ``chain_id``'s lock (waiting for it) while a use of its snapshot is recorded or a
+        removal decided: what gc and a snapshotter committing onto the cache agree on."""
+        lock = self.locks / f"{digest_hex(chain_id)}.lock"
+        lock_fd = acquire_key_lock(lock, block=True, done=lambda: False)
+        assert lock_fd is not None  # never done, so it waits for the lock
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            os.close(lock_fd)
 
 
 class SnapshotWriter:
