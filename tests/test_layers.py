@@ -33,7 +33,7 @@ ALLOWED = {
     "content": {"oci", "content"},
     "engine": {"http", "content", "engine"},
     "unpack": {"oci", "content", "unpack"},
-    "puller": {"oci", "registry", "engine", "content", "unpack", "events"},
+    "puller": {"puller", "oci", "registry", "engine", "content", "unpack", "events"},
     "snapshotter": {"snapshotter", "unpack", "protos"},
     "serve": {"serve", "snapshotter", "puller", "events", "registry", "engine", "content", "unpack", "oci"},
     "cli": {"cli", "serve", "snapshotter", "puller", "events", "oci", "engine", "content", "unpack", "registry",
@@ -41,7 +41,7 @@ ALLOWED = {
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }
 TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "digests": "common", "_pycore": "common",
-       "puller": "puller", "events": "puller"}
+       "events": "puller"}
 OCI_FREE = ("http/*.py", "engine/*.py", "content/store.py", "content/core.py")  # no manifests, no references
 
 
