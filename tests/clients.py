@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from fastpull.oci.manifest import chain_ids
 from fastpull.testbed.images import BuiltImage, LayerSpec, Media, build_image
 from fastpull.testbed.reference import describe, reference_rootfs
 
@@ -382,15 +383,29 @@ class Containerd:
     @contextlib.contextmanager
     def mounted(self, ref: str, target: Path, *, snapshotter: str | None = None,
                 namespace: str | None = None) -> Iterator[Path]:
-        """The image's rootfs, its snapshots of ``snapshotter`` (this daemon's by default) mounted
-        read-only on a new directory ``target``."""
+        """The image's rootfs, a read-only view of its top snapshot of ``snapshotter`` (this daemon's
+        by default) mounted on a new directory ``target``. Done by hand with ``ctr snapshots view``:
+        ctr 1.6's ``image mount`` reads ``--snapshotter`` as a global flag that ctr does not have,
+        so it always unpacks into the default snapshotter."""
+        snapshotter = snapshotter or self.snapshotter
+        manifest = json.loads(self.ctr("content", "get", self.images(namespace=namespace)[ref],
+                                       namespace=namespace).stdout)
+        config = json.loads(self.ctr("content", "get", manifest["config"]["digest"], namespace=namespace).stdout)
+        top = chain_ids(config["rootfs"]["diff_ids"])[-1]
+        key = f"fastpull-mount-{os.getpid()}-{next(self._runs)}"
         target.mkdir()
-        self.ctr("image", "mount", "--snapshotter", snapshotter or self.snapshotter, ref, str(target),
-                 namespace=namespace)
+        mounts = json.loads(self.ctr("snapshots", "--snapshotter", snapshotter, "view", "--mounts", key, top,
+                                     namespace=namespace).stdout)
         try:
-            yield target
+            for m in mounts:
+                subprocess.run(["mount", "-t", m["Type"], "-o", ",".join(m["Options"]), m["Source"], str(target)],
+                               check=True, capture_output=True)
+            try:
+                yield target
+            finally:
+                subprocess.run(["umount", str(target)], check=True, capture_output=True)
         finally:
-            self.ctr("image", "unmount", "--rm", str(target), namespace=namespace)
+            self.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, namespace=namespace)
 
     def run(self, ref: str, args: Sequence[str], *, snapshotter: str | None = None, namespace: str | None = None,
             timeout: float = 60.0) -> str:
@@ -436,6 +451,16 @@ def check_containerd_image(daemon: Containerd, ref: str, image: BuiltImage, scra
     reference_rootfs(image, scratch / "expected", scratch)
     with daemon.mounted(ref, scratch / "mounted", snapshotter=snapshotter, namespace=namespace) as rootfs:
         assert describe(rootfs) == describe(scratch / "expected")
+
+
+def blob_bytes_sent(registry) -> dict[str, int]:
+    """Body bytes of each blob a testbed registry sent since its ``clear_served()``, by digest."""
+    sent: dict[str, int] = {}
+    for r in registry.served():
+        if r.method == "GET" and "/blobs/" in r.path:
+            digest = r.path.rsplit("/", 1)[1]
+            sent[digest] = sent.get(digest, 0) + r.bytes_written
+    return sent
 
 
 def write_hosts_toml(hosts_dir: Path, registry: str, mirror: str | None = None, ca_file: str | None = None) -> Path:

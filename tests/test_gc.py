@@ -293,3 +293,39 @@ def test_serve_a_cached_blob_gc_takes_while_a_client_reads_it_arrives_whole(tmp_
         sock.close()
         assert head.startswith(b"HTTP/1.1 200") and body == blob
     assert "Traceback" not in daemon.log, daemon.log
+
+
+def _gc_command(root: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "fastpull", "gc", "--layout", str(root)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_unpacked_layers_stay_while_an_image_or_a_snapshot_uses_them(registry, image_cache, tmp_path):
+    """The store's layer cache: `fastpull gc` keeps the layers of tagged images and of the
+    snapshotter's committed snapshots, and frees the rest."""
+    from fastpull.content.defaults import LAYER_CACHE, SNAPSHOTTER_STATE
+    from fastpull.oci.manifest import chain_ids
+    from fastpull.snapshotter import OverlaySnapshotter
+    from fastpull.unpack.snapshots import Snapshotter
+
+    image, ref = _push(registry, image_cache, "gc/layers", [LayerSpec(100_000), LayerSpec(50_000, files=2)], 41)
+    root = tmp_path / "store"
+    cache = root / LAYER_CACHE
+    pull(ref, root, snapshots=cache)
+    chains = chain_ids([layer.diff_id for layer in image.layers])
+    cached = {p.name for p in (cache / "sha256").iterdir()}
+    assert cached == {c[7:] for c in chains}
+    assert "0 layers" in _gc_command(root)  # the image is tagged: its layers stay
+    with OverlaySnapshotter(root / SNAPSHOTTER_STATE, Snapshotter(cache)) as snapshotter:
+        snapshotter.commit_layer(chains[0], "", chains[0], {})  # as a CRI pull's first layer
+    subprocess.run([sys.executable, "-m", "fastpull", "rm", "--layout", str(root), ref], check=True,
+                   capture_output=True)
+    out = _gc_command(root)
+    assert f"removed unpacked layer {chains[1]}" in out and "1 layers" in out
+    assert {p.name for p in (cache / "sha256").iterdir()} == {chains[0][7:]}  # a snapshot still uses it
+    with OverlaySnapshotter(root / SNAPSHOTTER_STATE, Snapshotter(cache)) as snapshotter:
+        snapshotter.remove(chains[0])  # containerd's GC
+    assert f"removed unpacked layer {chains[0]}" in _gc_command(root)
+    assert list((cache / "sha256").iterdir()) == [] and list((cache / ".tmp").iterdir()) == []

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from clients import (
+    blob_bytes_sent,
     check_containerd_image,
     check_skopeo_dir,
     client_image,
@@ -54,14 +55,6 @@ def upstream_bytes(daemon: ServeProcess) -> float:
     return next(float(line.split()[1]) for line in lines if line.startswith("fastpull_upstream_bytes_total "))
 
 
-def _blob_gets(registry) -> dict[str, int]:
-    """Body bytes of each blob the registry sent since ``clear_served()``, by digest."""
-    sent: dict[str, int] = {}
-    for r in registry.served():
-        if r.method == "GET" and "/blobs/" in r.path:
-            digest = r.path.rsplit("/", 1)[1]
-            sent[digest] = sent.get(digest, 0) + r.bytes_written
-    return sent
 
 
 def test_containerd_pulls_through_serve_and_a_fresh_one_fetches_nothing_upstream(
@@ -72,7 +65,7 @@ def test_containerd_pulls_through_serve_and_a_fresh_one_fetches_nothing_upstream
     first = start_containerd()
     first.pull(ref, hosts_dir=hosts)
     check_containerd_image(first, ref, image, tmp_path / "check-1")
-    assert _blob_gets(registry) == {blob.digest: blob.size for blob in image.blobs}  # each once, by the daemon
+    assert blob_bytes_sent(registry) == {blob.digest: blob.size for blob in image.blobs}  # each once, by the daemon
     assert all((tmp_path / "store" / "blobs" / "sha256" / blob.digest[7:]).exists() for blob in image.blobs)
     fetched = upstream_bytes(serve)
 
@@ -80,7 +73,7 @@ def test_containerd_pulls_through_serve_and_a_fresh_one_fetches_nothing_upstream
     second = start_containerd()
     second.pull(ref, hosts_dir=hosts)
     check_containerd_image(second, ref, image, tmp_path / "check-2")
-    assert _blob_gets(registry) == {}
+    assert blob_bytes_sent(registry) == {}
     assert upstream_bytes(serve) == fetched
 
 
@@ -95,11 +88,11 @@ def test_skopeo_copies_through_serve_twice_and_the_second_fetches_nothing_upstre
     registry.clear_served()
     skopeo_copy(ref, tmp_path / "first", conf)
     check_skopeo_dir(tmp_path / "first", image)
-    assert _blob_gets(registry) == {blob.digest: blob.size for blob in image.blobs}
+    assert blob_bytes_sent(registry) == {blob.digest: blob.size for blob in image.blobs}
     fetched = upstream_bytes(serve)
 
     registry.clear_served()
     skopeo_copy(ref, tmp_path / "second", conf)
     check_skopeo_dir(tmp_path / "second", image)
-    assert _blob_gets(registry) == {}
+    assert blob_bytes_sent(registry) == {}
     assert upstream_bytes(serve) == fetched

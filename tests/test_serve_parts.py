@@ -90,6 +90,34 @@ def test_runtime_configuration():
         snippets("docker", "127.0.0.1:5050", ["quay.io"], "docker.io")
 
 
+def _config_toml(text: str) -> dict:
+    """The config.toml part of a containerd snippet (before the first hosts.toml), parsed."""
+    import tomllib
+
+    return tomllib.loads(text.split("# /etc/containerd/certs.d/")[0])
+
+
+def test_containerd_configuration_for_the_snapshotter():
+    two = _config_toml(snippets("containerd", "127.0.0.1:5050", ["docker.io"], "docker.io", "/run/fp.sock",
+                                "linux/arm64/v8"))
+    assert two["proxy_plugins"]["fastpull"] == {
+        "type": "snapshot", "address": "/run/fp.sock", "exports": {"enable_remote_snapshot_annotations": "true"}}
+    assert [(u["snapshotter"], u["platform"]) for u in two["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+            ] == [("overlayfs", "linux/arm64/v8"), ("fastpull", "linux/arm64/v8")]  # overlayfs kept
+    images = two["plugins"]["io.containerd.cri.v1.images"]
+    assert images["snapshotter"] == "fastpull" and "disable_snapshot_annotations" not in images
+    assert set(images["registry"]) == {"config_path"}  # mirrors, configs or auths: CRI's local pull path
+    one = _config_toml(snippets("containerd1", "127.0.0.1:5050", ["docker.io"], "docker.io", "/run/fp.sock"))
+    assert one["plugins"]["io.containerd.grpc.v1.cri"]["containerd"] == {
+        "snapshotter": "fastpull", "disable_snapshot_annotations": False}
+    assert one["proxy_plugins"]["fastpull"] == {"type": "snapshot", "address": "/run/fp.sock"}
+    mirror_only = _config_toml(snippets("containerd", "127.0.0.1:5050", ["docker.io"], "docker.io"))
+    assert "proxy_plugins" not in mirror_only and "snapshotter" not in mirror_only["plugins"][
+        "io.containerd.cri.v1.images"]
+    with pytest.raises(ValueError, match="containerd's"):
+        snippets("crio", "127.0.0.1:5050", ["docker.io"], "docker.io", "/run/fp.sock")
+
+
 def test_the_shipped_unit_and_daemonset_run_a_valid_command():
     import re
     import shlex
@@ -99,9 +127,10 @@ def test_the_shipped_unit_and_daemonset_run_a_valid_command():
 
     deploy = Path(__file__).parent.parent / "deploy"
     unit = (deploy / "fastpull-serve.service").read_text()
-    exec_start = shlex.split(re.search(r"^ExecStart=(.*)$", unit, re.M)[1])
+    exec_start = shlex.split(re.search(r"^ExecStart=((?:.*\\\n)*.*)$", unit, re.M)[1].replace("\\\n", " "))
     daemonset = (deploy / "daemonset.yaml").read_text()
     args = re.search(r"args: \[(.*?)\]", daemonset, re.S)[1]
     for argv in (exec_start[1:], [a.strip().strip('"') for a in args.split(",")]):
         parsed = build_parser().parse_args(argv)
         assert parsed.command == "serve" and parsed.listen == ("127.0.0.1", 5050)
+        assert str(parsed.snapshotter) == "/run/fastpull/snapshotter.sock"

@@ -38,9 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-fetch-ahead", dest="fetch_ahead", action="store_false",
                    help="fetch only the blobs clients ask for (default: a client's GET of an image manifest "
                         "starts fetching all its layers the store lacks)")
-    p.add_argument("--print-config", choices=("containerd", "crio", "docker"), metavar="RUNTIME",
-                   help="print what to write for containerd, crio or docker to use this mirror for the "
-                        "REGISTRY arguments, and exit")
+    p.add_argument("--snapshotter", type=Path, metavar="SOCKET",
+                   help="also be containerd's snapshotter: serve its snapshots API on this unix socket (mode 0600), "
+                        "as the proxy plugin named fastpull, fetching and unpacking the layers of CRI pulls itself")
+    p.add_argument("--print-config", choices=("containerd", "containerd1", "crio", "docker"), metavar="RUNTIME",
+                   help="print what to write for containerd (2.x), containerd1 (1.6, 1.7), crio or docker to use "
+                        "this mirror for the REGISTRY arguments (and, with --snapshotter, this snapshotter), and exit")
     p.add_argument("registries", nargs="*", metavar="REGISTRY", help="with --print-config: registries to mirror")
     add_registry_arguments(p)
     add_fetch_arguments(p)
@@ -65,8 +68,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     host, port = args.listen
     if args.print_config:
         try:
+            from fastpull.oci.manifest import Platform
+
             sys.stdout.write(snippets(args.print_config, f"{host}:{port}", args.registries or [args.upstream],
-                                      args.upstream))
+                                      args.upstream, None if args.snapshotter is None else str(args.snapshotter.absolute()),
+                                      str(Platform.host())))
         except ValueError as e:
             raise UsageError(str(e)) from None
         return 0
@@ -80,7 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store=(args.store or Path(default_store())).absolute(), host=host, port=port, upstream=args.upstream,
         insecure_registries=tuple(args.insecure_registry), prefetch=args.prefetch, tag_ttl=args.tag_ttl,
         fetch_ahead=args.fetch_ahead, hosts_dir=args.hosts_dir, registries_conf=args.registries_conf,
-        fetch=fetch_options(args),
+        snapshotter=None if args.snapshotter is None else args.snapshotter.absolute(), fetch=fetch_options(args),
     ))
     return 0
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import os
 
+LAYER_CACHE = "snapshots"
+"""The store's unpacked layers by ChainID, overlay lower directories (``fastpull pull --snapshots
+STORE/snapshots`` and ``fastpull serve --snapshotter`` share them)."""
+SNAPSHOTTER_STATE = "snapshotter"
+"""``fastpull serve --snapshotter``'s metadata and its containers' directories, in the store."""
+
 
 def default_store() -> str:
     """Where images go when no layout is named: ``$FASTPULL_STORE``, else ``/var/lib/fastpull`` as

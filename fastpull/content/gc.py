@@ -2,7 +2,8 @@
 
 The roots are the images ``index.json`` names, the blobs of every lease whose holder lives
 (:mod:`fastpull.content.leases`) and every ingest whose lock a writer holds; marking follows each
-index to its manifests and each manifest to its config and layers. Then the sweep removes the
+index to its manifests and each manifest to its config and layers; the ChainIDs of the marked
+images' configs are what the store's unpacked layers keep (``sweep_layers``). Then the sweep removes the
 blobs nobody marked, the ingests (partial downloads) of unmarked blobs, the temporary files of
 ``put_bytes`` that dead processes left, and the leases of dead holders with the temporary trees they
 list. Nothing is judged by its age: the whole collection holds the store's gc lock exclusively, and
@@ -12,6 +13,7 @@ whatever a live process uses is either leased (taken under that lock, shared) or
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,8 +23,10 @@ from fastpull.content.layout import ImageLayout
 from fastpull.content.leases import collect_leases
 from fastpull.content.store import PUT_SUFFIX, acquire_key_lock
 from fastpull.digests import DIGEST_RE
-from fastpull.errors import StoreError
+from fastpull.errors import ManifestError, StoreError
+from fastpull.oci.manifest import DOCKER_CONFIG, OCI_CONFIG, chain_ids
 
+CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 TREE_MARK = ".fastpull-"
 """Only a directory whose name has this in it is removed as a dead lease's temporary tree."""
 
@@ -40,16 +44,21 @@ class Collected:
     """Temporary trees of dead pulls."""
     leases: int = 0
     """Leases of dead processes."""
+    layers: list[tuple[str, int]] = field(default_factory=list)
+    """Unpacked layers nothing uses: (ChainID, bytes)."""
 
     @property
     def freed_bytes(self) -> int:
-        return sum(n for _, n in self.blobs) + sum(n for _, n in self.ingests)
+        return sum(n for _, n in self.blobs) + sum(n for _, n in self.ingests) + sum(n for _, n in self.layers)
 
 
-def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None]) -> Collected:
+def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None],
+            sweep_layers: Callable[[set[str]], list[tuple[str, int]]] | None = None) -> Collected:
     """Remove what nothing uses from ``layout`` (see the module's description); waits for leases
     being taken and, while it runs, makes new ones wait. ``remove_tree(path)`` removes a dead
-    pull's temporary tree. ManifestError (nothing removed) if an image's manifest is malformed."""
+    pull's temporary tree; ``sweep_layers(chain_ids)`` removes the unpacked layers that neither
+    those ChainIDs (of the images and leases) nor anything it knows of uses, and says which.
+    ManifestError (nothing removed) if an image's manifest or config is malformed."""
     store = layout.store
     collected = Collected()
     try:
@@ -63,14 +72,16 @@ def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None]) -> Coll
         leases = collect_leases(store)
         collected.leases = leases.dead
         marked: set[str] = set()
-        _mark(layout, [(desc.digest, desc.media_type) for _, desc in layout.images()], marked)
-        _mark(layout, [(d, None) for d in leases.digests], marked)
+        configs: set[str] = set()
+        _mark(layout, [(desc.digest, desc.media_type) for _, desc in layout.images()], marked, configs)
+        _mark(layout, [(d, None) for d in leases.digests], marked, configs)
+        chains = set().union(*(_chain_ids(layout, c) for c in configs)) if sweep_layers is not None else set()
         for digest in _ingest_digests(store.ingest_dir):
             if digest in marked:
                 continue  # a resumable download of a blob in use
             lock = acquire_key_lock(store.ingest_dir / f"{digest[7:]}.lock", block=False, done=lambda: False)
             if lock is None:
-                _mark(layout, [(digest, None)], marked)  # a writer is at work
+                _mark(layout, [(digest, None)], marked, configs)  # a writer is at work
             else:
                 locked_ingests.append((digest, lock))
         for path in _entries(store.blobs):
@@ -86,6 +97,8 @@ def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None]) -> Coll
         for tree in leases.dead_trees:
             if _remove_abandoned(tree, remove_tree):
                 collected.trees.append(tree)
+        if sweep_layers is not None:
+            collected.layers = sweep_layers(chains)
     finally:
         for _, lock in locked_ingests:
             os.close(lock)
@@ -93,14 +106,34 @@ def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None]) -> Coll
     return collected
 
 
-def _mark(layout: ImageLayout, roots: Iterable[tuple[str, str | None]], marked: set[str]) -> None:
-    """Mark each root ``(digest, media type or None if unknown)`` and all that it names."""
+def _mark(layout: ImageLayout, roots: Iterable[tuple[str, str | None]], marked: set[str], configs: set[str]) -> None:
+    """Mark each root ``(digest, media type or None if unknown)`` and all that it names; add the
+    image configs met to ``configs``."""
     pending = list(roots)
     while pending:
         digest, media_type = pending.pop()
         if digest not in marked and DIGEST_RE.fullmatch(digest) is not None:
             marked.add(digest)
+            if media_type in CONFIG_TYPES:
+                configs.add(digest)
             pending.extend((d.digest, d.media_type) for d in layout.children(digest, media_type))
+
+
+def _chain_ids(layout: ImageLayout, config: str) -> list[str]:
+    """The ChainIDs of the image whose config is ``config`` (none if the store lacks it)."""
+    try:
+        body = layout.store.blob_path(config).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StoreError(str(layout.store.blob_path(config)), e.strerror or str(e)) from e
+    try:
+        diff_ids = json.loads(body)["rootfs"]["diff_ids"]
+        if not isinstance(diff_ids, list) or not all(isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids):
+            raise ValueError("not a list of sha256 digests")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"image config {config} in {layout.root}", f"bad rootfs.diff_ids: {e}") from e
+    return chain_ids(diff_ids)
 
 
 def _entries(directory: Path) -> list[Path]:

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,3 +307,13 @@ def _annotations(d: object, where: str) -> Mapping[str, str]:
     if not (isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in d.items())):
         raise ManifestError(where, "annotations must map strings to strings")
     return d
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """OCI ChainIDs: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        if chain:
+            diff_id = "sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
+        chain.append(diff_id)
+    return chain

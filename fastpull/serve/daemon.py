@@ -17,14 +17,19 @@ from pathlib import Path
 
 from aiohttp import web
 
+from fastpull.content.defaults import LAYER_CACHE, SNAPSHOTTER_STATE
 from fastpull.engine import FetchOptions
 from fastpull.errors import FastpullError, StoreError
 from fastpull.puller import Puller
 from fastpull.registry.hosts import RegistryHosts
 from fastpull.serve import DEFAULT_LISTEN, DEFAULT_TAG_TTL
 from fastpull.serve.api import make_app, start_prefetch
+from fastpull.serve.layers import ImageLayers
 from fastpull.serve.metrics import Metrics
 from fastpull.serve.mirror import Mirror
+from fastpull.snapshotter.overlay import OverlaySnapshotter
+from fastpull.snapshotter.service import SnapshotsService, start_server
+from fastpull.unpack.snapshots import Snapshotter as LayerCache
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class ServeOptions:
     hosts_dir: str | None = None
     """containerd hosts.toml directories for the upstreams (None: the node's, as ``fastpull pull`` reads them)."""
     registries_conf: str | None = None
+    snapshotter: Path | None = None
+    """The unix socket of containerd's snapshots API (None: the mirror only)."""
     fetch: FetchOptions = field(default_factory=FetchOptions)
 
 
@@ -71,12 +78,16 @@ async def _serve(options: ServeOptions) -> None:
     hosts = RegistryHosts.load(options.hosts_dir, options.registries_conf, insecure=options.insecure_registries)
     puller = Puller(options.fetch, insecure_registries=options.insecure_registries, hosts=hosts)
     metrics = Metrics(puller.engine.received_bytes)
+    layers = LayerCache(options.store / LAYER_CACHE) if options.snapshotter is not None else None
     mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl,
-                    fetch_ahead=options.fetch_ahead)
+                    fetch_ahead=options.fetch_ahead, unpack_into=layers)
     metrics.inflight_fetches.set_function(lambda: len(mirror.inflight))
     app = make_app(mirror)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
+    snapshots: Snapshots | None = None
     try:
+        if layers is not None:
+            snapshots = await Snapshots.start(options.snapshotter, options.store, puller, layers, metrics)
         await runner.setup()
         site = web.TCPSite(runner, options.host, options.port, backlog=1024)
         try:
@@ -95,9 +106,47 @@ async def _serve(options: ServeOptions) -> None:
         if watch is not None:
             watch.cancel()
     finally:
+        if snapshots is not None:
+            await snapshots.stop(SHUTDOWN_SECONDS)
         await runner.cleanup()
         mirror.close()
         puller.close()
+
+
+class Snapshots:
+    """containerd's snapshotter, served beside the mirror: one engine, one store for both."""
+
+    def __init__(self, socket_path: Path, snapshotter: OverlaySnapshotter, layers: ImageLayers,
+                 service: SnapshotsService, server):
+        self.socket_path = socket_path
+        self.snapshotter = snapshotter
+        self.layers = layers
+        self.service = service
+        self.server = server
+
+    @classmethod
+    async def start(cls, socket_path: Path, store: Path, puller: Puller, cache: LayerCache,
+                    metrics: Metrics) -> Snapshots:
+        snapshotter = OverlaySnapshotter(store / SNAPSHOTTER_STATE, cache)
+        layers = ImageLayers(puller, store, cache)
+        service = SnapshotsService(snapshotter, layers, observe=metrics.prepare)
+        try:
+            server = await start_server(service, socket_path)
+        except BaseException:
+            service.close()
+            layers.close()
+            snapshotter.close()
+            raise
+        return cls(socket_path, snapshotter, layers, service, server)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking calls; calls in progress get ``grace`` seconds (Prepares waiting for a layer
+        are cut: its download stays resumable in the store)."""
+        self.layers.close()
+        await self.server.stop(grace)
+        self.socket_path.unlink(missing_ok=True)
+        self.service.close()
+        self.snapshotter.close()
 
 
 async def _watch_prefetch(app: web.Application, path: Path, refs: list[str]) -> None:

@@ -42,6 +42,10 @@ class Metrics:
         self.clients = Gauge("fastpull_clients", "Requests being answered", registry=self.registry)
         self.clients.set_function(lambda: self.active_clients)
         self.recent_errors: collections.deque[dict] = collections.deque(maxlen=RECENT_ERRORS)
+        self.prepare_seconds = Histogram(
+            "fastpull_snapshotter_prepare_duration_seconds", "containerd's Prepare calls by outcome (cache: the "
+            "layer was unpacked already; remote: fetched and unpacked for it; local: containerd applies it)",
+            ["outcome"], buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250), registry=self.registry)
 
     def upstream_bytes(self) -> int:
         return self._engine_bytes() + self.upstream_manifest_bytes
@@ -53,6 +57,9 @@ class Metrics:
         kind = type(error).__name__
         self.errors.labels(kind).inc()
         self.recent_errors.append({"time": time.time(), "kind": kind, "where": where, "message": str(error)})
+
+    def prepare(self, rpc: str, outcome: str, seconds: float) -> None:
+        self.prepare_seconds.labels(outcome).observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ small thread pool; the ledger and the table of blobs in flight belong to the eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from fastpull.serve import DEFAULT_TAG_TTL
 from fastpull.serve.follow import Follower
 from fastpull.serve.ledger import Ledger
 from fastpull.serve.metrics import Metrics
+from fastpull.unpack.snapshots import Snapshotter as LayerCache
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,10 @@ class Mirror:
     """Serves the content of the upstream registries from the store at ``root`` (an OCI layout)."""
 
     def __init__(self, root: Path, puller: Puller, metrics: Metrics, *, default_registry: str,
-                 tag_ttl: float = DEFAULT_TAG_TTL, fetch_ahead: bool = True):
+                 tag_ttl: float = DEFAULT_TAG_TTL, fetch_ahead: bool = True, unpack_into: LayerCache | None = None):
+        """``unpack_into``: the layer cache prefetched images are also unpacked into (for the snapshotter)."""
         self.layout = ImageLayout(root)
+        self.unpack_into = unpack_into
         self.store = self.layout.store
         self.ledger = Ledger(root / ".fastpull" / "serve" / "ledger.jsonl")
         self.puller = puller
@@ -296,8 +300,9 @@ class Mirror:
 
     async def prefetch(self, reference: str) -> None:
         """Pull ``reference`` (this node's platform) into the store, tag it there, and record
-        that its repository has its blobs."""
-        result = await self._call(self.puller.pull, reference, self.layout.root)
+        that its repository has its blobs; unpack it into the layer cache if there is one."""
+        snapshots = None if self.unpack_into is None else self.unpack_into.root
+        result = await self._call(functools.partial(self.puller.pull, reference, self.layout.root, snapshots=snapshots))
         ref = result.reference
         for digest, size in _image_blobs(result):
             self.ledger.record(ref.registry, ref.repository, digest, size)

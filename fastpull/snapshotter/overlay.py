@@ -40,7 +40,7 @@ from fastpull.snapshotter.metadata import (
     check_name,
     fields,
 )
-from fastpull.unpack.rootfs import remove_tree
+from fastpull.unpack.rootfs import remove_tree, tree_usage
 from fastpull.unpack.snapshots import Snapshotter
 
 __all__ = ["Info", "Kind", "Mount", "OverlaySnapshotter", "Usage", "default_overlay_options", "disk_usage"]
@@ -77,32 +77,12 @@ def default_overlay_options() -> tuple[str, ...]:
 
 
 def disk_usage(path: str | os.PathLike[str]) -> Usage:
-    """Blocks and inodes of the tree at ``path`` (not following symlinks; a hardlinked inode
-    counted once), as containerd's ``fs.DiskUsage``. Entries vanishing meanwhile are skipped."""
-    seen: set[tuple[int, int]] = set()
-    size = 0
+    """Blocks and inodes of the tree at ``path``, as containerd's ``fs.DiskUsage``."""
+    return Usage(*tree_usage(path))
 
-    def count(st: os.stat_result) -> None:
-        nonlocal size
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            size += st.st_blocks * 512
 
-    count(os.lstat(path))
-    pending = [os.fspath(path)]
-    while pending:
-        try:
-            with os.scandir(pending.pop()) as entries:
-                for entry in entries:
-                    try:
-                        count(entry.stat(follow_symlinks=False))
-                        if entry.is_dir(follow_symlinks=False):
-                            pending.append(entry.path)
-                    except FileNotFoundError:
-                        continue
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-    return Usage(size=size, inodes=len(seen))
+METADATA_FILE = "metadata.db"
+"""The metadata's file in the snapshotter's root."""
 
 
 class OverlaySnapshotter:
@@ -119,7 +99,7 @@ class OverlaySnapshotter:
             self.snapshots.mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
             raise UnpackError(str(self.root), e.strerror or str(e)) from e
-        self._db = MetaStore(self.root / "metadata.db")
+        self._db = MetaStore(self.root / METADATA_FILE)
         try:
             self.cleanup()
         except BaseException:

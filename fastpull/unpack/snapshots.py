@@ -13,27 +13,19 @@ directories with ``user.overlay.opaque`` (mount them with ``-o userxattr``; see 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fastpull.content.store import acquire_key_lock
 from fastpull.digests import digest_hex
 from fastpull.errors import UnpackError
-from fastpull.unpack.rootfs import remove_tree
+from fastpull.oci.manifest import chain_ids
+from fastpull.unpack.rootfs import remove_tree, tree_usage
 
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """OCI ChainIDs: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
-    chain: list[str] = []
-    for diff_id in diff_ids:
-        if chain:
-            diff_id = "sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
-        chain.append(diff_id)
-    return chain
+__all__ = ["Snapshotter", "SnapshotWriter", "chain_ids"]
 
 
 class Snapshotter:
@@ -89,6 +81,38 @@ class Snapshotter:
         finally:
             lock.unlink(missing_ok=True)
             os.close(lock_fd)
+
+
+    def sweep(self, in_use: Callable[[str], bool]) -> list[tuple[str, int]]:
+        """Remove the committed layers that ``in_use(chain_id)`` disowns, and what crashed unpacks
+        left in ``.tmp``; each layer is judged while its lock is held (a snapshotter records a use
+        under that lock), and one being unpacked is left alone. The (ChainID, bytes) removed."""
+        removed = []
+        for entry in sorted(self.committed.iterdir()):
+            chain_id = "sha256:" + entry.name
+            lock_fd = acquire_key_lock(self.locks / f"{entry.name}.lock", block=False, done=lambda: False)
+            if lock_fd is None:
+                continue  # being recorded or built
+            try:
+                if entry.is_dir() and not in_use(chain_id):
+                    size = tree_usage(entry)[0]
+                    # Out of sha256/ first: a half-removed layer must never look whole.
+                    doomed = Path(tempfile.mkdtemp(prefix=f"{entry.name}.", dir=self.building))
+                    os.rename(entry, doomed / "layer")
+                    remove_tree(doomed, ignore_errors=True)
+                    removed.append((chain_id, size))
+            except OSError as e:
+                raise UnpackError(str(entry), e.strerror or str(e)) from e
+            finally:
+                (self.locks / f"{entry.name}.lock").unlink(missing_ok=True)
+                os.close(lock_fd)
+        for stale in sorted(self.building.iterdir()):
+            hexd = stale.name.partition(".")[0]
+            lock_fd = acquire_key_lock(self.locks / f"{hexd}.lock", block=False, done=lambda: False)
+            if lock_fd is not None:  # no writer: a crash left it
+                remove_tree(stale, ignore_errors=True)
+                os.close(lock_fd)
+        return removed
 
 
 class SnapshotWriter:

@@ -1,0 +1,110 @@
+"""Where the snapshotter's missing layers come from: whole-image pulls into the ChainID cache.
+
+containerd prepares an image's layers one at a time; the first ``Prepare`` of a layer the cache
+lacks starts one pull of the image by its manifest digest, with every missing layer fetched and
+unpacked in parallel by the daemon's engine; each ``Prepare`` then waits for its own layer, which
+becomes visible as soon as it and the layers under it are unpacked. Prepares of every layer of one
+image (20 pods pulling it at once, or several containerd namespaces) share that pull, and images
+that share layers unpack each shared layer once (the cache's per-ChainID lock).
+
+These pulls do not tag the image in the store: containerd owns the image, the snapshots own the
+layers, and `fastpull gc` frees what neither uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastpull.errors import FastpullError, SnapshotNotFound
+from fastpull.events import Event, LayerDone
+from fastpull.oci.reference import parse_reference
+from fastpull.puller import Puller
+from fastpull.snapshotter.remote import LayerRequest
+from fastpull.unpack.snapshots import Snapshotter as LayerCache
+
+log = logging.getLogger(__name__)
+
+IMAGES_AT_ONCE = 8
+"""Images pulled for the snapshotter at once (their blobs share the one engine's connections)."""
+
+
+@dataclass(eq=False)
+class _ImagePull:
+    """One image being pulled into the cache, and the Prepares waiting on its layers."""
+
+    reference: str
+    waiters: list[tuple[str, Future[None]]] = field(default_factory=list)
+
+
+class ImageLayers:
+    """The daemon's :class:`fastpull.snapshotter.remote.LayerSource`: layers come from pulls of
+    their images by ``puller`` into ``layout``'s store, unpacked into ``cache``."""
+
+    def __init__(self, puller: Puller, layout: Path, cache: LayerCache,
+                 on_pulled: callable | None = None):
+        """``on_pulled(result)`` hears each finished pull (for metrics)."""
+        self.puller = puller
+        self.layout = layout
+        self.cache = cache
+        self._on_pulled = on_pulled
+        self._pulls: dict[str, _ImagePull] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(IMAGES_AT_ONCE, thread_name_prefix="layers")
+
+    def ensure(self, request: LayerRequest) -> Future[None]:
+        future: Future[None] = Future()
+        try:
+            ref = parse_reference(request.image_ref)
+        except FastpullError as e:
+            future.set_exception(e)
+            return future
+        by_digest = f"{ref.registry}/{ref.repository}@{request.manifest_digest}"
+        with self._lock:
+            if self.cache.has(request.chain_id):
+                future.set_result(None)
+                return future
+            pull = self._pulls.get(by_digest)
+            if pull is None:
+                pull = self._pulls[by_digest] = _ImagePull(by_digest)
+                self._pool.submit(self._pull, pull)
+            pull.waiters.append((request.chain_id, future))
+        return future
+
+    def _pull(self, pull: _ImagePull) -> None:
+        error: FastpullError | None = None
+        try:
+            result = self.puller.pull(pull.reference, self.layout, snapshots=self.cache.root,
+                                      events=lambda event: self._heard(pull, event), tag=False)
+            if self._on_pulled is not None:
+                self._on_pulled(result)
+        except FastpullError as e:
+            error = e
+        except Exception as e:  # a bug: every waiter must still hear that the pull is over
+            log.exception("pull of %s for the snapshotter", pull.reference)
+            error = FastpullError(f"{pull.reference}: {type(e).__name__}: {e}")
+        with self._lock:
+            del self._pulls[pull.reference]
+            waiters, pull.waiters = pull.waiters, []
+        for chain_id, future in waiters:
+            if self.cache.has(chain_id):
+                future.set_result(None)
+            else:
+                future.set_exception(error or SnapshotNotFound(
+                    chain_id, f"the image {pull.reference} has no layer with this ChainID"))
+
+    def _heard(self, pull: _ImagePull, event: Event) -> None:
+        """Wake the Prepares whose layers are in the cache now (called in the pull's thread)."""
+        if not (isinstance(event, LayerDone) and event.state == "unpacked"):
+            return
+        with self._lock:
+            ready = [(c, f) for c, f in pull.waiters if self.cache.has(c)]
+            pull.waiters = [(c, f) for c, f in pull.waiters if (c, f) not in ready]
+        for _, future in ready:
+            future.set_result(None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
