@@ -44,13 +44,10 @@ class ImageLayers:
     """The daemon's :class:`fastpull.snapshotter.remote.LayerSource`: layers come from pulls of
     their images by ``puller`` into ``layout``'s store, unpacked into ``cache``."""
 
-    def __init__(self, puller: Puller, layout: Path, cache: LayerCache,
-                 on_pulled: callable | None = None):
-        """``on_pulled(result)`` hears each finished pull (for metrics)."""
+    def __init__(self, puller: Puller, layout: Path, cache: LayerCache):
         self.puller = puller
         self.layout = layout
         self.cache = cache
-        self._on_pulled = on_pulled
         self._pulls: dict[str, _ImagePull] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(IMAGES_AT_ONCE, thread_name_prefix="layers")
@@ -77,10 +74,8 @@ class ImageLayers:
     def _pull(self, pull: _ImagePull) -> None:
         error: FastpullError | None = None
         try:
-            result = self.puller.pull(pull.reference, self.layout, snapshots=self.cache.root,
-                                      events=lambda event: self._heard(pull, event), tag=False)
-            if self._on_pulled is not None:
-                self._on_pulled(result)
+            self.puller.pull(pull.reference, self.layout, snapshots=self.cache.root,
+                             events=lambda event: self._heard(pull, event), tag=False)
         except FastpullError as e:
             error = e
         except Exception as e:  # a bug: every waiter must still hear that the pull is over
@@ -101,8 +96,10 @@ class ImageLayers:
         if not (isinstance(event, LayerDone) and event.state == "unpacked"):
             return
         with self._lock:
-            ready = [(c, f) for c, f in pull.waiters if self.cache.has(c)]
-            pull.waiters = [(c, f) for c, f in pull.waiters if (c, f) not in ready]
+            ready, waiting = [], []
+            for waiter in pull.waiters:
+                (ready if self.cache.has(waiter[0]) else waiting).append(waiter)
+            pull.waiters = waiting
         for _, future in ready:
             future.set_result(None)
 

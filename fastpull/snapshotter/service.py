@@ -18,6 +18,8 @@ import asyncio
 import errno
 import logging
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -141,20 +143,29 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         ``remote`` once it is committed, ``local`` if containerd must apply the layer itself."""
         cache = self.snapshotter.layers
         outcome = "cache"
-        if not cache.has(chain_id):
-            request = layer_request(labels)
-            if request is None or self.layers is None:
-                return "local"
-            outcome = "remote"
-            log.info("prepare %s: fetching %s", quote(key), request)
+        for attempt in range(2):
+            if not cache.has(chain_id):
+                request = layer_request(labels)
+                if request is None or self.layers is None:
+                    return "local"
+                outcome = "remote"
+                log.info("prepare %s: fetching %s", quote(key), request)
+                try:
+                    await asyncio.wrap_future(self.layers.ensure(request))
+                except FastpullError as e:
+                    log.error("prepare %s: %s: %s", quote(key), request, e)
+                    await context.abort(status_code(e), f"{request}: {e}")
             try:
-                await asyncio.wrap_future(self.layers.ensure(request))
+                await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self.snapshotter.commit_layer, chain_id, parent, chain_id, {SNAPSHOT_REF: chain_id})
+                return outcome
+            except SnapshotNotFound as e:
+                # `fastpull gc` freed the layer between its unpack and this commit: once more.
+                if attempt or cache.has(chain_id):
+                    await context.abort(status_code(e), str(e))
             except FastpullError as e:
-                log.error("prepare %s: %s: %s", quote(key), request, e)
-                await context.abort(status_code(e), f"{request}: {e}")
-        commit_labels = {SNAPSHOT_REF: chain_id}
-        await self._run(context, self.snapshotter.commit_layer, chain_id, parent, chain_id, commit_labels)
-        return outcome
+                await context.abort(status_code(e), str(e))
+        raise AssertionError("unreachable")
 
     async def View(self, request, context):
         mounts = await self._run(context, self.snapshotter.view, request.key, request.parent, dict(request.labels))
@@ -240,14 +251,12 @@ async def start_server(service: SnapshotsService, socket_path: Path) -> grpc.aio
         await server.stop(None)
         raise StoreError(str(socket_path), f"cannot listen on this socket: {e.strerror or e}") from None
     finally:
-        os.rmdir(private) if private.exists() and not any(private.iterdir()) else None
+        shutil.rmtree(private, ignore_errors=True)  # empty once the socket moved; else a failed bind's
     log.info("snapshotter %r serving on unix:%s", PLUGIN_NAME, socket_path)
     return server
 
 
 def _answers(path: Path) -> bool:
-    import socket
-
     if not path.exists():
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
