@@ -150,6 +150,7 @@ def test_cri_pull_is_fetched_and_unpacked_by_fastpull_and_a_container_sees_the_i
     sent = blob_bytes_sent(registry)
     for digest, layer in zip(_layer_digests(image), image.layers):
         assert sent.get(digest) == layer.size, f"{digest}: fetched once, by fastpull alone"
+        assert not node.content_path(digest).exists(), f"{digest}: containerd has the layer's blob"
     check_containerd_image(node, ref, image, tmp_path / "check", namespace=CRI_NAMESPACE, snapshotter="fastpull",
                            layers=False)
     snapshots = node.snapshots(snapshotter="fastpull", namespace=CRI_NAMESPACE)
