@@ -178,7 +178,7 @@ def test_the_socket_is_for_its_owner_alone(served):
 
 
 def test_a_second_server_on_a_live_socket_is_refused(served):
-    with pytest.raises(Exception, match="another process is serving"):
+    with pytest.raises(Exception, match="another process is serving on it"):
         asyncio.run_coroutine_threadsafe(start_server(served.service, served.socket_path), served.loop).result(30)
 
 
@@ -235,3 +235,10 @@ def test_a_failed_layer_reaches_containerd_as_a_code_naming_the_layer(served):
 def test_a_layer_without_image_labels_is_left_to_containerd(served):
     mounts = _prepare(served, "default/1/extract-1 " + CHAINS[0], "", {SNAPSHOT_REF: CHAINS[0]}).mounts
     assert [m.type for m in mounts] == ["bind"] and served.layers.requests == []
+
+
+def test_a_socket_path_too_long_for_unix_is_refused_naming_it(served, tmp_path):
+    too_long = Path("/tmp") / ("d" * 100) / "snapshotter.sock"
+    with pytest.raises(Exception, match="too long for a unix socket") as refused:
+        asyncio.run_coroutine_threadsafe(start_server(served.service, too_long), served.loop).result(30)
+    assert str(too_long) in str(refused.value) and not too_long.parent.exists()

@@ -56,6 +56,8 @@ PLUGIN_NAME = "fastpull"
 """The proxy plugin's name in containerd's configuration (``[proxy_plugins.fastpull]``)."""
 THREADS = 8
 """Snapshotter operations at once; calls waiting for a remote layer hold none."""
+_SUN_PATH_MAX = 107
+"""Bytes of a unix socket's path (``sun_path`` holds 108 with the terminating NUL)."""
 _QUOTE = 200
 """Characters of a client's key or label quoted in a log line or an error."""
 
@@ -231,29 +233,40 @@ def _info(info: Info) -> pb.Info:
 async def start_server(service: SnapshotsService, socket_path: Path) -> grpc.aio.Server:
     """Serve ``service`` on the unix socket ``socket_path``, mode 0600 (the caller's user: root on a
     node). A stale socket is replaced; one another process still answers on is refused."""
-    socket_path = Path(socket_path)
+    socket_path = Path(os.path.abspath(socket_path))
+    # Bound inside a private directory (``.fpXXXXXXXX/s`` beside it) and moved into place once its
+    # mode is 0600, so no one can connect while it is briefly open to all.
+    if len(os.fsencode(socket_path.parent)) + len("/.fpXXXXXXXX/s") > _SUN_PATH_MAX:
+        raise _cannot_listen(socket_path, f"too long for a unix socket (its directory may take at most "
+                                          f"{_SUN_PATH_MAX - len('/.fpXXXXXXXX/s')} bytes)")
     if _answers(socket_path):
-        raise StoreError(str(socket_path), "another process is serving on this socket")
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    # Bound inside a private directory and moved into place once its mode is 0600, so no one can
-    # connect while it is briefly open to all.
-    private = Path(tempfile.mkdtemp(prefix=".fastpull-socket-", dir=socket_path.parent))
+        raise _cannot_listen(socket_path, "another process is serving on it")
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
     pb_grpc.add_SnapshotsServicer_to_server(service, server)
+    private = None
     try:
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=".fp", dir=socket_path.parent))
         bound = private / "s"
-        if not server.add_insecure_port(f"unix:{bound}"):
-            raise StoreError(str(socket_path), "cannot listen on this socket")
+        try:
+            server.add_insecure_port(f"unix:{bound}")
+        except RuntimeError:  # grpc says only that binding failed
+            raise _cannot_listen(socket_path, "gRPC could not bind it") from None
         await server.start()
         os.chmod(bound, 0o600)
         os.replace(bound, socket_path)
     except OSError as e:
         await server.stop(None)
-        raise StoreError(str(socket_path), f"cannot listen on this socket: {e.strerror or e}") from None
+        raise _cannot_listen(socket_path, e.strerror or str(e)) from None
     finally:
-        shutil.rmtree(private, ignore_errors=True)  # empty once the socket moved; else a failed bind's
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)  # empty once the socket moved
     log.info("snapshotter %r serving on unix:%s", PLUGIN_NAME, socket_path)
     return server
+
+
+def _cannot_listen(socket_path: Path, why: str) -> FastpullError:
+    return FastpullError(f"cannot serve the snapshotter on unix:{socket_path}: {why}")
 
 
 def _answers(path: Path) -> bool:
