@@ -14,6 +14,7 @@ import pytest
 from test_archive import _gnu_extract, apply, entry, layer, tree
 
 from fastpull.errors import MalformedArchive
+from fastpull.unpack.tar import TarInput, entries
 
 MiB = 1 << 20
 Y2250 = 8_836_128_000
@@ -168,18 +169,49 @@ def test_formats_extension_header_at_the_end_reads_as_empty(tmp_path):
     }
 
 
+def _entries(data: bytes) -> list:
+    return list(entries(TarInput(io.BytesIO(data)), "sha256:test"))
+
+
+def test_formats_gnu_header_with_a_ustar_prefix_as_go_before_1_8_wrote_it():
+    """Go's invalid-go17.tar: Go before 1.8 wrote a ustar prefix into GNU headers, where GNU keeps
+    atime and ctime. Go reads it as the prefix where those are not numbers, and as times where they are."""
+    gnu = layer(_gnu_member("foo"), format=tarfile.GNU_FORMAT)
+    [e] = _entries(_header(gnu, 0, prefix=(345, b"a" * 99 + b"\0")))
+    assert e.name == "a" * 99 + "/foo" and e.atime_ns == e.mtime_ns
+    [e] = _entries(_header(gnu, 0, atime=(345, b"%011o\0" % Y2250)))
+    assert e.name == "foo" and e.atime_ns == Y2250 * 10**9
+
+
+def test_formats_archive_ending_inside_the_padding_reads_as_go_reads_it(tmp_path):
+    """Go reads an archive that ends in the padding after its last file's data, without end blocks."""
+    data = layer(entry("f", data=b"x" * 500))
+    apply(data[: 512 + 500 + 3], tmp_path / "r")
+    assert (tmp_path / "r/f").read_bytes() == b"x" * 500
+
+
+def test_formats_global_header_drops_the_extension_headers_before_it():
+    """Go returns a global header as an entry of its own, named by its path record, and forgets the
+    extension headers before it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"path": "global1"}) as tf:
+        tf.addfile(*entry("f"))
+    pending = layer(entry("a" * 120, data=b"x"))[:1024]  # a PAX header naming the next entry
+    assert [(e.type, e.name) for e in _entries(pending + buf.getvalue())] == [(b"g", "global1"), (b"0", "f")]
+
+
 def _pax_member(records: dict[str, str]) -> tuple[tarfile.TarInfo, bytes]:
     ti, data = entry("f")
     ti.pax_headers = records
     return ti, data
 
 
-def _sparse_10_claiming(runs: int) -> bytes:
-    """A PAX 1.0 sparse file whose map claims ``runs`` runs but whose data holds one block."""
+def _sparse_10(sparse_map: bytes) -> bytes:
+    """A PAX 1.0 sparse file of 10 bytes whose data is ``sparse_map``, block-padded."""
     ti, _ = _pax_member({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s",
                          "GNU.sparse.realsize": "10"})
-    ti.size = 512
-    return layer((ti, f"{runs}\n".encode().ljust(512, b"\n")))
+    ti.size = len(sparse_map) + -len(sparse_map) % 512
+    return layer((ti, sparse_map.ljust(ti.size, b"\n")))
 
 
 REFUSED = {
@@ -191,8 +223,10 @@ REFUSED = {
     "lone-zero-block": (lambda d: d[:1024] + bytes(512) + d[:1024], 1024, "a lone zero block inside the archive"),
     "bad-pax-record": (lambda d: layer(entry("x" * 120))[:512] + b"99 path=x\n".ljust(512, b"\0") + d, 0,
                        "bad PAX record"),
-    "sparse-map-too-large": (lambda d: _sparse_10_claiming(100_000), 1024, "sparse map too large"),
-    "nul-in-pax-path": (lambda d: layer(_pax_member({"path": "a\0b"})), 1024, "'a\\x00b' (header at byte 1024)"),
+    "sparse-map-past-its-data": (lambda d: _sparse_10(b"100000\n"), 1024, "sparse map too large"),
+    # Go's gnu-sparse-many-zeros (Go 1.19 read it; later releases refuse a map past 1 MiB)
+    "sparse-map-past-1-mib": (lambda d: _sparse_10(b"300000\n" + b"0\n" * 600_000), 1024, "sparse map too large"),
+    "nul-in-pax-path": (lambda d: layer(_pax_member({"path": "a\0b"})), 0, "NUL byte in PAX record path"),
 }
 
 
