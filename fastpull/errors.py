@@ -5,6 +5,14 @@ from __future__ import annotations
 import json
 
 
+def quote(value: str, limit: int = 200) -> str:
+    """What a client sent, for a message or a log line: double-quoted with control characters escaped
+    (one line), cut to ``limit`` characters; always valid UTF-8 (a lone surrogate is escaped), as a
+    gRPC status message must be."""
+    cut = value if len(value) <= limit else value[:limit] + "…"
+    return json.dumps(cut, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
+
+
 class FastpullError(Exception):
     """Base of every error fastpull raises on purpose."""
 
@@ -153,15 +161,8 @@ class SnapshotError(FastpullError):
     names and labels come from the client, so messages quote them cut short."""
 
     def __init__(self, key: str | None, why: str):
-        super().__init__(why if key is None else f"snapshot {self.quote(key)}: {why}")
+        super().__init__(why if key is None else f"snapshot {quote(key)}: {why}")
         self.key = key
-
-    @staticmethod
-    def quote(value: str, limit: int = 200) -> str:
-        """``value`` double-quoted with control characters escaped, cut to ``limit`` characters; always
-        valid UTF-8 (a lone surrogate is escaped), as a gRPC status message must be."""
-        cut = value if len(value) <= limit else value[:limit] + "…"
-        return json.dumps(cut, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
 
 
 class SnapshotNotFound(SnapshotError):

@@ -8,6 +8,7 @@ Layout under ``root`` (an OCI image layout directory can be the root)::
     .fastpull/ingest/<hex>/bitmap    shared chunk bitmap (see fastpull.content.core.ChunkBitmap)
     .fastpull/gc.lock                held exclusively by a garbage collection (fastpull.content.gc),
                                      shared by whatever must not interleave with one
+    .fastpull/format.json            ``{"format": N}``: the store's format (``FORMAT``)
 
 The store knows nothing of HTTP. A writer is obtained under an exclusive per-digest
 ``flock`` (per open file, so it excludes threads of one process as well as other
@@ -21,6 +22,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +34,10 @@ from fastpull.digests import digest_hex
 from fastpull.errors import DigestMismatch, StoreError
 
 _HASH_BLOCK = 1 << 20
+FORMAT = 1
+"""The format of the store and what lives in it (the layout, leases, the daemon's ledger and layer
+cache). A store without ``format.json`` was written by a release from before formats were recorded:
+format 1, read as it is, and marked so when opened here. A newer format is refused, never misread."""
 PUT_SUFFIX = ".put"
 """``put_bytes`` writes ``<hex>.put<pid>.<thread>`` in the ingest directory, then renames it into ``blobs/``."""
 
@@ -89,11 +95,38 @@ class ContentStore:
         self.blobs = self.root / "blobs" / "sha256"
         self.ingest_dir = self.root / ".fastpull" / "ingest"
         self.gc_lock_path = self.root / ".fastpull" / "gc.lock"
+        self.format_path = self.root / ".fastpull" / "format.json"
+        marked = self._check_format()
         try:
             self.blobs.mkdir(parents=True, exist_ok=True)
             self.ingest_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(str(self.root), e.strerror or str(e)) from e
+        if not marked:
+            self._mark_format()
+
+    def _check_format(self) -> bool:
+        """Whether the store records its format; StoreError if it is one this code does not know."""
+        try:
+            found = json.loads(self.format_path.read_bytes())["format"]
+            if type(found) is not int or found < 1:
+                raise ValueError(f"format {found!r}")
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(str(self.format_path), f"unreadable store format marker: {e}") from e
+        if found > FORMAT:
+            raise StoreError(str(self.root), f"the store has format {found}, newer than the {FORMAT} this fastpull "
+                                             "knows: upgrade fastpull to use it")
+        return True
+
+    def _mark_format(self) -> None:
+        tmp = self.format_path.with_name(f".format.json.{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_text(json.dumps({"format": FORMAT}) + "\n")
+            os.replace(tmp, self.format_path)
+        except OSError:  # a store this user may only read: the next writer marks it
+            tmp.unlink(missing_ok=True)
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs / digest_hex(digest)

@@ -16,8 +16,17 @@ from typing import Any
 from fastpull.digests import check_digest
 from fastpull.errors import ManifestError, PlatformNotFound
 
-MAX_MANIFEST_BYTES = 4 << 20
-"""Largest manifest or index body fastpull accepts (the limit distribution and containerd use)."""
+MAX_MANIFEST_BYTES = 4 * 1048 * 1048
+"""Largest manifest or index body read: containerd's ``MaxManifestSize`` as it spells it (a little over
+distribution's 4 MiB), so that fastpull, as containerd's mirror or snapshotter, refuses none it takes."""
+MAX_CONFIG_BYTES = 4 << 20
+"""Largest image config a manifest may name: containers/image's ``MaxConfigBodySize`` (Podman, CRI-O,
+skopeo; containerd has none). The store commits a blob only at its descriptor's size, so a config is
+never read past it."""
+MAX_DESCRIPTORS = 1000
+"""Most layers a manifest, or manifests an index, may list. A sanity bound on a document, not a
+runtime's (Docker stacks at most 125 layers, overlayfs about 500): twice the most any runtime uses,
+far above real indexes, and it bounds the work one pull or mirror request gets from a registry."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -274,6 +283,9 @@ def parse_manifest(body: bytes, content_type: str | None, where: str) -> ImageMa
     if "config" not in doc:
         raise ManifestError(where, "manifest has no config")
     config = Descriptor.from_dict(doc["config"], f"{where} config")
+    if config.size > MAX_CONFIG_BYTES:
+        raise ManifestError(f"{where} config {config.digest}",
+                            f"{config.size} bytes is over the {MAX_CONFIG_BYTES}-byte limit of an image config")
     return ImageManifest(media_type, config, _descriptors(doc.get("layers"), f"{where} layers"), annotations)
 
 
@@ -298,6 +310,8 @@ def select_platform(index: ImageIndex, platform: Platform, where: str = "image i
 def _descriptors(items: object, where: str) -> tuple[Descriptor, ...]:
     if not isinstance(items, list):
         raise ManifestError(where, "must be a list of descriptors")
+    if len(items) > MAX_DESCRIPTORS:
+        raise ManifestError(where, f"{len(items)} descriptors is over the limit of {MAX_DESCRIPTORS}")
     return tuple(Descriptor.from_dict(item, f"{where}[{i}]") for i, item in enumerate(items))
 
 

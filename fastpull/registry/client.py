@@ -213,7 +213,12 @@ class RegistryClient:
     def _manifest(self, repository: str, target: str, expected: str | None, where: str) -> tuple[bytes, str | None]:
         """GET a manifest and check its digest; returns (body, Content-Type)."""
         url = f"{self.base_url}{self._api}/{repository}/manifests/{target}{self._query}"
-        response = self._send("GET", repository, url, {"Accept": ACCEPT}, MAX_MANIFEST_BYTES)
+        try:
+            response = self._send("GET", repository, url, {"Accept": ACCEPT}, MAX_MANIFEST_BYTES)
+        except RegistryError as e:
+            if e.status != 200:  # a 200 is refused only by the transport, which stopped reading at the cap
+                raise
+            raise ManifestError(where, f"more than {MAX_MANIFEST_BYTES} bytes, the limit of a manifest") from None
         actual = digest_of(response.body)
         if expected is not None and actual != expected:
             raise DigestMismatch(f"manifest {where}", expected, actual)

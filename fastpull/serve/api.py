@@ -25,6 +25,7 @@ from fastpull.errors import (
     RegistryError,
     StoreError,
     TransferError,
+    quote,
 )
 from fastpull.oci.reference import parse_reference
 from fastpull.serve.follow import Follower
@@ -76,12 +77,12 @@ async def _errors(request: web.Request, handler):
         return ApiError(e.status, "UNSUPPORTED", f"{request.method} {request.path}: {e.reason}").response()
     except ApiError as e:
         if e.status >= 500:
-            log.error("%s %s: %s", request.method, request.path_qs, e)
+            log.error("%s %s: %s", request.method, quote(request.path_qs), e)
         return e.response()
     except FastpullError as e:
         mirror.metrics.error(e, request.path)
         api_error = _api_error(e, request.match_info.get("digest") is not None)
-        log.error("%s %s: %s", request.method, request.path_qs, e)
+        log.error("%s %s: %s", request.method, quote(request.path_qs), e)
         return api_error.response()
     finally:
         mirror.metrics.active_clients -= 1
@@ -102,8 +103,6 @@ def _api_error(e: FastpullError, blob: bool) -> ApiError:
         return ApiError(503, "UNAVAILABLE", str(e), {"Retry-After": e.retry_after} if e.retry_after else None)
     if isinstance(e, TransferError):
         return ApiError(503, "UNAVAILABLE", str(e))
-    if isinstance(e, InvalidReference):
-        return ApiError(400, "NAME_INVALID", str(e))
     if isinstance(e, (DigestMismatch, ManifestError)):
         return ApiError(502, "UNKNOWN", f"upstream sent bad content: {e}")
     if isinstance(e, StoreError):
@@ -120,7 +119,10 @@ async def _base(request: web.Request) -> web.Response:
 
 def _upstream(request: web.Request):
     mirror = request.app[MIRROR]
-    return route(request.match_info["name"], request.query.get("ns"), mirror.default_registry)
+    try:
+        return route(request.match_info["name"], request.query.get("ns"), mirror.default_registry)
+    except InvalidReference as e:  # the client's mistake: answered, not logged (it may be any length)
+        raise ApiError(400, "NAME_INVALID", str(e)) from None
 
 
 async def _manifest(request: web.Request) -> web.Response:
@@ -182,10 +184,10 @@ async def _blob(request: web.Request) -> web.StreamResponse:
             await _send(request, body, start, end, follower, mirror)
             await response.write_eof()
         except ConnectionError as e:  # the fetch goes on for the blob's other clients and the store
-            log.info("%s %s: %s", request.method, request.path, e)
+            log.info("%s %s: %s", request.method, quote(request.path), e)
         except FastpullError as e:  # too late for a status: cut the body short, the client retries
             mirror.metrics.error(e, request.path)
-            log.error("%s %s: %s", request.method, request.path, e)
+            log.error("%s %s: %s", request.method, quote(request.path), e)
             if request.transport is not None:
                 request.transport.abort()
         return response
@@ -256,7 +258,7 @@ def start_prefetch(app: web.Application, refs: list[str]) -> None:
             await mirror.prefetch(ref)
         except FastpullError as e:
             mirror.metrics.error(e, ref)
-            log.error("prefetch %s: %s", ref, e)
+            log.error("prefetch %s: %s", quote(ref), e)
 
     for ref in refs:
         task = asyncio.ensure_future(one(ref))

@@ -26,7 +26,14 @@ from fastpull.content.leases import Lease
 from fastpull.content.store import BlobReader
 from fastpull.digests import check_digest
 from fastpull.errors import FastpullError, ManifestError, RegistryError, TransferError
-from fastpull.oci.manifest import INDEX_TYPES, MANIFEST_TYPES, ImageIndex, digest_of, parse_manifest
+from fastpull.oci.manifest import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_BYTES,
+    ImageIndex,
+    digest_of,
+    parse_manifest,
+)
 from fastpull.oci.reference import parse_reference
 from fastpull.puller import NON_DISTRIBUTABLE, Puller, RepositorySource
 from fastpull.serve import DEFAULT_TAG_TTL
@@ -163,10 +170,15 @@ class Mirror:
             raise
 
     def _stored_manifest(self, digest: str) -> StoredManifest | None:
+        """The stored manifest ``digest``; None if the store lacks it or it is too big to be one (a
+        client may name a layer as a manifest: it is never read whole)."""
         media_type = self.ledger.media_type(digest)
         try:
-            body = self.store.blob_path(digest).read_bytes()
+            with open(self.store.blob_path(digest), "rb") as f:
+                body = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
+            return None
+        if len(body) > MAX_MANIFEST_BYTES:
             return None
         return StoredManifest(digest, media_type or _media_type(body, None, digest), body)
 

@@ -21,7 +21,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from fastpull.errors import SnapshotError, SnapshotInvalid
+from fastpull import errors
+from fastpull.errors import SnapshotInvalid
 
 Lookup = Callable[[tuple[str, ...]], str | None]
 """A field path's value in the object being matched, or None where it has no such field."""
@@ -265,7 +266,7 @@ class _Parser:
         return out.decode("utf-8", "surrogateescape")
 
     def error(self, pos: int, why: str) -> SnapshotInvalid:
-        return SnapshotInvalid(None, f"invalid filter {SnapshotError.quote(self.text)}: {why} at offset {pos}")
+        return SnapshotInvalid(None, f"invalid filter {errors.quote(self.text)}: {why} at offset {pos}")
 
 
 def _is_field_char(c: str) -> bool:

@@ -31,6 +31,7 @@ from fastpull.errors import (
     SnapshotInvalid,
     SnapshotNotFound,
     SnapshotPrecondition,
+    quote,
 )
 from fastpull.snapshotter.filters import Lookup
 
@@ -152,7 +153,7 @@ def check_labels(subject: str, labels: Mapping[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise SnapshotInvalid(subject, "label keys and values must be strings")
-        what = f"label {SnapshotError.quote(key, 64)}"
+        what = f"label {quote(key, 64)}"
         size = _utf8_size(subject, key, what) + _utf8_size(subject, value, what)
         if size > MAX_LABEL_BYTES:
             raise SnapshotInvalid(subject, f"{what}: key and value are {size} bytes, more than {MAX_LABEL_BYTES}")
@@ -285,12 +286,12 @@ class Tx:
         labels = check_labels(key, labels)
         parent_id = None
         if parent:
-            check_name(parent, key, f"parent {SnapshotError.quote(parent)}")
+            check_name(parent, key, f"parent {quote(parent)}")
             found = self.find(parent)
             if found is None:
-                raise SnapshotNotFound(key, f"parent {SnapshotError.quote(parent)} does not exist")
+                raise SnapshotNotFound(key, f"parent {quote(parent)} does not exist")
             if found.info.kind is not Kind.COMMITTED:
-                raise SnapshotInvalid(key, f"parent {SnapshotError.quote(parent)} is not a committed snapshot")
+                raise SnapshotInvalid(key, f"parent {quote(parent)} is not a committed snapshot")
             parent_id = found.id
         if self._exists(key):
             raise SnapshotExists(key, "already exists")
@@ -336,7 +337,7 @@ class Tx:
             elif path == "labels":
                 labels = dict(info.labels)
             else:
-                raise SnapshotInvalid(info.name, f"cannot update field {SnapshotError.quote(path)}: only labels change")
+                raise SnapshotInvalid(info.name, f"cannot update field {quote(path)}: only labels change")
         if not fieldpaths:
             labels = dict(info.labels)
         labels = check_labels(info.name, labels)
@@ -349,7 +350,7 @@ class Tx:
         record = self.get(key)
         child = self.conn.execute("SELECT name FROM snapshots WHERE parent_id = ? LIMIT 1", (record.id,)).fetchone()
         if child is not None:
-            raise SnapshotPrecondition(key, f"cannot remove snapshot with child {SnapshotError.quote(child[0])}")
+            raise SnapshotPrecondition(key, f"cannot remove snapshot with child {quote(child[0])}")
         self.conn.execute("DELETE FROM snapshots WHERE id = ?", (record.id,))
         return record
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastpull.digests import check_digest
-from fastpull.errors import SnapshotError, SnapshotExists, SnapshotInvalid, SnapshotNotFound, UnpackError
+from fastpull.errors import SnapshotExists, SnapshotInvalid, SnapshotNotFound, UnpackError, quote
 from fastpull.snapshotter.filters import parse_all
 from fastpull.snapshotter.metadata import (
     NO_USAGE,
@@ -170,7 +170,7 @@ class OverlaySnapshotter:
         check_name(name)
         check_labels(name, labels)
         if (why := check_digest(chain_id)) is not None:
-            raise SnapshotInvalid(name, f"layer {SnapshotError.quote(chain_id)}: {why}")
+            raise SnapshotInvalid(name, f"layer {quote(chain_id)}: {why}")
         source = self.layers.path(chain_id)
         with self.layers.hold(chain_id):
             with self._db.read() as tx:
@@ -182,7 +182,7 @@ class OverlaySnapshotter:
                     return info
                 origin = f" from layer {existing.chain}" if existing.chain else ""
                 raise SnapshotExists(name, f"already exists, {info.kind.name.lower()} on parent "
-                                           f"{SnapshotError.quote(info.parent)}{origin}")
+                                           f"{quote(info.parent)}{origin}")
             if not source.is_dir():
                 raise SnapshotNotFound(name, f"layer {chain_id} is not in the layer cache {self.layers.root}")
             if usage is None:

@@ -41,10 +41,12 @@ from fastpull.errors import (
     StoreError,
     TransferError,
     UnpackError,
+    quote,
 )
 from fastpull.protos.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from fastpull.protos.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from fastpull.protos.containerd.types import mount_pb2
+from fastpull.snapshotter.metadata import check_labels
 from fastpull.snapshotter.overlay import Info, Kind, Mount, OverlaySnapshotter
 from fastpull.snapshotter.remote import SNAPSHOT_REF, LayerSource, chain_id_of, layer_request
 
@@ -58,8 +60,6 @@ THREADS = 8
 """Snapshotter operations at once; calls waiting for a remote layer hold none."""
 _SUN_PATH_MAX = 107
 """Bytes of a unix socket's path (``sun_path`` holds 108 with the terminating NUL)."""
-_QUOTE = 200
-"""Characters of a client's key or label quoted in a log line or an error."""
 
 _CODES: list[tuple[type[FastpullError], grpc.StatusCode]] = [
     (SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
@@ -91,11 +91,6 @@ def _no_space(error: BaseException) -> bool:
             return True
         error = error.__cause__
     return "No space left on device" in str(error)
-
-
-def quote(text: str) -> str:
-    """A client's string, cut to fit a log line."""
-    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
@@ -143,6 +138,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     async def _prepare_remote(self, context, key: str, parent: str, chain_id: str, labels: dict[str, str]) -> str:
         """Commit ``chain_id`` from the cache, fetching it first if the labels say how: ``cache`` or
         ``remote`` once it is committed, ``local`` if containerd must apply the layer itself."""
+        await self._run(context, check_labels, key, labels)  # as a local Prepare's: they reach logs and errors
         cache = self.snapshotter.layers
         outcome = "cache"
         for attempt in range(2):
@@ -151,11 +147,11 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
                 if request is None or self.layers is None:
                     return "local"
                 outcome = "remote"
-                log.info("prepare %s: fetching %s", quote(key), request)
+                log.info("prepare %s: fetching %s", quote(key), quote(str(request)))
                 try:
                     await asyncio.wrap_future(self.layers.ensure(request))
-                except FastpullError as e:
-                    log.error("prepare %s: %s: %s", quote(key), request, e)
+                except FastpullError as e:  # its message may hold the labels' image reference whole
+                    log.error("prepare %s: %s", quote(key), quote(str(e)))
                     await context.abort(status_code(e), f"{request}: {e}")
             try:
                 await asyncio.get_running_loop().run_in_executor(
