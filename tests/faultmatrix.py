@@ -123,7 +123,38 @@ def render(outcomes: dict[tuple[str, str], str]) -> str:
         lines.append(f"- **{title}**: {promise}")
     lines += ["", "n/a: " + "; ".join(f"{FAULTS[f][0]} in the {PHASES[p]} phase: {why}"
                                           for (f, p), why in NOT_APPLICABLE.items()) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _daemon_section()
+
+
+# ---- the daemon's rows (tests/test_daemon_faults.py) ---------------------------------------------
+
+DAEMON_MARK = "<!-- daemon rows: written by tests/test_daemon_faults.py -->"
+
+
+def _daemon_section() -> str:
+    """The daemon's section as the doc holds it now (the matrix's run keeps it)."""
+    text = DOC.read_text() if DOC.exists() else ""
+    return text[text.index(DAEMON_MARK) - 1:] if DAEMON_MARK in text else ""
+
+
+def write_daemon_rows(rows: dict[str, tuple[str, str]]) -> None:
+    """Replace the daemon's section of :data:`DOC` with ``rows``: fault -> (outcome, promise)."""
+    lines = [
+        "", DAEMON_MARK, "## The node daemon (`fastpull serve --snapshotter`, containerd's CRI pulling)", "",
+        "Each row is a test in `tests/test_daemon_faults.py`: containerd 1.6's CRI `PullImage` through",
+        "the snapshotter, against the fault-injecting registry. **integrity** means: every metadata row",
+        "of the snapshotter has its directory, no snapshot directory lacks its row after the",
+        "snapshotter's cleanup, and (after the next pull) nothing is left in the layer cache's temporary",
+        "directory;",
+        "**resumed**: the next pull succeeds and the registry sends only the layers that were missing.",
+        "", "| fault | outcome |", "| --- | --- |",
+    ]
+    lines += [f"| {fault} | {outcome} |" for fault, (outcome, _) in rows.items()]
+    lines += ["", "### What each daemon row promises", ""]
+    lines += [f"- **{fault}**: {promise}" for fault, (_, promise) in rows.items()]
+    text = DOC.read_text() if DOC.exists() else ""
+    head = text[:text.index(DAEMON_MARK) - 1] if DAEMON_MARK in text else text
+    DOC.write_text(head + "\n".join(lines) + "\n")
 
 
 def cells() -> list[tuple[str, str]]:

@@ -134,3 +134,18 @@ def test_the_shipped_unit_and_daemonset_run_a_valid_command():
         parsed = build_parser().parse_args(argv)
         assert parsed.command == "serve" and parsed.listen == ("127.0.0.1", 5050)
         assert str(parsed.snapshotter) == "/run/fastpull/snapshotter.sock"
+    assert (str(parsed.cri_proxy), str(parsed.cri_upstream)) == (  # the DaemonSet's
+        "/run/fastpull/cri.sock", "/run/containerd/containerd.sock")
+
+
+def test_the_ledger_grows_with_what_is_pulled_not_how_often(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    for _ in range(100):
+        ledger.record("r", "a/b", DIGEST, 5)
+        ledger.record_tag("r", "a/b", "v1", DIGEST)
+    size = path.stat().st_size
+    ledger.record_tag("r", "a/b", "v1", "sha256:" + "1" * 64)  # the tag moved: that is news
+    ledger.close()
+    assert size < 300 and path.stat().st_size > size
+    assert Ledger(path).tag("r", "a/b", "v1").digest == "sha256:" + "1" * 64

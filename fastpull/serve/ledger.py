@@ -65,8 +65,15 @@ class Ledger:
                       **({"mediaType": media_type} if media_type else {})})
 
     def record_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
-        self._append({"registry": registry, "repository": repository, "tag": tag, "digest": digest,
-                      "at": time.time()})
+        """The upstream says ``tag`` is ``digest`` now. Written only when the digest changes, so that
+        the file grows with what the node pulls, not with how often: a restart then trusts the tag
+        from its older time, and asks the upstream again sooner."""
+        entry = {"registry": registry, "repository": repository, "tag": tag, "digest": digest, "at": time.time()}
+        known = self._tags.get((registry, repository, tag))
+        if known is not None and known.digest == digest:
+            self._apply(entry)
+        else:
+            self._append(entry)
 
     def close(self) -> None:
         self._file.close()

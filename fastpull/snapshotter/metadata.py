@@ -189,6 +189,8 @@ class MetaStore:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             with self.write() as tx:
+                if (check := tx.conn.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+                    raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
                 version = tx.conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise SnapshotPrecondition(
@@ -201,6 +203,11 @@ class MetaStore:
                     tx.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException as e:
             self.close()
+            if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+                raise SnapshotError(None, f"snapshot metadata {path} is corrupt ({e}): to recover, move it aside "
+                                          f"(mv {path} {path}.corrupt) and start again; the snapshots containerd "
+                                          "holds in this snapshotter are then lost: remove their images and pull "
+                                          "them again") from e
             if isinstance(e, sqlite3.Error):
                 raise self._failed(e) from e
             raise
