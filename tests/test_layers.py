@@ -1,6 +1,7 @@
 """The package's layers import one way (as go-containerregistry checks its own):
 
     errors, digests, _core/_pycore     used by all
+    sockets                            gRPC servers on root-only unix sockets (snapshotter, CRI proxy)
     protos      -> (nothing of ours)   gRPC stubs generated from containerd's and cri-api's protos
     oci         -> (nothing of ours)   references, descriptors, manifests, platforms: pure data
     http        -> (nothing of ours)   transport and the HTTP policy; no OCI
@@ -24,7 +25,7 @@ from pathlib import Path
 import fastpull
 
 PACKAGE = Path(fastpull.__file__).parent
-COMMON = {"fastpull", "fastpull.errors", "fastpull.digests", "fastpull._core", "fastpull._pycore"}
+COMMON = {"fastpull", "fastpull.errors", "fastpull.digests", "fastpull._core", "fastpull._pycore", "fastpull.sockets"}
 ALLOWED = {
     "protos": {"protos"},
     "oci": {"oci"},
@@ -35,12 +36,13 @@ ALLOWED = {
     "unpack": {"oci", "content", "unpack"},
     "puller": {"puller", "oci", "registry", "engine", "content", "unpack", "events"},
     "snapshotter": {"snapshotter", "unpack", "protos"},
-    "serve": {"serve", "snapshotter", "puller", "events", "registry", "engine", "content", "unpack", "oci"},
+    "serve": {"serve", "snapshotter", "puller", "events", "registry", "engine", "content", "unpack", "oci", "protos"},
     "cli": {"cli", "serve", "snapshotter", "puller", "events", "oci", "engine", "content", "unpack", "registry",
             "testbed"},
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }
 TOP = {"__init__": "package", "__main__": "cli", "errors": "common", "digests": "common", "_pycore": "common",
+       "sockets": "common",
        "events": "puller"}
 OCI_FREE = ("http/*.py", "engine/*.py", "content/store.py", "content/core.py")  # no manifests, no references
 

@@ -62,9 +62,9 @@ def _states(events) -> dict[str, list[str]]:
     return states
 
 
-def _hold_blob(layout: Path, image: BuiltImage, i: int):
+def _hold_blob(layout: Path, image: BuiltImage, i: int, commit: bool = True):
     """Hold layer ``i``'s blob lock in ``layout``'s store, as another writer would; the returned
-    ``release()`` commits the blob and lets go, and the pull finds it there."""
+    ``release()`` commits the blob (unless not ``commit``: the pull then fetches it) and lets go."""
     store = ContentStore(layout)
     layer = image.layers[i]
     writer = store.open_writer(layer.digest, layer.size, OPTS.chunk_size)
@@ -72,7 +72,8 @@ def _hold_blob(layout: Path, image: BuiltImage, i: int):
 
     def release() -> None:
         if held:
-            store.put_bytes(layer.digest, image.blob_path(layer.digest).read_bytes())
+            if commit:
+                store.put_bytes(layer.digest, image.blob_path(layer.digest).read_bytes())
             held.pop().close()
 
     return release
@@ -148,15 +149,24 @@ def test_a_layer_that_fails_leaves_the_snapshots_below_it_committed(registry, im
     stored = blob_storage_path(registry, bad.digest)
     original = stored.read_bytes()
     layout, root = tmp_path / "layout", tmp_path / "snapshots"
+    # The pull stops at its first failure: the bad layer is fetched only once those below are in.
+    release_bad = _hold_blob(layout, image, 2, commit=False)
     events = []
+
+    def heard(event) -> None:
+        events.append(event)
+        if event == LayerDone(image.layers[1].digest, "unpacked"):
+            release_bad()
+
     try:
         if fault == "digest":
             tampered = bytearray(original)
             tampered[len(tampered) // 2] ^= 0xFF
             stored.write_bytes(bytes(tampered))
         with pytest.raises(DigestMismatch) as err:
-            pull(ref, layout, snapshots=root, options=OPTS, events=events.append)
+            pull(ref, layout, snapshots=root, options=OPTS, events=heard)
     finally:
+        release_bad()
         stored.write_bytes(original)
     assert bad.digest in str(err.value) and (fault == "digest" or "diffID" in str(err.value))
     for i in (0, 1):  # verified and complete: they stay, for the next pull

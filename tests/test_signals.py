@@ -1,6 +1,7 @@
 """A ``fastpull pull`` stopped by a signal while its layers download and unpack: every process
 of the pull goes, nothing is left beside the target, the exit status says which signal, and the
-same command then completes, resuming the partial blobs."""
+same command then completes, resuming the partial blobs. Stopped at any moment of a pull of hundreds
+of layers, it never hangs."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import wait_until
 from faultserver import FaultRegistry
+from test_many_layers import BOUND_S, blob_gets, serve, tiny_image
 
+from fastpull.puller.core import MAX_LAYERS
 from fastpull.testbed.images import LayerSpec, build_image
 
 MiB = 1 << 20
@@ -61,12 +65,18 @@ def _unpacking(out: Path, what: str) -> bool:
 
 
 def _stop_mid_unpack(command: list[str], out: Path, what: str, signum: int) -> subprocess.CompletedProcess[str]:
+    return _stop_when(command, lambda pid: _unpacking(out, what) and len(_session(pid)) > 2,  # with its workers
+                      "a layer unpacks", signum)
+
+
+def _stop_when(command: list[str], ready: Callable[[int], bool], what: str, signum: int
+               ) -> subprocess.CompletedProcess[str]:
+    """Run ``command``; send it ``signum`` once ``ready(its pid)``; wait until it and its processes are gone."""
     proc = _start(command)
     try:
-        wait_until(lambda: _unpacking(out, what), "a layer unpacks", timeout=60)
-        assert len(_session(proc.pid)) > 2  # the pull, its fork server and workers
+        wait_until(lambda: ready(proc.pid), what, timeout=BOUND_S)
         os.kill(proc.pid, signum)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=BOUND_S)
         wait_until(lambda: not _session(proc.pid), "every process of the pull is gone", timeout=30)
     finally:
         for pid in _session(proc.pid):
@@ -122,3 +132,34 @@ def test_sigkill_takes_the_workers_too_and_the_next_pull_clears_the_tree_left(se
     assert len(left) == 1 and left[0].name.startswith(".rootfs.fastpull-")  # nobody could remove it
     _rerun_resumes(server, image, command)
     assert sorted(p.name for p in out.iterdir()) == ["rootfs"]
+
+
+@pytest.fixture(scope="module")
+def many_layers():
+    return tiny_image(MAX_LAYERS)
+
+
+@pytest.mark.parametrize("moment", ["manifest", 1, 2, 5, 10, 20, 50, 100, 200, 300, 400, "all"], ids=str)
+def test_sigterm_at_any_moment_of_a_pull_of_many_layers_exits_143_and_leaves_no_tree(many_layers, tmp_path, moment):
+    """500 tiny layers into a rootfs, the base one never landing (so the pull is under way whenever the
+    signal comes): SIGTERM once the manifest is asked, once ``moment`` blobs are, or once all but the base
+    are. Each time the pull exits 143 within the bound, every process gone and no tree left: the stop is
+    a message its wait acts on, never an exception amid the locks of futures that its threads settle."""
+    out = tmp_path / "out"
+    with FaultRegistry() as srv:
+        ref = serve(srv, many_layers)
+        srv.stall_after(many_layers.digests[0], 0)
+
+        def ready(pid: int) -> bool:
+            if moment == "manifest":
+                return any("/manifests/" in r.path for r in srv.log)
+            if moment == "all":
+                return {r.digest for r in blob_gets(srv)} >= set(many_layers.digests[1:])
+            return len(blob_gets(srv)) >= moment
+
+        command = [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(tmp_path / "layout"),
+                   "--rootfs", str(out / "rootfs"), "--unpack-workers", "2"]
+        stopped = _stop_when(command, ready, f"the pull reaches {moment}", signal.SIGTERM)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert not out.exists() or list(out.iterdir()) == []  # no temporary tree, no rootfs

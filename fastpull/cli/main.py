@@ -18,6 +18,7 @@ from fastpull.errors import FastpullError, InvalidReference
 TYPE_CHECKING = False  # not typing's: importing typing costs start-up time
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
     from typing import NoReturn
 
     from fastpull.cli.singleflight import Outcome
@@ -43,19 +44,38 @@ class UsageError(Exception):
     """A command-line value the parser let through but the pull refuses (e.g. a too small --chunk-size)."""
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP arrived: raised in the main thread, it unwinds the pull (transfers
-    stopped, unpack workers killed, temporary trees removed, partial blobs kept for a resume)."""
+class _StopSignals:
+    """What SIGINT, SIGTERM and SIGHUP do while a command runs: stop it, and make it exit with 128 + the
+    first one's number (the pull's transfers and unpack workers stopped, its temporary trees removed, its
+    partial blobs kept for a resume).
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    Once a pull has resolved its image it runs threads, and a stop is a message (:meth:`Puller.stop`):
+    the pull raises from its wait and unwinds from there. An exception raised here could land anywhere,
+    in the middle of taking locks that the other threads then wait on for good. Before that only the
+    main thread runs, and the first stop is raised here (a synchronous request lets it run within a
+    second), as KeyboardInterrupt.
+    """
+
+    def __enter__(self) -> _StopSignals:
+        self.received: list[int] = []
+        self.pull: Callable[[], None] | None = None
+        """Stops the pull under way, once it runs threads."""
+        self._previous = {s: signal.signal(s, self) for s in _STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+        if self.pull is not None:
+            self.pull()
+        elif len(self.received) == 1:  # the clean-up runs once, undisturbed by a second signal
+            raise KeyboardInterrupt
 
 
-def _stop(signum: int, frame: object) -> None:
-    for s in _STOP_SIGNALS:  # the clean-up runs once, undisturbed by a second signal
-        signal.signal(s, signal.SIG_IGN)
-    raise Stopped(signum)
+_stop_signals = _StopSignals()
 
 
 def fetch_options(args: argparse.Namespace) -> FetchOptions:
@@ -219,10 +239,15 @@ def _run_pull(args: argparse.Namespace, ref: str, layout: str, *, json_lines: bo
     exit status, the pull's summary events as JSON lines (``resolved``, then ``pulled`` or
     ``error``) as "stdout", and the error line for stderr; :func:`_write_outcome` writes it.
     """
-    from fastpull.events import Failed
+    from fastpull.events import Failed, Resolved
     from fastpull.oci.manifest import Platform
     from fastpull.puller import Puller
     from fastpull.registry.hosts import RegistryHosts
+
+    def show(event: Event) -> None:
+        if isinstance(event, Resolved):  # the pull starts its threads: a stop is a message from now on
+            _stop_signals.pull = puller.stop
+        output.show(event)
 
     status, error = 0, ""
     with _Output(f"pulling {ref}", json_lines) as output:
@@ -233,13 +258,15 @@ def _run_pull(args: argparse.Namespace, ref: str, layout: str, *, json_lines: bo
                 platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
                 unpack_workers=unpack_workers, hosts=hosts,
             ) as puller:
-                puller.pull(ref, layout, events=output.show, **unpack)
+                puller.pull(ref, layout, events=show, **unpack)
         except FastpullError as exc:
             if not any(e["event"] == Failed.NAME for e in output.summary):
                 output.show(Failed.of(exc, ref))  # raised before the pull began
             # A reference is parsed by the pull: a process that joins another imports no parser.
             status, error = ((EXIT_USAGE, f"fastpull pull: error: {exc}\n") if isinstance(exc, InvalidReference)
                              else (EXIT_FAILED, f"fastpull: {exc}\n"))
+        finally:
+            _stop_signals.pull = None
     return {"exit": status, "stdout": "".join(json.dumps(e) + "\n" for e in output.summary), "stderr": error}
 
 
@@ -410,11 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
 
-    from fastpull.cli import export, gc, images, login, rm, serve
+    from fastpull.cli import export, gc, images, login, rm, serve, status
 
     serve.add_parser(sub)
     login.add_parsers(sub)
-    for command in (images, rm, gc, export):
+    for command in (images, rm, gc, export, status):
         command.add_parser(sub)
 
     p = sub.add_parser("demo", help="start a local registry, push a generated image, pull it")
@@ -437,17 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    previous = {s: signal.signal(s, _stop) for s in _STOP_SIGNALS}
-    try:
-        return args.func(args)
-    except FastpullError as exc:
-        print(f"fastpull: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except UsageError as exc:
-        print(f"fastpull {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Stopped as stop:
-        return 128 + stop.signum
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with _stop_signals as stop:
+        try:
+            return args.func(args)
+        except FastpullError as exc:
+            print(f"fastpull: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except UsageError as exc:
+            print(f"fastpull {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:  # raised by the handler, or a stopped pull's Stopped
+            return 128 + stop.received[0]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub) -> None:
-    from fastpull.serve import DEFAULT_LISTEN, DEFAULT_TAG_TTL
+    from fastpull.serve import DEFAULT_CRI_UPSTREAM, DEFAULT_LISTEN, DEFAULT_TAG_TTL
 
     p = sub.add_parser("serve", help="serve the node's container runtimes as a pull-through registry mirror")
     p.add_argument("--store", type=Path, help="content store (an OCI image layout; default: $FASTPULL_STORE, "
@@ -41,6 +41,12 @@ def add_parser(sub) -> None:
     p.add_argument("--snapshotter", type=Path, metavar="SOCKET",
                    help="also be containerd's snapshotter: serve its snapshots API on this unix socket (mode 0600), "
                         "as the proxy plugin named fastpull, fetching and unpacking the layers of CRI pulls itself")
+    p.add_argument("--cri-proxy", type=Path, metavar="SOCKET",
+                   help="also serve CRI's image service on this unix socket (mode 0600), for kubelet's "
+                        "--image-service-endpoint: every call goes to --cri-upstream, and a PullImage's "
+                        "credentials serve the snapshotter's pulls of its layers, in memory, for that pull only")
+    p.add_argument("--cri-upstream", type=Path, default=Path(DEFAULT_CRI_UPSTREAM), metavar="SOCKET",
+                   help=f"containerd's socket, where --cri-proxy forwards (default {DEFAULT_CRI_UPSTREAM})")
     p.add_argument("--print-config", choices=("containerd", "containerd1", "crio", "docker"), metavar="RUNTIME",
                    help="print what to write for containerd (2.x), containerd1 (1.6, 1.7), crio or docker to use "
                         "this mirror for the REGISTRY arguments (and, with --snapshotter, this snapshotter), and exit")
@@ -87,6 +93,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         insecure_registries=tuple(args.insecure_registry), prefetch=args.prefetch, tag_ttl=args.tag_ttl,
         fetch_ahead=args.fetch_ahead, hosts_dir=args.hosts_dir, registries_conf=args.registries_conf,
         snapshotter=None if args.snapshotter is None else args.snapshotter.absolute(), fetch=fetch_options(args),
+        cri_proxy=None if args.cri_proxy is None else args.cri_proxy.absolute(), cri_upstream=args.cri_upstream.absolute(),
     ))
     return 0
 

@@ -1,22 +1,25 @@
 """The blobs the fetch loop is fetching, from request to settled futures: one download per
 (store, digest) however many ask for it, another writer's per-digest lock waited on off the
-loop's thread, and a finished blob verified and committed by the hashers. Which bytes of an active
-blob go next is the planner's (:mod:`fastpull.engine.planner`); its transfers are the loop's.
+loop's thread, a finished blob verified and committed by the hashers, a group's requests ended
+together, and the futures settled off the loop's thread. Which bytes of an active blob go next is
+the planner's (:mod:`fastpull.engine.planner`); its transfers are the loop's.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastpull.content.store import BlobWriter
 from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Switched
 from fastpull.engine.hashing import Hashers
-from fastpull.engine.options import FetchOptions, FetchStats
+from fastpull.engine.options import FetchGroup, FetchOptions, FetchStats
 from fastpull.engine.transfers import BlobFetch, Transfer
 from fastpull.errors import DigestMismatch, FastpullError
 
@@ -30,12 +33,42 @@ def _call_safely(callback: Callable[[], None]) -> None:
         log.exception("fetch callback failed")
 
 
+class Settler:
+    """Settles futures on a thread of its own, in the order given: the loop never waits on a future's
+    lock, which the thread of a caller interrupted inside ``concurrent.futures.wait`` (a
+    KeyboardInterrupt) may hold for good."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[Future], Path | BaseException] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="fastpull-settle", daemon=True).start()
+
+    def settle(self, futures: Iterable[Future], result: Path | BaseException) -> None:
+        self._jobs.put((list(futures), result))
+
+    def close(self) -> None:
+        """End the thread once it has settled what it was given; not joined, for the reason above."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            futures, result = job
+            for future in futures:
+                try:
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                except InvalidStateError:  # its caller cancelled it
+                    pass
+
+
 class Blobs:
     """The loop thread's table of blobs being fetched, keyed by (store, digest).
 
     A blob is queued, then active (its ingest open: at most ``blobs_in_flight``, in the order they
-    were asked for), then committing; :meth:`finish` settles every request's future. Side threads
-    (lock waits, hashers) answer through the mailbox; ``cancel`` drops one of a blob's transfers.
+    were asked for), then committing; :meth:`finish` settles every request's future, through the
+    settler. Side threads (lock waits, hashers) answer through the mailbox; ``cancel`` drops one of a
+    blob's transfers.
     """
 
     def __init__(self, options: FetchOptions, stats: FetchStats, mailbox: Mailbox,
@@ -45,6 +78,7 @@ class Blobs:
         self._mailbox = mailbox
         self._cancel = cancel
         self._hashers = Hashers(options.hasher_threads, lambda blob, result: mailbox.post(Committed(blob, result)))
+        self.settler = Settler()
         self._table: dict[tuple[str, str], BlobFetch] = {}
         self._queued: deque[BlobFetch] = deque()
         self.active: list[BlobFetch] = []
@@ -60,11 +94,14 @@ class Blobs:
     def request(self, command: Fetch) -> None:
         """A caller asks for a blob: share a download in progress, answer at once if the store
         has it, else queue a new one."""
-        store, digest, on_open = command.store, command.digest, command.on_open
+        store, digest, on_open, group = command.store, command.digest, command.on_open, command.group
+        if group is not None and group.failed is not None:
+            self.settler.settle([command.future], group.failed[1])
+            return
         key = (str(store.root), digest)
         blob = self._table.get(key)
         if blob is not None:
-            blob.futures.append(command.future)
+            blob.futures[command.future] = group
             if on_open is not None:
                 blob.streamed = True
                 blob.openers.append(on_open)
@@ -75,10 +112,10 @@ class Blobs:
             self._stats.blobs_skipped += 1
             if on_open is not None:
                 _call_safely(on_open)
-            command.future.set_result(store.blob_path(digest))
+            self.settler.settle([command.future], store.blob_path(digest))
             return
-        blob = BlobFetch(store, command.source, digest, command.size, [command.future], streamed=on_open is not None,
-                         on_downloaded=command.on_downloaded)
+        blob = BlobFetch(store, command.source, digest, command.size, {command.future: group},
+                         streamed=on_open is not None, on_downloaded=command.on_downloaded)
         if on_open is not None:
             blob.openers.append(on_open)
         self._table[key] = blob
@@ -88,6 +125,8 @@ class Blobs:
         """Open the ingests of queued blobs while fewer than ``blobs_in_flight`` are active."""
         while self._queued and len(self.active) < self._options.blobs_in_flight:
             blob = self._queued.popleft()
+            if not blob.futures:  # its requests were withdrawn meanwhile
+                continue
             try:
                 writer = blob.store.open_writer(blob.digest, blob.size, self._options.bitmap_chunk, block=False)
             except FastpullError as exc:
@@ -115,7 +154,10 @@ class Blobs:
         """The other writer is gone: it committed the blob, or died and left its partial download
         to resume."""
         blob, writer = command.blob, command.writer
-        if command.error is not None:
+        if not blob.futures:  # its requests were withdrawn meanwhile
+            if writer is not None:
+                writer.close()
+        elif command.error is not None:
             self.finish(blob, command.error)
         elif writer is None:
             self._stats.blobs_skipped += 1
@@ -202,7 +244,8 @@ class Blobs:
         blob, result = command.blob, command.result
         blob.committing = False
         blob.writer = None  # commit() closed it, whatever the outcome
-        if isinstance(result, DigestMismatch) and not blob.refetched and not blob.streamed and not self.stopping:
+        if (isinstance(result, DigestMismatch) and not blob.refetched and not blob.streamed and not self.stopping
+                and blob.futures):
             # A byte flipped on the way (a proxy, a NIC) costs one more download, not the pull; the
             # same mismatch twice is the registry's copy. commit() discarded the ingest. A blob read
             # as it landed is not fetched again: its reader has consumed the bad bytes.
@@ -218,24 +261,48 @@ class Blobs:
         self.finish(blob, result)
 
     def finish(self, blob: BlobFetch, result: Path | BaseException) -> None:
-        """Settle every future of a blob and forget it; releases the writer unless committed."""
+        """Settle every future of a blob and forget it; releases the writer unless committed. A
+        blob that failed (the engine running) ends its requests' groups first."""
+        self._forget(blob)
+        if isinstance(result, BaseException):
+            blob.openers.clear()
+            if not self.stopping:
+                for group in {g for g in blob.futures.values() if g is not None}:
+                    self.end_group(group, blob.digest, result)
+        else:
+            self._call_openers(blob)  # committed by another process while we waited
+        self.settler.settle(blob.futures, result)
+
+    def _forget(self, blob: BlobFetch) -> None:
+        """Stop fetching ``blob``: its transfers end, its writer is released unless committing (the
+        data written stays for a resume)."""
         for t in list(blob.transfers):
             self._cancel(t)
         if blob.writer is not None and not blob.committing:
             blob.writer.close()
         blob.writer = None
-        self._table.pop((str(blob.store.root), blob.digest), None)
+        key = (str(blob.store.root), blob.digest)
+        if self._table.get(key) is blob:
+            del self._table[key]
         if blob in self.active:
             self.active.remove(blob)
-        if isinstance(result, BaseException):
-            blob.openers.clear()
-        else:
-            self._call_openers(blob)  # committed by another process while we waited
-        for future in blob.futures:
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+
+    def end_group(self, group: FetchGroup, digest: str | None, error: BaseException) -> None:
+        """Fail the requests of ``group`` still waiting, and those made later, with ``error`` (``digest``:
+        the blob that failed, None for a cancel); a blob no one else wants is no longer fetched. A blob
+        being committed is left to settle its requests: it is all in."""
+        if group.failed is not None:
+            return  # ended already: none of its requests is left
+        group.failed = (digest, error)
+        for blob in list(self._table.values()):
+            ours = [f for f, g in blob.futures.items() if g is group]
+            if not ours or blob.committing:
+                continue
+            for future in ours:
+                del blob.futures[future]
+            if not blob.futures:
+                self._forget(blob)
+            self.settler.settle(ours, error)
 
     def fail_all(self, exc: FastpullError) -> None:
         """Stop: fail every blob but those the hashers are committing."""
@@ -245,5 +312,6 @@ class Blobs:
                 self.finish(blob, exc)
 
     def close(self) -> None:
-        """End the hasher threads after the jobs already queued."""
+        """End the hasher threads after the jobs already queued, then the settler."""
         self._hashers.stop()
+        self.settler.close()

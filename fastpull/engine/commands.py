@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastpull.content.store import BlobWriter, ContentStore
-from fastpull.engine.options import BlobSource
+from fastpull.engine.options import BlobSource, FetchGroup
 from fastpull.engine.transfers import BlobFetch
 
 
@@ -26,6 +26,7 @@ class Fetch:
     future: Future
     on_open: Callable[[], None] | None
     on_downloaded: Callable[[], None] | None
+    group: FetchGroup | None
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,18 @@ class Switched:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """A caller withdraws a group's requests (``FetchEngine.cancel``)."""
+
+    group: FetchGroup
+
+
+@dataclass(frozen=True)
 class Stop:
     """The engine is closing."""
 
 
-Command = Fetch | Locked | Committed | Switched | Stop
+Command = Fetch | Locked | Committed | Switched | Cancel | Stop
 
 
 class Mailbox:

@@ -26,9 +26,9 @@ from urllib.parse import urljoin, urlsplit
 
 from fastpull.content.store import ContentStore
 from fastpull.engine.blobs import Blobs
-from fastpull.engine.commands import Committed, Fetch, Locked, Mailbox, Stop, Switched
+from fastpull.engine.commands import Cancel, Committed, Fetch, Locked, Mailbox, Stop, Switched
 from fastpull.engine.multi import Multi
-from fastpull.engine.options import BlobSource, FetchOptions, FetchStats
+from fastpull.engine.options import BlobSource, FetchGroup, FetchOptions, FetchStats
 from fastpull.engine.planner import Planner
 from fastpull.engine.transfers import BlobFetch, Transfer
 from fastpull.errors import FastpullError, RegistryError, StoreError, TransferError
@@ -69,6 +69,7 @@ class FetchEngine:
         *,
         on_open: Callable[[], None] | None = None,
         on_downloaded: Callable[[], None] | None = None,
+        group: FetchGroup | None = None,
     ) -> Future:
         """Fetch one blob into ``store`` unless it is there; the Future gives its path.
 
@@ -79,14 +80,23 @@ class FetchEngine:
         ``on_downloaded`` is called (from the engine's thread, before the Future is settled) if
         this request is the one that downloaded the blob and it was committed: not when the blob
         was already there, another process committed it, or an earlier request shares it.
+
+        A request in a ``group`` fails as soon as another of the group does (:class:`FetchGroup`).
+        Futures settle on a thread of their own: the loop never waits on a lock a caller may hold.
         """
         future: Future = Future()
         if self._closed:
             future.set_exception(FastpullError("fetch engine is closed"))
             return future
         self._ensure_started()
-        self._mailbox.post(Fetch(store, source, digest, size, future, on_open, on_downloaded))
+        self._mailbox.post(Fetch(store, source, digest, size, future, on_open, on_downloaded, group))
         return future
+
+    def cancel(self, group: FetchGroup) -> None:
+        """Withdraw the requests of ``group`` that have not settled: they fail, and a blob no other
+        request wants is no longer fetched (what it wrote stays for a resume). Safe from any thread."""
+        if not self._closed:
+            self._mailbox.post(Cancel(group))
 
     def received_bytes(self) -> int:
         """Bytes received over the engine's life, transfers still running included (those are
@@ -164,6 +174,8 @@ class FetchEngine:
                     self._blobs.committed(command)
                 case Switched():
                     self._blobs.switched(command)
+                case Cancel():
+                    self._blobs.end_group(command.group, None, FastpullError("fetch cancelled"))
                 case Stop():
                     self._running = False
                     self._blobs.stopping = True
@@ -180,7 +192,7 @@ class FetchEngine:
                 case Committed():
                     self._blobs.committed(command)
                 case Fetch():
-                    command.future.set_exception(FastpullError("fetch engine closed"))
+                    self._blobs.settler.settle([command.future], FastpullError("fetch engine closed"))
                 case Locked() if command.writer is not None:
                     command.writer.close()
 

@@ -1,5 +1,5 @@
-"""What the fetch engine may do (limits, timing) and what it reports (counters), and the source
-of a blob it fetches: the engine's small interfaces to its callers."""
+"""What the fetch engine may do (limits, timing) and what it reports (counters), the source of a
+blob it fetches, and the requests that fail together: the engine's small interfaces to its callers."""
 
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ class BlobSource(Protocol):
         may block (the engine asks from another thread). With ``error`` None, when the download
         starts: a place to use instead of this one, which has failed other downloads lately, or None
         to start here; then it must not block."""
+
+
+class FetchGroup:
+    """Requests that stand or fall together, such as the blobs of one pull (``FetchEngine.fetch(group=)``):
+    once a blob of the group fails, or the group is cancelled, its other requests fail at once with that
+    error, their transfers stopped (what they wrote is kept for a resume), and so do requests made later."""
+
+    def __init__(self) -> None:
+        self.failed: tuple[str | None, BaseException] | None = None
+        """What ended the group: the digest of the blob that failed and its error, or None and the error of
+        a cancel. Set by the engine's thread before any of the group's futures settles with it."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pycurl
 
 from fastpull.content.store import BlobWriter, ContentStore
-from fastpull.engine.options import BlobSource
+from fastpull.engine.options import BlobSource, FetchGroup
 from fastpull.http.policy import RetryPolicy
 
 log = logging.getLogger("fastpull.engine.loop")  # one logger for the loop and its transfers
@@ -28,7 +28,7 @@ class BlobFetch:
     source: BlobSource
     digest: str
     size: int
-    futures: list[Future] = field(default_factory=list)
+    futures: dict[Future, FetchGroup | None] = field(default_factory=dict)  # the requests, and their groups
     openers: list = field(default_factory=list)  # on_open callbacks not yet called
     streamed: bool = False  # someone reads it while it downloads (on_open): favour its head
     on_downloaded: Callable[[], None] | None = None  # of the request that created it

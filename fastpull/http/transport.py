@@ -183,8 +183,8 @@ class Transport:
         curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.USERAGENT, USER_AGENT)
         # Python runs signal handlers only while Python code runs in the main thread: libcurl calls
-        # this no-op at least once a second, so a SIGTERM handler's exception (the CLI's Stopped)
-        # ends a request that waits on a stalled server, and perform() raises it.
+        # this no-op at least once a second, so a SIGTERM handler's exception (the CLI's, while a
+        # pull resolves its image) ends a request that waits on a stalled server, and perform() raises it.
         curl.setopt(pycurl.NOPROGRESS, 0)
         curl.setopt(pycurl.XFERINFOFUNCTION, _let_signal_handlers_run)
         configure_tls(curl, self.ca_file, verify, self.client_cert)

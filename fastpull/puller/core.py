@@ -8,14 +8,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastpull.content.layout import ImageLayout
 from fastpull.content.leases import Lease
 from fastpull.engine import FetchEngine, FetchOptions
-from fastpull.errors import FastpullError, RegistryError
+from fastpull.errors import FastpullError, ManifestError, RegistryError
 from fastpull.events import Event, Failed, Pulled
 from fastpull.oci.manifest import Descriptor, Platform
 from fastpull.oci.reference import Reference, is_short_name, parse_reference
@@ -26,12 +26,18 @@ from fastpull.puller.rootfs import RootfsUnpacks
 from fastpull.puller.snapshots import SnapshotUnpacks
 from fastpull.puller.source import RepositorySource
 from fastpull.puller.unpacks import Unpacks
+from fastpull.registry.auth import CredentialsProvider
 from fastpull.registry.client import RegistryClient, Resolved
 from fastpull.registry.hosts import RegistryHost, RegistryHosts
 from fastpull.registry.mirrors import Breaker, MirroredRegistry
 from fastpull.unpack.snapshots import Snapshotter
 
 log = logging.getLogger("fastpull.puller")  # one logger for the pull and its parts
+
+MAX_LAYERS = 500
+"""Most layers an image may have: overlayfs stacks at most 500 lower directories (the kernel's
+``OVL_MAX_STACK``), so no runtime that mounts images with it (containerd, CRI-O, Podman, Docker) could
+run one with more. Such an image is refused before any blob is fetched."""
 
 if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: imported when used
     from fastpull.unpack.workers import Unpacker
@@ -44,8 +50,8 @@ class Puller:
     each registry is reached through the endpoints that ``hosts`` configures (mirrors first;
     default: the node's files, :meth:`RegistryHosts.load`, read at the first pull); unpacking
     (``rootfs=`` or ``snapshots=``) runs in a pool of worker processes started on first use. A pull
-    interrupted while layers unpack (KeyboardInterrupt, or the CLI's SIGTERM) kills that pool, so
-    that its temporary trees can be removed; the next pull starts a new one.
+    interrupted while layers unpack (KeyboardInterrupt, or :meth:`stop`) kills that pool, so that its
+    temporary trees can be removed; the next pull starts a new one.
     """
 
     def __init__(
@@ -58,9 +64,11 @@ class Puller:
         unpack_workers: int | None = None,
         clients: Iterable[RegistryClient] = (),
         hosts: RegistryHosts | None = None,
+        credentials: CredentialsProvider | None = None,
     ):
         """``clients`` are registry clients configured by the caller (credentials, TLS on a
-        loopback host...), used as they are, without mirrors; other registries get clients on first use."""
+        loopback host...), used as they are, without mirrors; other registries get clients on first use,
+        asking ``credentials`` before the node's auth files."""
         self.engine = FetchEngine(options)
         self.platform = platform or Platform.host()
         self._platform_given = platform is not None
@@ -71,9 +79,20 @@ class Puller:
         self._clients: dict[str, RegistryClient | MirroredRegistry] = {c.host: c for c in clients}
         self._servers: dict[tuple[RegistryHost, bool], RegistryClient] = {}
         self._hosts = hosts
+        self._credentials = credentials
         self.breaker = Breaker()
         """Mirrors that failed lately, skipped by every pull of this Puller."""
         self._lock = threading.Lock()
+        self._pulls: set[Follow] = set()
+        """The pulls in flight (not under the lock: :meth:`stop` may run in a signal handler)."""
+
+    def stop(self) -> None:
+        """Stop the pulls in flight: each raises :class:`~fastpull.puller.follow.Stopped` (a
+        KeyboardInterrupt) from its next wait for its work, at once if it waits, its fetches and unpack
+        workers stopped and its temporary trees removed; one still resolving its image stops once it
+        has. Safe from a signal handler or any thread: it sets a flag and wakes the pulls, nothing more."""
+        for follow in list(self._pulls):
+            follow.stop()
 
     @property
     def hosts(self) -> RegistryHosts:
@@ -98,8 +117,9 @@ class Puller:
             client = self._servers.get((server, last))
             if client is None:
                 insecure = True if server.host in self.insecure_registries else None
-                client = self._servers[server, last] = RegistryClient(server.host, insecure=insecure, server=server,
-                                                                      attempts=None if last else 1)
+                client = self._servers[server, last] = RegistryClient(
+                    server.host, insecure=insecure, server=server, attempts=None if last else 1,
+                    credentials_provider=self._credentials)
             return client
 
     def _resolve(self, ref: str | Reference, platform: Platform
@@ -148,7 +168,9 @@ class Puller:
     ) -> PullResult:
         """Pull ``ref`` into the OCI layout at ``layout`` and tag it there by its full name. A short
         name (no registry) is looked up in the configuration's ``unqualified-search-registries`` in
-        order, if it names any, else on Docker Hub.
+        order, if it names any, else on Docker Hub. The pull raises its first failure for good, its
+        other fetches stopped at once; an image of more than MAX_LAYERS layers is refused
+        (ManifestError) before any blob is fetched.
 
         With ``tag=False`` the layout is not tagged (the image's blobs are then kept only while the
         pull runs, for another owner of the image: containerd, for the snapshotter), and a layer
@@ -177,11 +199,14 @@ class Puller:
         if rootfs is not None and snapshots is not None:
             raise ValueError("give rootfs or snapshots, not both")
         follow = Follow(self.engine, emitter(events, progress))
+        self._pulls.add(follow)
         try:
             result = self._pull(ref, layout, platform, rootfs, snapshots, follow, tag)
         except FastpullError as exc:
             follow.emit(Failed.of(exc, str(ref), follow.failed))
             raise
+        finally:
+            self._pulls.discard(follow)
         follow.emit(Pulled(
             reference=str(result.reference), digest=result.descriptor.digest, layers=len(result.manifest.layers),
             bytes=result.total_bytes, fetched=result.fetched_bytes, seconds=round(result.seconds, 3),
@@ -194,6 +219,9 @@ class Puller:
         started = time.monotonic()
         wanted = platform or self.platform
         reference, client, resolved = self._resolve(ref, wanted)
+        if len(resolved.manifest.layers) > MAX_LAYERS:
+            raise ManifestError(str(reference), f"{len(resolved.manifest.layers)} layers, more than the "
+                                                f"{MAX_LAYERS} overlayfs can stack")
         platform_given = platform is not None or self._platform_given
         image_layout = ImageLayout(layout, durable=self.durable)
         store = image_layout.store
@@ -213,7 +241,7 @@ class Puller:
 
         def fetch(desc: Descriptor, on_open: Callable[[], None] | None = None) -> Future:
             return self.engine.fetch(store, source, desc.digest, desc.size, on_open=on_open,
-                                     on_downloaded=follow.on_downloaded(desc))
+                                     on_downloaded=follow.on_downloaded(desc), group=follow.group)
 
         try:
             missing = [d for d in blobs if not store.has(d.digest, d.size)]
@@ -223,7 +251,7 @@ class Puller:
                     follow.downloaded[desc.digest] = desc.size
                     store.put_bytes(desc.digest, body)
             if rootfs is not None or snapshots is not None:
-                config_path = fetch(manifest.config).result()
+                config_path = follow.settled(fetch(manifest.config)).result()
                 check_platform(config_path, resolved, wanted, platform_given)
                 diff_ids = layer_diff_ids(config_path, manifest)
                 if rootfs is not None:
@@ -235,10 +263,9 @@ class Puller:
                 follow.unpacking(unpacks)
             futures = [fetch(manifest.config)] + [fetch(d, unpacks.on_open(i)) if tag or unpacks.needs_blob(i)
                                                   else _done() for i, d in enumerate(layers)]
-            if rootfs is None and snapshots is None:
-                wait(futures[:1])  # the config is small and first: refuse the wrong platform early
-                if futures[0].exception() is None:
-                    check_platform(futures[0].result(), resolved, wanted, platform_given)
+            # The config is small and first: refuse the wrong platform early.
+            if rootfs is None and snapshots is None and follow.settled(futures[0]).exception() is None:
+                check_platform(futures[0].result(), resolved, wanted, platform_given)
             follow.settle(blobs, futures, unpacks)
             if skipped := sum(r.devices_skipped for r in unpacks.results()):
                 log.warning("%d device node(s) of %s not created: that needs CAP_MKNOD", skipped, reference)
@@ -246,8 +273,9 @@ class Puller:
             if tag:
                 image_layout.tag(str(reference), resolved.manifest_descriptor)
         except BaseException:
-            # Interrupted (or an events callback raised) while layers may still unpack, or be
-            # handed to a worker as they open: stop the workers before their targets go.
+            # Stopped (or an events callback raised) while layers may still download, unpack, or be
+            # handed to a worker as they open: stop the fetches, and the workers before their targets go.
+            self.engine.cancel(follow.group)
             running = not all(f.done() for f in futures) or unpacks.running()
             if unpacks.unpacker is not None and running:
                 self._stop_unpacker(unpacks.unpacker)

@@ -1,19 +1,20 @@
 """One pull's account, kept in the pull's thread: what it downloaded and when, and the events that
-tell it (:mod:`fastpull.events`)."""
+tell it (:mod:`fastpull.events`); how the pull waits for its work, and is stopped."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
+import queue
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from fastpull.engine import FetchEngine, FetchStats
+from fastpull.engine import FetchEngine, FetchGroup, FetchStats
 from fastpull.events import Blob, Event, LayerDone, Progress
 from fastpull.events import Resolved as ResolvedEvent
 from fastpull.oci.manifest import Descriptor
@@ -47,9 +48,17 @@ def emitter(events: Callable[[Event], None] | None,
     return emit
 
 
+class Stopped(KeyboardInterrupt):
+    """The pull was stopped (:meth:`Puller.stop`): raised in its thread from the wait it was in."""
+
+
 class Follow:
     """One pull's account: what it downloaded and when, and the events that tell it (each layer
-    fetched and unpacked, in order; progress twice a second)."""
+    fetched and unpacked, in order; progress twice a second).
+
+    The pull waits here, for its futures or a :meth:`stop`, never inside ``concurrent.futures.wait``
+    (an interruption there leaves the futures' locks taken, and the threads that settle them stuck).
+    """
 
     def __init__(self, engine: FetchEngine, emit: Callable[[Event], None] | None):
         self._engine = engine
@@ -66,6 +75,39 @@ class Follow:
         self._received_before = self._received()
         self._missing = 0
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=_RATE_WINDOW)
+        self.group = FetchGroup()
+        """The pull's fetches: the first to fail ends the others."""
+        self._stopped = False
+        self._woken: queue.SimpleQueue[object] = queue.SimpleQueue()  # put() is safe in a signal handler
+        self._watched: set[Future] = set()
+
+    def stop(self) -> None:
+        """Make the pull raise Stopped from its wait (at once if it waits); safe from a signal handler."""
+        self._stopped = True
+        self._woken.put(None)
+
+    def _wait(self, futures: list[Future], timeout: float | None) -> None:
+        """Until one of ``futures`` settles or ``timeout`` s pass (at once if there are none); raise
+        Stopped if the pull was stopped."""
+        for future in futures:
+            if future not in self._watched:
+                self._watched.add(future)
+                future.add_done_callback(self._woken.put)
+        try:
+            if futures:
+                self._woken.get(timeout=timeout)
+            while True:  # one pass for everything that settled meanwhile
+                self._woken.get_nowait()
+        except queue.Empty:
+            pass
+        if self._stopped:
+            raise Stopped
+
+    def settled(self, future: Future) -> Future:
+        """``future``, once it has settled (Stopped if the pull is stopped first)."""
+        while not future.done():
+            self._wait([future], None)
+        return future
 
     def emit(self, event: Event) -> None:
         if self._emit is not None:
@@ -101,14 +143,25 @@ class Follow:
         unpacks.progress = self._unpack_progress.path
 
     def settle(self, blobs: list[Descriptor], fetches: list[Future], unpacks: Unpacks) -> None:
-        """Wait until every fetch (config, then layers) and unpack has settled and every layer is in
-        place, telling what happens and letting ``unpacks`` act on it as it does; then raise the
-        first failure, if any. After a failure, what other pulls do is no longer waited for."""
+        """Wait until every fetch (config, then layers, in :attr:`group`) and unpack has settled and
+        every layer is in place, telling what happens and letting ``unpacks`` act on it as it does;
+        then raise the first failure, if any.
+
+        The first failure ends the pull's other fetches at once; the unpacks under way end (a
+        snapshot committed stays), and what other pulls do is no longer waited for. A layer's unpack
+        fails the pull once its blob has settled: a corrupt blob is named as the cause.
+        """
         layers, layer_fetches = blobs[1:], fetches[1:]
+        fetch_of = dict(zip((d.digest for d in layers), layer_fetches))
         said: list[str | None] = [None] * len(layers)
         next_tick = time.monotonic() + _PROGRESS_INTERVAL_S
+        cancelled = False
         while True:
-            failed = any(f.done() and f.exception() is not None for f in fetches) or bool(unpacks.failures())
+            failed = (any(f.done() and f.exception() is not None for f in fetches)
+                      or any(fetch_of[digest].done() for digest, _ in unpacks.failures()))
+            if failed and not cancelled:
+                self._engine.cancel(self.group)
+                cancelled = True
             waited = [*fetches, *unpacks.futures(), *([] if failed else unpacks.waits())]
             pending = [f for f in waited if not f.done()]
             started = unpacks.advance(layer_fetches)  # on all that had settled when ``pending`` was taken
@@ -122,14 +175,18 @@ class Follow:
                 next_tick = time.monotonic() + _PROGRESS_INTERVAL_S
                 self._tell_progress(layers, unpacks)
             timeout = None if self._emit is None else max(0.0, next_tick - time.monotonic())
-            wait(pending, timeout, return_when=FIRST_COMPLETED)
-        for desc, future in zip(blobs, fetches):
-            if future.exception() is not None:
-                self.failed = desc.digest
-                raise future.exception()
+            self._wait(pending, timeout)
+        ended = self.group.failed
+        if ended is not None and ended[0] is not None:
+            self.failed, error = ended
+            raise error
         for digest, error in unpacks.failures():
             self.failed = digest
             raise error
+        for desc, future in zip(blobs, fetches):  # failed without ending the group: the engine closed
+            if future.exception() is not None:
+                self.failed = desc.digest
+                raise future.exception()
         self._tell_progress(layers, unpacks, final=True)
 
     def _tell_layers(self, layers: list[Descriptor], fetches: list[Future], unpacks: Unpacks,

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ class Credentials:
     identity_token: str = field(default="", repr=False)
     """An OAuth2 refresh token (Docker's ``identitytoken``): token requests then POST it instead of
     sending the user name and password."""
+    registry_token: str = field(default="", repr=False)
+    """A bearer token for the registry itself (CRI's ``registry_token``), sent as it is."""
 
     def basic(self) -> str:
         """The ``Authorization`` header value for Basic auth."""
@@ -110,6 +113,8 @@ def auth_file_paths() -> list[Path]:
 
 
 CredentialSource = Callable[[], "Credentials | None"]
+CredentialsProvider = Callable[[str, "str | None"], "Credentials | None"]
+"""Credentials for (registry, repository) that come before the configured ones, e.g. a CRI pull's."""
 
 
 class RegistryCredentials:
@@ -414,11 +419,14 @@ class Authenticator:
 
     ``credentials`` are used for every scope, or chosen per repository (the scope's first
     ``repository:NAME:...``) from a :class:`RegistryCredentials`; ``registry`` names the registry
-    in errors."""
+    in errors. ``provider(registry, repository)`` is asked first; tokens got with its credentials
+    serve only requests that present the same ones, and are forgotten with them."""
 
     def __init__(self, transport: Transport, credentials: Credentials | RegistryCredentials | None, *,
-                 timeout: float, registry: str = "the registry") -> None:
+                 timeout: float, registry: str = "the registry", provider: CredentialsProvider | None = None) -> None:
         self._credentials = credentials
+        self._provider = provider
+        self._provided: weakref.WeakKeyDictionary[Credentials, TokenCache] = weakref.WeakKeyDictionary()
         self._registry = registry
         self._transport = transport
         self._timeout = timeout
@@ -428,10 +436,17 @@ class Authenticator:
 
     def credentials(self, scope: str) -> Credentials | None:
         """The credentials used for ``scope``."""
-        if not isinstance(self._credentials, RegistryCredentials):
-            return self._credentials
+        return self._choose(scope)[0]
+
+    def _choose(self, scope: str) -> tuple[Credentials | None, TokenCache]:
+        """The credentials for ``scope`` and the cache of the tokens got with them."""
         repository = next((s.split(":")[1] for s in scope.split() if s.startswith("repository:")), None)
-        return self._credentials.for_repository(repository)
+        if self._provider is not None and (given := self._provider(self._registry, repository)) is not None:
+            with self._lock:
+                return given, self._provided.setdefault(given, TokenCache())
+        if isinstance(self._credentials, RegistryCredentials):
+            return self._credentials.for_repository(repository), self._cache
+        return self._credentials, self._cache
 
     def authorization(self, challenge: Challenge | None, scope: str) -> str | None:
         """The header value answering ``challenge`` (None: the registry asked for nothing) for
@@ -446,18 +461,21 @@ class Authenticator:
     def _header(self, challenge: Challenge | None, scope: str, *, refresh: bool, stale: str | None) -> str | None:
         if challenge is None:
             return None
-        credentials = self.credentials(scope)
+        credentials, cache = self._choose(scope)
         if challenge.scheme == "basic":
-            # an identity token has no use for Basic auth (its entry's password is empty)
-            usable = credentials is not None and (credentials.password or not credentials.identity_token)
+            # a token has no use for Basic auth (its entry's password is empty)
+            usable = credentials is not None and (
+                credentials.password or not (credentials.identity_token or credentials.registry_token))
             return credentials.basic() if usable else None
+        if credentials is not None and credentials.registry_token:
+            return f"Bearer {credentials.registry_token}"
         key = (challenge.params.get("realm", ""), challenge.params.get("service", ""), scope)
         with self._lock:
             flight = self._flights.setdefault(key, threading.Lock())
         with flight:
-            token = self._cache.get(key)
+            token = cache.get(key)
             if token is None or (refresh and stale in (None, f"Bearer {token}")):
                 token, lifetime = fetch_token(self._transport, challenge, scope, credentials, timeout=self._timeout,
                                               registry=self._registry)
-                self._cache.put(key, token, lifetime)
+                cache.put(key, token, lifetime)
             return f"Bearer {token}"

@@ -31,6 +31,7 @@ from fastpull.registry.auth import (
     Authenticator,
     Challenge,
     Credentials,
+    CredentialsProvider,
     load_credentials,
     parse_www_authenticate,
 )
@@ -71,7 +72,8 @@ class RegistryClient:
     plain HTTP when it does not speak TLS; ``insecure=True`` does the same for any host and accepts
     any certificate; ``insecure=False`` allows verified HTTPS only. The scheme that answered is
     remembered for the life of the process. ``credentials`` are read from the containers and Docker
-    auth files by default (:func:`~fastpull.registry.auth.load_credentials`); None pulls anonymously.
+    auth files by default (:func:`~fastpull.registry.auth.load_credentials`); None pulls anonymously;
+    ``credentials_provider`` comes before them (:class:`~fastpull.registry.auth.Authenticator`).
     ``server`` is where a mirror or a configured registry is reached and how (schemes, API root,
     ``?ns=``, TLS, headers); ``host`` is then its ``server.host``. ``attempts`` bounds the tries of
     each request (a mirror that another endpoint backs up: one).
@@ -87,6 +89,7 @@ class RegistryClient:
         transport: Transport | None = None,
         server: RegistryHost | None = None,
         attempts: int | None = None,
+        credentials_provider: CredentialsProvider | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be greater than zero")
@@ -107,7 +110,8 @@ class RegistryClient:
             retry=RetryPolicy(attempts) if attempts else None,
             ca_file=ca_bundle(server.ca_files) if server.ca_files else None, client_cert=server.client_cert)
         found = load_credentials(host) if credentials == "docker-config" else credentials
-        self._auth = Authenticator(self._transport, found, timeout=timeout, registry=host)
+        self._auth = Authenticator(self._transport, found, timeout=timeout, registry=host,
+                                   provider=credentials_provider)
         self._lock = threading.Lock()
         self._ping_lock = threading.Lock()
         self._known = False  # whether _challenge has been learned

@@ -42,14 +42,15 @@ class Breaker:
     def __init__(self, reset_after: float = BREAKER_RESET_S, clock: Callable[[], float] = time.monotonic):
         self.reset_after = reset_after
         self._clock = clock
-        self._until: dict[str, float] = {}
+        self._until: dict[str, tuple[float, str]] = {}
+        """Each tripped host: when it is tried again, and the failure that tripped it."""
         self._lock = threading.Lock()
 
     def tripped(self, host: str) -> bool:
         """Whether ``host`` failed less than ``reset_after`` seconds ago."""
         with self._lock:
             until = self._until.get(host)
-            if until is not None and self._clock() >= until:
+            if until is not None and self._clock() >= until[0]:
                 del self._until[host]
                 return False
             return until is not None
@@ -58,7 +59,13 @@ class Breaker:
         """``host`` failed with ``error``: trip the breaker if the error is the host's."""
         if unwell(error):
             with self._lock:
-                self._until[host] = self._clock() + self.reset_after
+                self._until[host] = (self._clock() + self.reset_after, str(error))
+
+    def tripped_hosts(self) -> list[tuple[str, float, str]]:
+        """The hosts skipped now: each with the seconds until it is tried again and the failure that tripped it."""
+        now = self._clock()
+        with self._lock:
+            return [(host, until - now, why) for host, (until, why) in self._until.items() if until > now]
 
 
 def unwell(error: BaseException) -> bool:

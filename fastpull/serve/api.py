@@ -12,9 +12,11 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 
 from aiohttp import web
 
+from fastpull.content.defaults import LAYER_CACHE
 from fastpull.digests import check_digest
 from fastpull.errors import (
     AuthError,
@@ -29,13 +31,18 @@ from fastpull.errors import (
 )
 from fastpull.oci.reference import parse_reference
 from fastpull.serve.follow import Follower
+from fastpull.serve.layers import ImageLayers
 from fastpull.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastpull.serve.mirror import InflightBlob, Mirror, NotFound, route
+from fastpull.unpack.rootfs import tree_usage
 
 log = logging.getLogger(__name__)
 
 MIRROR = web.AppKey("mirror", Mirror)
 PREFETCHES = web.AppKey("prefetches", set)
+IMAGE_LAYERS = web.AppKey("image_layers", ImageLayers)
+"""The snapshotter's image pulls, if it is served (set by the daemon)."""
+STORE_SIZE: web.AppKey[StoreSize] = web.AppKey("store_size")
 _NAME = r"{name:.+}"  # checked by route(); may begin with a registry host and port
 _MAX_PREFETCH_BODY = 1 << 20
 
@@ -56,6 +63,7 @@ def make_app(mirror: Mirror) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=_MAX_PREFETCH_BODY)
     app[MIRROR] = mirror
     app[PREFETCHES] = set()
+    app[STORE_SIZE] = StoreSize(mirror.layout.root)
     app.router.add_get("/v2/", _base)
     app.router.add_get(f"/v2/{_NAME}/manifests/{{reference}}", _manifest)  # GET routes answer HEAD too
     app.router.add_get(f"/v2/{_NAME}/blobs/{{digest}}", _blob)
@@ -266,8 +274,45 @@ def start_prefetch(app: web.Application, refs: list[str]) -> None:
         task.add_done_callback(app[PREFETCHES].discard)
 
 
+class StoreSize:
+    """The store's bytes on disk, blobs and unpacked layers, measured on a worker thread at most every
+    ``max_age`` seconds; each layer (immutable once committed) is walked once."""
+
+    def __init__(self, root: Path, max_age: float = 5.0):
+        self._blobs = root / "blobs"
+        self._layers = root / LAYER_CACHE / "sha256"
+        self._max_age = max_age
+        self._layer_bytes: dict[str, int] = {}
+        self._measured = 0.0
+        self._measuring: asyncio.Future[dict[str, int]] | None = None
+
+    async def get(self) -> dict[str, int]:
+        if self._measuring is None or (self._measuring.done() and time.monotonic() - self._measured > self._max_age):
+            self._measured = time.monotonic()
+            self._measuring = asyncio.get_running_loop().run_in_executor(None, self._measure)
+        return await asyncio.shield(self._measuring)  # a status request that goes away cancels no measure
+
+    def _measure(self) -> dict[str, int]:
+        try:
+            names = os.listdir(self._layers)
+        except FileNotFoundError:
+            names = []
+        self._layer_bytes = {name: self._layer_bytes.get(name) or _usage(self._layers / name) for name in names}
+        blobs, layers = _usage(self._blobs), sum(self._layer_bytes.values())
+        return {"blobs": blobs, "layers": layers, "total": blobs + layers}
+
+
+def _usage(path: Path) -> int:
+    """Bytes on disk of the tree at ``path``; 0 if it is gone."""
+    try:
+        return tree_usage(path)[0]
+    except FileNotFoundError:
+        return 0
+
+
 async def _status(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
+    layers = request.app.get(IMAGE_LAYERS)
     now = time.monotonic()
     inflight = []
     for blob in list(mirror.inflight.values()):
@@ -283,6 +328,10 @@ async def _status(request: web.Request) -> web.Response:
         "clients": mirror.metrics.active_clients - 1,  # less this request
         "upstream_bytes": mirror.metrics.upstream_bytes(),
         "errors": list(mirror.metrics.recent_errors),
+        "pulls": [] if layers is None else layers.pulls(),
+        "store_size": await request.app[STORE_SIZE].get(),
+        "tripped_hosts": [{"host": host, "retry_in": round(seconds, 1), "error": error}
+                          for host, seconds, error in mirror.puller.breaker.tripped_hosts()],
     })
 
 

@@ -22,8 +22,9 @@ from fastpull.engine import FetchOptions
 from fastpull.errors import FastpullError, StoreError
 from fastpull.puller import Puller
 from fastpull.registry.hosts import RegistryHosts
-from fastpull.serve import DEFAULT_LISTEN, DEFAULT_TAG_TTL
-from fastpull.serve.api import make_app, start_prefetch
+from fastpull.serve import DEFAULT_CRI_UPSTREAM, DEFAULT_LISTEN, DEFAULT_TAG_TTL
+from fastpull.serve.api import IMAGE_LAYERS, make_app, start_prefetch
+from fastpull.serve.criproxy import CriProxy, PullCredentials
 from fastpull.serve.layers import ImageLayers
 from fastpull.serve.metrics import Metrics
 from fastpull.serve.mirror import Mirror
@@ -54,6 +55,10 @@ class ServeOptions:
     registries_conf: str | None = None
     snapshotter: Path | None = None
     """The unix socket of containerd's snapshots API (None: the mirror only)."""
+    cri_proxy: Path | None = None
+    """The unix socket of the CRI image-service proxy (None: no proxy)."""
+    cri_upstream: Path = Path(DEFAULT_CRI_UPSTREAM)
+    """containerd's socket, where the proxy forwards."""
     fetch: FetchOptions = field(default_factory=FetchOptions)
 
 
@@ -76,7 +81,9 @@ async def _serve(options: ServeOptions) -> None:
     refs = read_refs(options.prefetch) if options.prefetch else []
     _raise_file_limit()
     hosts = RegistryHosts.load(options.hosts_dir, options.registries_conf, insecure=options.insecure_registries)
-    puller = Puller(options.fetch, insecure_registries=options.insecure_registries, hosts=hosts)
+    pull_credentials = PullCredentials() if options.cri_proxy is not None else None
+    puller = Puller(options.fetch, insecure_registries=options.insecure_registries, hosts=hosts,
+                    credentials=pull_credentials)
     metrics = Metrics(puller.engine.received_bytes)
     layers = LayerCache(options.store / LAYER_CACHE) if options.snapshotter is not None else None
     mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl,
@@ -85,9 +92,13 @@ async def _serve(options: ServeOptions) -> None:
     app = make_app(mirror)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     snapshots: Snapshots | None = None
+    cri: CriProxy | None = None
     try:
         if layers is not None:
             snapshots = await Snapshots.start(options.snapshotter, options.store, puller, layers, metrics)
+            app[IMAGE_LAYERS] = snapshots.layers
+        if pull_credentials is not None:
+            cri = await CriProxy.start(options.cri_proxy, options.cri_upstream, pull_credentials)
         await runner.setup()
         site = web.TCPSite(runner, options.host, options.port, backlog=1024)
         try:
@@ -106,6 +117,8 @@ async def _serve(options: ServeOptions) -> None:
         if watch is not None:
             watch.cancel()
     finally:
+        if cri is not None:  # first: kubelet's pulls in progress end before the snapshotter's Prepares
+            await cri.stop(SHUTDOWN_SECONDS)
         if snapshots is not None:
             await snapshots.stop(SHUTDOWN_SECONDS)
         await runner.cleanup()
@@ -128,7 +141,7 @@ class Snapshots:
     async def start(cls, socket_path: Path, store: Path, puller: Puller, cache: LayerCache,
                     metrics: Metrics) -> Snapshots:
         snapshotter = OverlaySnapshotter(store / SNAPSHOTTER_STATE, cache)
-        layers = ImageLayers(puller, store, cache)
+        layers = ImageLayers(puller, store, cache, unpacked_bytes=metrics.unpacked_bytes.inc)
         service = SnapshotsService(snapshotter, layers, observe=metrics.prepare)
         try:
             server = await start_server(service, socket_path)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastpull.errors import FastpullError, SnapshotNotFound
-from fastpull.events import Event, LayerDone
+from fastpull.events import Event, LayerDone, Progress, Resolved
 from fastpull.oci.reference import parse_reference
 from fastpull.puller import Puller
 from fastpull.snapshotter.remote import LayerRequest
@@ -34,20 +36,31 @@ IMAGES_AT_ONCE = 8
 
 @dataclass(eq=False)
 class _ImagePull:
-    """One image being pulled into the cache, and the Prepares waiting on its layers."""
+    """One image being pulled into the cache, the Prepares waiting on its layers, and how far it is."""
 
     reference: str
+    image: str
+    """As the first Prepare's labels name it (``reference`` is by digest)."""
     waiters: list[tuple[str, Future[None]]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    layers: int = 0
+    """The image's layers, once resolved."""
+    unpacked: int = 0
+    """Its layers in the cache (unpacked by this pull or before)."""
+    progress: Progress | None = None
 
 
 class ImageLayers:
     """The daemon's :class:`fastpull.snapshotter.remote.LayerSource`: layers come from pulls of
-    their images by ``puller`` into ``layout``'s store, unpacked into ``cache``."""
+    their images by ``puller`` into ``layout``'s store, unpacked into ``cache``. ``unpacked_bytes(n)``
+    hears the compressed layer bytes the pulls unpack, as they do."""
 
-    def __init__(self, puller: Puller, layout: Path, cache: LayerCache):
+    def __init__(self, puller: Puller, layout: Path, cache: LayerCache,
+                 unpacked_bytes: Callable[[int], None] | None = None):
         self.puller = puller
         self.layout = layout
         self.cache = cache
+        self._unpacked_bytes = unpacked_bytes
         self._pulls: dict[str, _ImagePull] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(IMAGES_AT_ONCE, thread_name_prefix="layers")
@@ -66,7 +79,7 @@ class ImageLayers:
                 return future
             pull = self._pulls.get(by_digest)
             if pull is None:
-                pull = self._pulls[by_digest] = _ImagePull(by_digest)
+                pull = self._pulls[by_digest] = _ImagePull(by_digest, request.image_ref)
                 self._pool.submit(self._pull, pull)
             pull.waiters.append((request.chain_id, future))
         return future
@@ -92,16 +105,40 @@ class ImageLayers:
                     chain_id, f"the image {pull.reference} has no layer with this ChainID"))
 
     def _heard(self, pull: _ImagePull, event: Event) -> None:
-        """Wake the Prepares whose layers are in the cache now (called in the pull's thread)."""
+        """Keep the pull's account, and wake the Prepares whose layers are in the cache now (called
+        in the pull's thread)."""
+        if isinstance(event, Resolved):
+            pull.layers = len(event.layers)
+        elif isinstance(event, Progress):
+            grown = event.unpacked - (pull.progress.unpacked if pull.progress else 0)
+            if self._unpacked_bytes is not None and grown > 0:
+                self._unpacked_bytes(grown)
+            pull.progress = event
         if not (isinstance(event, LayerDone) and event.state == "unpacked"):
             return
         with self._lock:
+            pull.unpacked += 1
             ready, waiting = [], []
             for waiter in pull.waiters:
                 (ready if self.cache.has(waiter[0]) else waiting).append(waiter)
             pull.waiters = waiting
         for _, future in ready:
             future.set_result(None)
+
+    def pulls(self) -> list[dict]:
+        """The pulls in flight, as the status API shows them: the image, its layers in the cache of
+        all, bytes fetched of those missing (and the rate), the Prepares waiting."""
+        now = time.monotonic()
+        with self._lock:
+            pulls = [(pull, len(pull.waiters)) for pull in self._pulls.values()]
+        shown = []
+        for pull, waiting in pulls:
+            progress = pull.progress or Progress(0, 0, 0, 0, 0)
+            shown.append({"image": pull.image, "reference": pull.reference, "layers": pull.unpacked,
+                          "layers_total": pull.layers, "bytes": progress.done, "bytes_total": progress.total,
+                          "bytes_per_second": progress.rate, "waiting": waiting,
+                          "seconds": round(now - pull.started, 3)})
+        return shown
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -42,10 +42,14 @@ class Metrics:
         self.clients = Gauge("fastpull_clients", "Requests being answered", registry=self.registry)
         self.clients.set_function(lambda: self.active_clients)
         self.recent_errors: collections.deque[dict] = collections.deque(maxlen=RECENT_ERRORS)
+        # Its _count by outcome is the layers prepared from the cache and from the network: no counter repeats it.
         self.prepare_seconds = Histogram(
             "fastpull_snapshotter_prepare_duration_seconds", "containerd's Prepare calls by outcome (cache: the "
             "layer was unpacked already; remote: fetched and unpacked for it; local: containerd applies it)",
             ["outcome"], buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250), registry=self.registry)
+        self.unpacked_bytes = Counter("fastpull_snapshotter_unpacked_compressed_bytes",
+                                      "Compressed bytes of the layers the snapshotter's pulls unpacked",
+                                      registry=self.registry)
 
     def upstream_bytes(self) -> int:
         return self._engine_bytes() + self.upstream_manifest_bytes

@@ -17,10 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
-import shutil
-import socket
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +45,7 @@ from fastpull.protos.containerd.types import mount_pb2
 from fastpull.snapshotter.metadata import check_labels
 from fastpull.snapshotter.overlay import Info, Kind, Mount, OverlaySnapshotter
 from fastpull.snapshotter.remote import SNAPSHOT_REF, LayerSource, chain_id_of, layer_request
+from fastpull.sockets import start_unix_server
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +55,6 @@ PLUGIN_NAME = "fastpull"
 """The proxy plugin's name in containerd's configuration (``[proxy_plugins.fastpull]``)."""
 THREADS = 8
 """Snapshotter operations at once; calls waiting for a remote layer hold none."""
-_SUN_PATH_MAX = 107
-"""Bytes of a unix socket's path (``sun_path`` holds 108 with the terminating NUL)."""
 
 _CODES: list[tuple[type[FastpullError], grpc.StatusCode]] = [
     (SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
@@ -227,50 +222,6 @@ def _info(info: Info) -> pb.Info:
 
 
 async def start_server(service: SnapshotsService, socket_path: Path) -> grpc.aio.Server:
-    """Serve ``service`` on the unix socket ``socket_path``, mode 0600 (the caller's user: root on a
-    node). A stale socket is replaced; one another process still answers on is refused."""
-    socket_path = Path(os.path.abspath(socket_path))
-    # Bound inside a private directory (``.fpXXXXXXXX/s`` beside it) and moved into place once its
-    # mode is 0600, so no one can connect while it is briefly open to all.
-    if len(os.fsencode(socket_path.parent)) + len("/.fpXXXXXXXX/s") > _SUN_PATH_MAX:
-        raise _cannot_listen(socket_path, f"too long for a unix socket (its directory may take at most "
-                                          f"{_SUN_PATH_MAX - len('/.fpXXXXXXXX/s')} bytes)")
-    if _answers(socket_path):
-        raise _cannot_listen(socket_path, "another process is serving on it")
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
-    pb_grpc.add_SnapshotsServicer_to_server(service, server)
-    private = None
-    try:
-        socket_path.parent.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix=".fp", dir=socket_path.parent))
-        bound = private / "s"
-        try:
-            server.add_insecure_port(f"unix:{bound}")
-        except RuntimeError:  # grpc says only that binding failed
-            raise _cannot_listen(socket_path, "gRPC could not bind it") from None
-        await server.start()
-        os.chmod(bound, 0o600)
-        os.replace(bound, socket_path)
-    except OSError as e:
-        await server.stop(None)
-        raise _cannot_listen(socket_path, e.strerror or str(e)) from None
-    finally:
-        if private is not None:
-            shutil.rmtree(private, ignore_errors=True)  # empty once the socket moved
-    log.info("snapshotter %r serving on unix:%s", PLUGIN_NAME, socket_path)
-    return server
-
-
-def _cannot_listen(socket_path: Path, why: str) -> FastpullError:
-    return FastpullError(f"cannot serve the snapshotter on unix:{socket_path}: {why}")
-
-
-def _answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
+    """Serve ``service`` on the unix socket ``socket_path`` (see :func:`start_unix_server`)."""
+    return await start_unix_server(lambda server: pb_grpc.add_SnapshotsServicer_to_server(service, server),
+                                   socket_path, f"snapshotter {PLUGIN_NAME!r}")
