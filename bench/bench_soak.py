@@ -250,7 +250,7 @@ def table(soak: Soak, cycles: int, seconds: float) -> str:
         "checkpoint (1,000 pages), and the checkpoint keeps freed pages in the database file for reuse.",
         "Where the end exceeds that, it is compared with the sample half way through: pools that fill",
         "in the first cycles level off (flat after warm-up), a leak does not. The mirror's ledger is",
-        "append-only and grows with each tag the mirror resolves: a known growth, bounded per cycle.",
+        "append-only: it grows when a tag moves or a repository gains a blob, not with each resolve; bounded per cycle.",
         "",
         "| resource | start | after cycle 1 (warm) | end (cycle " + str(cycles) + ") | verdict |",
         "| --- | --- | --- | --- | --- |",
