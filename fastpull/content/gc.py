@@ -3,7 +3,7 @@
 The roots are the images ``index.json`` names, the blobs of every lease whose holder lives
 (:mod:`fastpull.content.leases`) and every ingest whose lock a writer holds; marking follows each
 index to its manifests and each manifest to its config and layers; the ChainIDs of the marked
-images' configs are what the store's unpacked layers keep (``sweep_layers``). Then the sweep removes the
+images are what the store's unpacked layers keep (``sweep_layers``). Then the sweep removes the
 blobs nobody marked, the ingests (partial downloads) of unmarked blobs, the temporary files of
 ``put_bytes`` that dead processes left, and the leases of dead holders with the temporary trees they
 list. Nothing is judged by its age: the whole collection holds the store's gc lock exclusively, and
@@ -13,7 +13,6 @@ whatever a live process uses is either leased (taken under that lock, shared) or
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from fastpull.content.layout import ImageLayout
 from fastpull.content.leases import collect_leases
 from fastpull.content.store import PUT_SUFFIX, acquire_key_lock
 from fastpull.digests import DIGEST_RE
-from fastpull.errors import ManifestError, StoreError
-from fastpull.oci.manifest import DOCKER_CONFIG, OCI_CONFIG, chain_ids
+from fastpull.errors import StoreError
+from fastpull.oci.manifest import DOCKER_CONFIG, OCI_CONFIG, chain_ids, parse_manifest
 
 CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 TREE_MARK = ".fastpull-"
@@ -72,16 +71,16 @@ def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None],
         leases = collect_leases(store)
         collected.leases = leases.dead
         marked: set[str] = set()
-        configs: set[str] = set()
-        _mark(layout, [(desc.digest, desc.media_type) for _, desc in layout.images()], marked, configs)
-        _mark(layout, [(d, None) for d in leases.digests], marked, configs)
-        chains = set().union(*(_chain_ids(layout, c) for c in configs)) if sweep_layers is not None else set()
+        manifests: set[str] = set()
+        _mark(layout, [(desc.digest, desc.media_type) for _, desc in layout.images()], marked, manifests)
+        _mark(layout, [(d, None) for d in leases.digests], marked, manifests)
+        chains = set().union(*(_chain_ids(layout, m) for m in manifests)) if sweep_layers is not None else set()
         for digest in _ingest_digests(store.ingest_dir):
             if digest in marked:
                 continue  # a resumable download of a blob in use
             lock = acquire_key_lock(store.ingest_dir / f"{digest[7:]}.lock", block=False, done=lambda: False)
             if lock is None:
-                _mark(layout, [(digest, None)], marked, configs)  # a writer is at work
+                _mark(layout, [(digest, None)], marked, manifests)  # a writer is at work
             else:
                 locked_ingests.append((digest, lock))
         for path in _entries(store.blobs):
@@ -106,34 +105,37 @@ def collect(layout: ImageLayout, *, remove_tree: Callable[[Path], None],
     return collected
 
 
-def _mark(layout: ImageLayout, roots: Iterable[tuple[str, str | None]], marked: set[str], configs: set[str]) -> None:
+def _mark(layout: ImageLayout, roots: Iterable[tuple[str, str | None]], marked: set[str], manifests: set[str]) -> None:
     """Mark each root ``(digest, media type or None if unknown)`` and all that it names; add the
-    image configs met to ``configs``."""
+    image manifests met (those naming a config) to ``manifests``."""
     pending = list(roots)
     while pending:
         digest, media_type = pending.pop()
         if digest not in marked and DIGEST_RE.fullmatch(digest) is not None:
             marked.add(digest)
-            if media_type in CONFIG_TYPES:
-                configs.add(digest)
-            pending.extend((d.digest, d.media_type) for d in layout.children(digest, media_type))
+            children = layout.children(digest, media_type)
+            if any(d.media_type in CONFIG_TYPES for d in children):
+                manifests.add(digest)
+            pending.extend((d.digest, d.media_type) for d in children)
 
 
-def _chain_ids(layout: ImageLayout, config: str) -> list[str]:
-    """The ChainIDs of the image whose config is ``config`` (none if the store lacks it)."""
+def _chain_ids(layout: ImageLayout, manifest_digest: str) -> list[str]:
+    """The ChainIDs of the layers a pull of this image unpacks (none if the store lacks its config)."""
+    body = _read(layout, manifest_digest)
+    manifest = None if body is None else parse_manifest(body, None, f"{manifest_digest} in {layout.root}")
+    config = None if manifest is None else _read(layout, manifest.config.digest)
+    return [] if config is None else chain_ids(manifest.diff_ids(config))
+
+
+def _read(layout: ImageLayout, digest: str) -> bytes | None:
+    """A stored blob's bytes; None if the store lacks it."""
+    path = layout.store.blob_path(digest)
     try:
-        body = layout.store.blob_path(config).read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        return []
+        return None
     except OSError as e:
-        raise StoreError(str(layout.store.blob_path(config)), e.strerror or str(e)) from e
-    try:
-        diff_ids = json.loads(body)["rootfs"]["diff_ids"]
-        if not isinstance(diff_ids, list) or not all(isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids):
-            raise ValueError("not a list of sha256 digests")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ManifestError(f"image config {config} in {layout.root}", f"bad rootfs.diff_ids: {e}") from e
-    return chain_ids(diff_ids)
+        raise StoreError(str(path), e.strerror or str(e)) from e
 
 
 def _entries(directory: Path) -> list[Path]:

@@ -46,6 +46,8 @@ DOCKER_SCHEMA1_MANIFEST = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_SCHEMA1_SIGNED_MANIFEST = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+NON_DISTRIBUTABLE = frozenset({OCI_LAYER_NONDIST, OCI_LAYER_NONDIST_GZIP, OCI_LAYER_NONDIST_ZSTD, DOCKER_FOREIGN_LAYER})
+"""Layers a registry need not serve (Windows base layers): never fetched, never unpacked."""
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 ACCEPT = f"{OCI_INDEX}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}, {DOCKER_MANIFEST}"
 """``Accept`` header value for a manifest request: every type fastpull can parse."""
@@ -234,6 +236,25 @@ class ImageManifest:
     config: Descriptor
     layers: tuple[Descriptor, ...]
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def fetched_layers(self) -> list[Descriptor]:
+        """The layers a pull fetches and unpacks, base first: all but the non-distributable ones."""
+        return [d for d in self.layers if d.media_type not in NON_DISTRIBUTABLE]
+
+    def diff_ids(self, config: bytes) -> list[str]:
+        """The diffIDs of :meth:`fetched_layers`, from the config's ``rootfs.diff_ids`` (one per layer
+        of the manifest, each checked); ManifestError naming the config if they are not that."""
+        where = f"image config {self.config.digest}"
+        try:
+            diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ManifestError(where, f"no rootfs.diff_ids: {e}") from e
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(self.layers):
+            raise ManifestError(where, f"{len(diff_ids)} diff_ids for {len(self.layers)} layers")
+        for d in diff_ids:
+            if not isinstance(d, str) or check_digest(d):
+                raise ManifestError(where, f"bad diff_id {d!r}")
+        return [i for d, i in zip(self.layers, diff_ids) if d.media_type not in NON_DISTRIBUTABLE]
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ they land, tag the layout.
 - :mod:`.result`: ``PullResult``.
 """
 
+from fastpull.oci.manifest import NON_DISTRIBUTABLE
 from fastpull.puller.core import Puller, pull
 from fastpull.puller.follow import Stopped
-from fastpull.puller.image import NON_DISTRIBUTABLE
 from fastpull.puller.result import PullResult
 from fastpull.puller.source import RepositorySource
 from fastpull.unpack.rootfs import remove_tree  # for `fastpull gc`: the cli reaches unpack through the puller

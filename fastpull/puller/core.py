@@ -20,7 +20,7 @@ from fastpull.events import Event, Failed, Pulled
 from fastpull.oci.manifest import Descriptor, Platform
 from fastpull.oci.reference import Reference, is_short_name, parse_reference
 from fastpull.puller.follow import Follow, emitter
-from fastpull.puller.image import check_platform, fetched_layers, layer_diff_ids
+from fastpull.puller.image import check_platform
 from fastpull.puller.result import PullResult
 from fastpull.puller.rootfs import RootfsUnpacks
 from fastpull.puller.snapshots import SnapshotUnpacks
@@ -232,7 +232,7 @@ class Puller:
             log.debug("%s: %s (the fetch moves on to the next endpoint)", source.client.host, e)
 
         manifest = resolved.manifest
-        layers = fetched_layers(manifest)
+        layers = manifest.fetched_layers()
         blobs = [manifest.config, *layers]
         # `fastpull gc` keeps what the lease names until the image is tagged: taken before the store is looked at.
         lease = Lease(store, [d.digest for d, _ in resolved.documents] + [d.digest for d in blobs])
@@ -253,7 +253,7 @@ class Puller:
             if rootfs is not None or snapshots is not None:
                 config_path = follow.settled(fetch(manifest.config)).result()
                 check_platform(config_path, resolved, wanted, platform_given)
-                diff_ids = layer_diff_ids(config_path, manifest)
+                diff_ids = manifest.diff_ids(config_path.read_bytes())
                 if rootfs is not None:
                     unpacks = RootfsUnpacks(store, layers, diff_ids, Path(rootfs), lease)
                 else:

@@ -30,12 +30,13 @@ from fastpull.oci.manifest import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
+    NON_DISTRIBUTABLE,
     ImageIndex,
     digest_of,
     parse_manifest,
 )
 from fastpull.oci.reference import parse_reference
-from fastpull.puller import NON_DISTRIBUTABLE, Puller, RepositorySource
+from fastpull.puller import Puller, RepositorySource
 from fastpull.serve import DEFAULT_TAG_TTL
 from fastpull.serve.follow import Follower
 from fastpull.serve.ledger import Ledger
