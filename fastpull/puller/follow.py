@@ -19,7 +19,7 @@ from fastpull.events import Blob, Event, LayerDone, Progress
 from fastpull.events import Resolved as ResolvedEvent
 from fastpull.oci.manifest import Descriptor
 from fastpull.puller.result import PullResult
-from fastpull.puller.unpacks import Unpacks
+from fastpull.puller.unpacks import Unpacks, succeeded
 from fastpull.registry.client import Resolved
 
 log = logging.getLogger("fastpull.puller")  # one logger for the pull and its parts
@@ -180,7 +180,11 @@ class Follow:
         if ended is not None and ended[0] is not None:
             self.failed, error = ended
             raise error
-        for digest, error in unpacks.failures():
+        failures = unpacks.failures()
+        # An unpack whose blob landed failed on its own; one whose download the failure cut short
+        # only followed it: name the first of the former.
+        causes = [(d, e) for d, e in failures if d not in fetch_of or succeeded(fetch_of[d])]
+        for digest, error in causes or failures:
             self.failed = digest
             raise error
         for desc, future in zip(blobs, fetches):  # failed without ending the group: the engine closed
