@@ -53,6 +53,8 @@ T = TypeVar("T")
 
 PLUGIN_NAME = "fastpull"
 """The proxy plugin's name in containerd's configuration (``[proxy_plugins.fastpull]``)."""
+_DETAILS_BYTES = 4096
+"""Most of an error message a call sends back."""
 THREADS = 8
 """Snapshotter operations at once; calls waiting for a remote layer hold none."""
 
@@ -80,6 +82,13 @@ def status_code(error: FastpullError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+async def _abort(context: grpc.aio.ServicerContext, error: FastpullError, prefix: str = "") -> None:
+    """End the call with ``error``'s code and message (after ``prefix``), cut to fit: gRPC sends the
+    message in a header, which clients refuse past 8 KiB, and client strings may be 4 KiB each."""
+    text = f"{prefix}{error}".encode()[:_DETAILS_BYTES].decode(errors="ignore")
+    await context.abort(status_code(error), text)
+
+
 def _no_space(error: BaseException) -> bool:
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -105,7 +114,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except FastpullError as e:
-            await context.abort(status_code(e), str(e))
+            await _abort(context, e)
 
     async def Prepare(self, request, context):
         labels = dict(request.labels)
@@ -147,7 +156,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
                     await asyncio.wrap_future(self.layers.ensure(request))
                 except FastpullError as e:  # its message may hold the labels' image reference whole
                     log.error("prepare %s: %s", quote(key), quote(str(e)))
-                    await context.abort(status_code(e), f"{request}: {e}")
+                    await _abort(context, e, f"{request}: ")
             try:
                 await asyncio.get_running_loop().run_in_executor(
                     self._pool, self.snapshotter.commit_layer, chain_id, parent, chain_id, {SNAPSHOT_REF: chain_id})
@@ -155,9 +164,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             except SnapshotNotFound as e:
                 # `fastpull gc` freed the layer between its unpack and this commit: once more.
                 if attempt or cache.has(chain_id):
-                    await context.abort(status_code(e), str(e))
+                    await _abort(context, e)
             except FastpullError as e:
-                await context.abort(status_code(e), str(e))
+                await _abort(context, e)
         raise AssertionError("unreachable")
 
     async def View(self, request, context):
