@@ -181,14 +181,36 @@ def test_store_reader_stops_when_download_is_abandoned(tmp_path):
     d = _digest(data)
     writer = store.open_writer(d, len(data), chunk_size=100_000)
     _land(writer, data, 0, 100_000)
-    reader = BlobReader(store, d, len(data))
+    reader = BlobReader(store, d, len(data), liveness_check=60)
     assert reader.read(100_000) == data[:100_000]
     threading.Timer(0.2, writer.close).start()  # the download gives up
     started = time.monotonic()
     with pytest.raises(StoreError, match="stopped at 100000 bytes"):
         reader.read(1)
-    assert time.monotonic() - started < 1.5  # woken, not timed out
+    assert time.monotonic() - started < 30  # woken by the writer, not by the 60 s liveness check
     reader.close()
+
+
+def test_store_reader_of_a_download_that_commits_while_it_looks(tmp_path, monkeypatch):
+    """The reader finds no bytes, then no lock: the writer finished and committed in between
+    (a small blob, the reader's thread descheduled). That is the end of the download, not its death."""
+    from fastpull.content.store import BlobReader
+
+    store = ContentStore(tmp_path)
+    data = os.urandom(300_000)
+    d = _digest(data)
+    writer = store.open_writer(d, len(data), chunk_size=100_000)
+    reader = BlobReader(store, d, len(data))
+    looked = BlobReader._writer_alive
+
+    def finish_first(self):
+        _land(writer, data, 0, len(data))
+        writer.commit(d)
+        return looked(self)
+
+    monkeypatch.setattr(BlobReader, "_writer_alive", finish_first)
+    with reader:
+        assert reader.read() == data
 
 
 def test_store_reader_of_committed_blob_and_of_nothing(tmp_path):

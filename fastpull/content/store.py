@@ -382,12 +382,16 @@ class BlobReader(io.RawIOBase):
             available = self._bitmap.watermark_bytes()
             if available > offset or available >= self.size:
                 return available
-            if self._bitmap.abandoned or not self._writer_alive(offset):
+            if self._bitmap.abandoned or not self._writer_alive():
+                # Read once more: the writer may have finished, committed and removed its lock since.
+                available = self._bitmap.watermark_bytes()
+                if available > offset or available >= self.size:
+                    return available
                 raise StoreError(str(self._lock_path.parent), f"download of {self.digest} stopped at {available} bytes")
             self._bitmap.wait(seen, self._liveness_check)
 
-    def _writer_alive(self, offset: int) -> bool:
-        """True while some process holds the blob's ingest lock (checked only after a quiet spell)."""
+    def _writer_alive(self) -> bool:
+        """True while some process holds the blob's ingest lock (its path is removed at commit)."""
         try:
             fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -398,7 +402,7 @@ class BlobReader(io.RawIOBase):
             return True
         finally:
             os.close(fd)
-        return self._bitmap.watermark_bytes() > offset  # it finished just now
+        return False
 
     def readinto(self, buffer) -> int:
         if self.pos >= self.size:
