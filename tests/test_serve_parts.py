@@ -134,8 +134,8 @@ def test_the_shipped_unit_and_daemonset_run_a_valid_command():
         parsed = build_parser().parse_args(argv)
         assert parsed.command == "serve" and parsed.listen == ("127.0.0.1", 5050)
         assert str(parsed.snapshotter) == "/run/fastpull/snapshotter.sock"
-    assert (str(parsed.cri_proxy), str(parsed.cri_upstream)) == (  # the DaemonSet's
-        "/run/fastpull/cri.sock", "/run/containerd/containerd.sock")
+        assert (str(parsed.cri_proxy), str(parsed.cri_upstream)) == (
+            "/run/fastpull/cri.sock", "/run/containerd/containerd.sock")
 
 
 def test_the_ledger_grows_with_what_is_pulled_not_how_often(tmp_path):
