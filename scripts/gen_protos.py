@@ -8,8 +8,8 @@ Each source is a git repository (a clone, or a bare mirror) and the tag to read 
 The protos are laid out under ``fastpull/protos/`` before protoc runs, so the generated modules
 import each other as ``fastpull.protos...``: containerd's ``types/mount.proto`` would otherwise
 generate a top-level ``types`` package, which is Python's own ``types`` module. The proto
-packages (``containerd.services.snapshots.v1``, ``containerd.types``, ``runtime.v1``) and so the
-gRPC method names on the wire are unchanged.
+packages (``containerd.services.{snapshots,content,images,leases}.v1``, ``containerd.types``,
+``runtime.v1``) and so the gRPC method names on the wire are unchanged.
 """
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ OUT = ROOT / "fastpull" / "protos"
 # (source, path in its repository) -> path under fastpull/protos/
 FILES = {
     ("containerd", "api/types/mount.proto"): "containerd/types/mount.proto",
+    ("containerd", "api/types/descriptor.proto"): "containerd/types/descriptor.proto",
     ("containerd", "api/services/snapshots/v1/snapshots.proto"): "containerd/services/snapshots/v1/snapshots.proto",
+    ("containerd", "api/services/content/v1/content.proto"): "containerd/services/content/v1/content.proto",
+    ("containerd", "api/services/images/v1/images.proto"): "containerd/services/images/v1/images.proto",
+    ("containerd", "api/services/leases/v1/leases.proto"): "containerd/services/leases/v1/leases.proto",
     ("cri-api", "pkg/apis/runtime/v1/api.proto"): "cri/runtime/v1/api.proto",
 }
-IMPORTS = {'import "types/mount.proto";': 'import "fastpull/protos/containerd/types/mount.proto";'}
+IMPORTS = {'import "types/': 'import "fastpull/protos/containerd/types/'}
 
 
 def _read(source: str, path: str) -> str:
