@@ -179,3 +179,12 @@ class SnapshotPrecondition(SnapshotError):
 
 class SnapshotInvalid(SnapshotError):
     """INVALID_ARGUMENT: a malformed key, label, field path or filter."""
+
+
+class ContainerdError(FastpullError):
+    """containerd's API (on its socket) cannot be reached, or refused a call: names the socket and
+    what was asked of it (a snapshot, a digest, an image)."""
+
+    def __init__(self, socket: str, why: str):
+        super().__init__(f"containerd at {socket}: {why}")
+        self.socket = socket

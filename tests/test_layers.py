@@ -12,7 +12,8 @@
     puller      -> all of the above    a pull, wired together; events, what a pull tells as it runs
     snapshotter -> unpack, protos      containerd's snapshots API over overlay directories and the layer cache
     serve       -> puller, snapshotter and below   the node daemon: mirror and snapshotter over one engine and store
-    cli         -> serve, puller, oci, engine (options), content (the store commands), registry (login, configuration), testbed (the demo)
+    containerd  -> puller, protos and below   a pull handed to containerd through its API
+    cli         -> serve, containerd, puller, oci, engine (options), content (the store commands), registry (login, configuration), testbed (the demo)
 
 Every module of the package is in one layer; a new one must be placed here.
 """
@@ -37,7 +38,8 @@ ALLOWED = {
     "puller": {"puller", "oci", "registry", "engine", "content", "unpack", "events"},
     "snapshotter": {"snapshotter", "unpack", "protos"},
     "serve": {"serve", "snapshotter", "puller", "events", "registry", "engine", "content", "unpack", "oci", "protos"},
-    "cli": {"cli", "serve", "snapshotter", "puller", "events", "oci", "engine", "content", "unpack", "registry",
+    "containerd": {"containerd", "puller", "events", "oci", "content", "unpack", "protos"},
+    "cli": {"cli", "serve", "containerd", "snapshotter", "puller", "events", "oci", "engine", "content", "unpack", "registry",
             "testbed"},
     "testbed": {"testbed", "oci", "registry", "content", "http", "unpack"},
 }

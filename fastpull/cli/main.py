@@ -186,7 +186,7 @@ def _pull_key(args: argparse.Namespace) -> str:
     """What makes two ``fastpull pull`` commands identical: their options (paths made absolute;
     not ``-v``, ``--json`` or ``--quiet``, which change only what is written) and the environment
     a pull reads."""
-    options = {k: os.path.abspath(v) if k in ("layout", "rootfs", "snapshots") and v else v
+    options = {k: os.path.abspath(v) if k in ("layout", "rootfs", "snapshots", "containerd") and v else v
                for k, v in vars(args).items() if k not in ("func", "verbose", "json", "quiet")}
     environment = {k: os.environ.get(k) for k in _REQUEST_ENVIRONMENT}
     proxies = {k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}
@@ -208,7 +208,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         log_to_stderr(args.verbose, args.quiet)
         return _run_pull(args, args.reference, args.layout, json_lines=args.json, rootfs=args.rootfs,
                          snapshots=args.snapshots, unpack_workers=args.unpack_workers,
-                         registries=(args.hosts_dir, args.registries_conf))
+                         registries=(args.hosts_dir, args.registries_conf),
+                         containerd=(args.containerd, args.namespace) if args.containerd else None)
 
     if not args.join:
         outcome, leader = lead(), None
@@ -230,10 +231,11 @@ def _say_waiting() -> None:
 
 def _run_pull(args: argparse.Namespace, ref: str, layout: str, *, json_lines: bool = False,
               unpack_workers: int | None = None, registries: tuple[str | None, str | None] = (None, None),
-              **unpack: str | None) -> Outcome:
+              containerd: tuple[str, str] | None = None, **unpack: str | None) -> Outcome:
     """Pull ``ref`` with the fetch options in ``args``; with ``json_lines`` its events go to stdout
     as they happen, else a progress bar runs on a terminal. ``registries`` are the ``--hosts-dir`` and
-    ``--registries-conf`` (None: the system's).
+    ``--registries-conf`` (None: the system's); ``containerd``, a socket and namespace to import the
+    image into (:mod:`fastpull.containerd`).
 
     The outcome (shared with identical pulls that join this one, whatever they write) holds the
     exit status, the pull's summary events as JSON lines (``resolved``, then ``pulled`` or
@@ -258,7 +260,13 @@ def _run_pull(args: argparse.Namespace, ref: str, layout: str, *, json_lines: bo
                 platform=Platform.parse(args.platform) if args.platform else None, durable=args.durable,
                 unpack_workers=unpack_workers, hosts=hosts,
             ) as puller:
-                puller.pull(ref, layout, events=show, **unpack)
+                if containerd is None:
+                    puller.pull(ref, layout, events=show, **unpack)
+                else:
+                    from fastpull.containerd import Containerd, pull_into
+
+                    with Containerd(*containerd) as client:
+                        pull_into(puller, ref, layout, client, events=show)
         except FastpullError as exc:
             if not any(e["event"] == Failed.NAME for e in output.summary):
                 output.show(Failed.of(exc, ref))  # raised before the pull began
@@ -423,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     unpack.add_argument("--rootfs", help="also unpack the image into this (absent or empty) directory")
     unpack.add_argument("--snapshots",
                         help="also unpack each layer into SNAPSHOTS/sha256/<chainid> (overlayfs lower dirs)")
+    unpack.add_argument("--containerd", metavar="SOCKET",
+                        help="hand the image to the containerd on this socket: its overlayfs snapshots, content "
+                             "and image stores, through its API (the layout keeps no image of it)")
+    p.add_argument("--namespace", default="k8s.io",
+                   help="containerd namespace for --containerd (default k8s.io, CRI's: kubelet sees the image)")
     p.add_argument("--unpack-workers", type=_count, metavar="N", help="unpack worker processes (default: CPUs)")
     p.add_argument("--no-join", dest="join", action="store_false",
                    help="pull even if an identical pull is in flight (default: wait for it and share its "

@@ -161,7 +161,7 @@ class Puller:
         *,
         platform: Platform | None = None,
         rootfs: str | os.PathLike[str] | None = None,
-        snapshots: str | os.PathLike[str] | None = None,
+        snapshots: str | os.PathLike[str] | Snapshotter | None = None,
         events: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
         tag: bool = True,
@@ -177,7 +177,8 @@ class Puller:
         whose snapshot is already there is not fetched.
 
         With ``rootfs``, also unpack the image into that (absent or empty) directory; with
-        ``snapshots``, into one directory per layer keyed by ChainID under that root. Layers
+        ``snapshots``, into one directory per layer keyed by ChainID under that root (or into that
+        :class:`Snapshotter`, which may say it has layers it keeps elsewhere). Layers
         unpack while they download; nothing is made visible before its digests are checked. A
         snapshot is committed as soon as it and the layers under it are unpacked, and stays
         committed if the pull fails later; one that another pull (thread or process) is unpacking
@@ -257,7 +258,8 @@ class Puller:
                 if rootfs is not None:
                     unpacks = RootfsUnpacks(store, layers, diff_ids, Path(rootfs), lease)
                 else:
-                    unpacks = SnapshotUnpacks(store, layers, diff_ids, Snapshotter(snapshots))
+                    unpacks = SnapshotUnpacks(store, layers, diff_ids, snapshots if isinstance(snapshots, Snapshotter)
+                                               else Snapshotter(snapshots))
             if unpacks.unpacking:
                 unpacks.unpacker = self.unpacker()
                 follow.unpacking(unpacks)
@@ -290,6 +292,7 @@ class Puller:
         result = PullResult(
             reference=reference,
             descriptor=resolved.manifest_descriptor,
+            documents=resolved.documents,
             manifest=manifest,
             layout=image_layout.root,
             total_bytes=total,

@@ -16,6 +16,8 @@ class PullResult:
     reference: Reference
     descriptor: Descriptor
     """The platform manifest, as tagged in the layout's index.json."""
+    documents: tuple[tuple[Descriptor, bytes], ...]
+    """What the reference points to, as fetched: the index (if any), then the manifest."""
     manifest: ImageManifest
     layout: Path
     total_bytes: int
