@@ -28,9 +28,9 @@ from test_snapshotter_containerd import _layers as snapshotter_layers
 
 from fastpull.containerd import Containerd, importer, pull_into
 from fastpull.errors import ContainerdError, UnpackError
-from fastpull.oci.manifest import chain_ids
+from fastpull.oci.manifest import Platform, chain_ids
 from fastpull.puller import Puller
-from fastpull.testbed import push_image
+from fastpull.testbed import build_index, push_image, push_index
 from fastpull.testbed.images import BuiltImage, LayerSpec, build_image
 from fastpull.testbed.reference import describe
 
@@ -99,7 +99,7 @@ def _import(node, ref: str, layout: Path) -> str:
 
 
 def _leftovers(node) -> dict[str, list[str]]:
-    """What containerd holds in CRI's namespace besides nothing: snapshots, leases, content, images."""
+    """What containerd holds in CRI's namespace: snapshot keys, leases, content digests, image names."""
     def rows(*args: str) -> list[str]:
         return [line.split()[0] for line in node.ctr(*args, namespace=CRI_NAMESPACE).stdout.splitlines()[1:] if line]
     return {"snapshots": [key for key, _, _ in node.snapshots(namespace=CRI_NAMESPACE)],
@@ -131,6 +131,24 @@ def test_an_imported_image_is_containerds_own_a_cri_pull_fetches_nothing_and_it_
 
     skip_unless_containers_run()
     assert "only this one" in node.run(ref, ["/bin/busybox", "cat", "/data/opaque/new"], namespace=CRI_NAMESPACE)
+
+
+def test_an_index_is_imported_with_its_platform_manifest_and_a_cri_pull_fetches_nothing(
+        node, registry, images, tmp_path):
+    host = Platform.host()
+    other = ("linux", "s390x" if host.architecture != "s390x" else "amd64", None)
+    index = build_index([(images["app"], (host.os, host.architecture, host.variant)), (images["base"], other)])
+    index_digest = push_index(registry.url, REPO, "multi", index, [images["app"], images["base"]])
+    ref = f"{registry.host}/{REPO}:multi"
+    _import(node, ref, tmp_path / "store")
+    assert node.image_digest(ref, namespace=CRI_NAMESPACE) == index_digest
+    registry.clear_served()
+    with node.cri_images() as cri:
+        cri.pull(ref)
+    assert blob_bytes_sent(registry) == {}, "CRI's pull fetched blobs"
+    node.gc()
+    config = json.loads(images["app"].manifest)["config"]["digest"]
+    assert set(_leftovers(node)["content"]) == {index_digest, images["app"].manifest_digest, config}
 
 
 def test_gc_keeps_an_imported_image_while_it_is_tagged_and_frees_it_once_removed(node, images, ref, tmp_path):
@@ -189,7 +207,8 @@ def test_an_import_that_fails_half_way_leaves_nothing_once_gc_runs(node, images,
     assert _leftovers(node) == {"snapshots": [], "leases": [], "content": [], "images": []}
 
 
-def test_a_containerd_that_cannot_be_reached_is_one_line(tmp_path, ref):
+def test_a_containerd_that_cannot_be_reached_is_one_line_and_no_pull(tmp_path):
+    ref = "127.0.0.1:9/never/asked:v1"  # the socket is tried first: no registry is asked
     dead = tmp_path / "dead.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(dead))  # a socket nobody listens on

@@ -13,7 +13,7 @@ import datetime
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import grpc
@@ -32,8 +32,6 @@ LEASE_EXPIRES = datetime.timedelta(hours=24)
 """How long a lease outlives a client killed before it deleted the lease (containerd's own pulls take 24 h)."""
 CALL_TIMEOUT = 120.0
 """Seconds a unary call may take (a snapshot's removal deletes its directory)."""
-WRITE_CHUNK = 1 << 20
-"""Bytes per content write message (containerd accepts up to 16 MiB)."""
 
 
 class Containerd:
@@ -137,31 +135,21 @@ class Containerd:
 
     # ---- content -----------------------------------------------------------------------------
 
-    def put_content(self, digest: str, chunks: Iterable[bytes], size: int, labels: Mapping[str, str]) -> None:
-        """Store the blob ``digest`` of ``size`` bytes (``chunks``, in order) with ``labels``; containerd
-        checks the digest. A blob it has already only gets the labels."""
+    def put_content(self, digest: str, data: bytes, labels: Mapping[str, str]) -> None:
+        """Store the blob ``digest`` (a document: at most a few MiB) with ``labels``; containerd checks
+        the digest. A blob it has already only gets the labels."""
         if self._call(f"content {digest}", self._content.Info, content_pb2.InfoRequest(digest=digest),
                       missing_ok=True) is not None:
             self._label_content(digest, labels)
             return
-        ref = f"fastpull-{secrets.token_hex(6)}-{digest}"
-
-        def requests() -> Iterator[content_pb2.WriteContentRequest]:
-            offset = 0
-            for chunk in chunks:
-                yield content_pb2.WriteContentRequest(action=content_pb2.WRITE, ref=ref, total=size,
-                                                      expected=digest, offset=offset, data=chunk)
-                offset += len(chunk)
-            yield content_pb2.WriteContentRequest(action=content_pb2.COMMIT, ref=ref, total=size, expected=digest,
-                                                  offset=offset, labels=labels)
-
-        what = f"write content {digest}"
+        commit = content_pb2.WriteContentRequest(action=content_pb2.COMMIT, ref=f"fastpull-{secrets.token_hex(6)}",
+                                                 total=len(data), expected=digest, data=data, labels=labels)
         try:
-            for _ in self._content.Write(requests(), metadata=self._metadata):
+            for _ in self._content.Write(iter([commit]), metadata=self._metadata, timeout=CALL_TIMEOUT):
                 pass
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
-                raise self._error(what, e.code(), e.details() or "") from None  # type: ignore[attr-defined]
+                raise self._error(f"write content {digest}", e.code(), e.details() or "") from None  # type: ignore[attr-defined]
             self._label_content(digest, labels)  # written meanwhile by another client
 
     def _label_content(self, digest: str, labels: Mapping[str, str]) -> None:

@@ -149,10 +149,10 @@ def _import(containerd: Containerd, result: PullResult, config_path: Path, layer
             _commit_layer(containerd, layers.path(chain), chain, parent)
         parent = chain
     snapshot = {f"containerd.io/gc.ref.snapshot.{containerd.snapshotter}": chains[-1]} if chains else {}
-    containerd.put_content(config.digest, [config_body], config.size, snapshot)
+    containerd.put_content(config.digest, config_body, snapshot)
     child = {f"{GC_CONTENT}.config": config.digest}
     for desc, body in reversed(result.documents):  # the manifest, then the index that names it
-        containerd.put_content(desc.digest, [body], desc.size, child)
+        containerd.put_content(desc.digest, body, child)
         child = {f"{GC_CONTENT}.m.0": desc.digest}
     target = result.documents[0][0]
     for name, labels in _image_names(result.reference, target.digest, config.digest, containerd.namespace).items():
