@@ -21,16 +21,18 @@ from clients import (
     check_containerd_image,
     write_hosts_toml,
 )
-from conftest import tmpfs
+from conftest import tmpfs, wait_until
 from cri import node_daemons, skip_unless_containers_run
 from test_snapshotter_containerd import _entries, _member
 from test_snapshotter_containerd import _layers as snapshotter_layers
 
 from fastpull.containerd import Containerd, importer, pull_into
+from fastpull.content.layout import ImageLayout
 from fastpull.errors import ContainerdError, UnpackError
 from fastpull.oci.manifest import Platform, chain_ids
 from fastpull.puller import Puller
 from fastpull.testbed import build_index, push_image, push_index
+from fastpull.testbed.daemon import ServeProcess
 from fastpull.testbed.images import BuiltImage, LayerSpec, build_image
 from fastpull.testbed.reference import describe
 
@@ -224,3 +226,24 @@ def test_a_containerd_without_the_snapshotter_is_one_line(node, images):
     with Containerd(node.address, snapshotter="btrfs") as containerd, pytest.raises(ContainerdError) as failed:
         containerd.has_snapshot(chain_ids([images["app"].layers[0].digest])[0])
     assert "has no btrfs snapshotter" in str(failed.value) and "\n" not in str(failed.value)
+
+
+def test_the_daemon_prefetches_into_containerd_and_a_cri_pull_fetches_nothing(node, registry, images, ref, tmp_path):
+    """``fastpull serve --containerd SOCKET --prefetch FILE``: the node agent of a cluster whose
+    containerd configuration cannot change lands the listed images in containerd's own stores."""
+    listed = tmp_path / "prefetch.txt"
+    listed.write_text(f"# warmed on every node\n{ref}\n")
+    serve = ServeProcess(tmp_path / "store", registry.host, "--containerd", str(node.address),
+                         "--prefetch", str(listed)).start()
+    try:
+        wait_until(lambda: "prefetched " in serve.log or "prefetch " in serve.log, "the prefetch ended", timeout=120)
+        assert f"prefetched {ref}" in serve.log, serve.log[-3000:]
+    finally:
+        serve.stop()
+    image = images["app"]
+    assert node.images(namespace=CRI_NAMESPACE)[ref] == image.manifest_digest
+    assert ImageLayout(tmp_path / "store").images() == [], "the store tags nothing: containerd owns the image"
+    registry.clear_served()
+    with node.cri_images() as cri:
+        assert cri.pull(ref) == json.loads(image.manifest)["config"]["digest"]
+    assert blob_bytes_sent(registry) == {}, "CRI's pull fetched blobs"

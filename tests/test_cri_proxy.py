@@ -6,6 +6,7 @@ every other call passes through. Also the credentials hook itself, on a registry
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import stat
 import tempfile
@@ -113,3 +114,48 @@ def test_provided_credentials_come_first_and_their_tokens_serve_them_alone(priva
     del lent[registry.host, REPO]
     with pytest.raises(AuthError):  # the token got with them is not the anonymous one
         client.manifest(REPO, digest)
+
+
+def test_without_the_snapshotter_the_proxy_imports_the_pulled_image_with_its_credentials(
+        tmp_path, private, socket_dir):
+    """No containerd configuration changed: kubelet's image service alone points at fastpull, which
+    imports each pulled image into containerd's own stores (with the pull's credentials) before
+    containerd sees the call; containerd then finds it present. Without credentials the import fails
+    and containerd's own pull says what it says without fastpull."""
+    registry, tokens, image = private
+    ref = f"{registry.host}/{REPO}:v1"
+    proxy, upstream = socket_dir / "cri.sock", socket_dir / "containerd.sock"
+    (tmp_path / "docker").mkdir()
+    no_credentials = {"DOCKER_CONFIG": str(tmp_path / "docker"), "REGISTRY_AUTH_FILE": str(tmp_path / "none.json")}
+    store = tmp_path / "store"
+    with node_daemons(tmp_path) as start_containerd:
+        serve = ServeProcess(store, registry.host, "--cri-proxy", str(proxy), "--cri-upstream", str(upstream),
+                             env=no_credentials).start()
+        try:
+            node = start_containerd()  # Debian's defaults: overlayfs, no proxy plugin
+            write_hosts_toml(node.hosts_dir, registry.host)
+            upstream.symlink_to(node.address)
+            with CriImages(proxy) as through, CriImages(node.address) as direct:
+                with pytest.raises(CriError) as refused:
+                    through.pull(ref)
+                with pytest.raises(CriError) as refused_directly:
+                    direct.pull(ref)
+                assert (refused.value.code, refused.value.details) == \
+                    (refused_directly.value.code, refused_directly.value.details)
+                assert "not imported by fastpull" in serve.log
+
+                registry.clear_served()
+                image_id = through.pull(ref, auth={"username": USER, "password": PASSWORD})
+                assert image_id == json.loads(image.manifest)["config"]["digest"]
+                sent = blob_bytes_sent(registry)
+                for layer in image.layers:  # fetched once, by fastpull: containerd's own pull keeps layer blobs
+                    assert sent.get(layer.digest) == layer.size
+                    assert not node.content_path(layer.digest).exists()
+                assert len(node.snapshots(namespace=CRI_NAMESPACE)) == len(image.layers)
+                assert through.status(ref).id == image_id
+        finally:
+            serve.stop()
+    secrets = [PASSWORD.encode(), base64.b64encode(f"{USER}:{PASSWORD}".encode())]
+    assert not [s for s in secrets if s.decode() in serve.log]
+    leaks = [p for p in store.rglob("*") if p.is_file() and any(s in p.read_bytes() for s in secrets)]
+    assert leaks == []

@@ -11,8 +11,8 @@
     unpack      -> content, oci        the tar applier, worker processes, snapshots, rootfs
     puller      -> all of the above    a pull, wired together; events, what a pull tells as it runs
     snapshotter -> unpack, protos      containerd's snapshots API over overlay directories and the layer cache
-    serve       -> puller, snapshotter and below   the node daemon: mirror and snapshotter over one engine and store
     containerd  -> puller, protos and below   a pull handed to containerd through its API
+    serve       -> containerd, snapshotter and below   the node daemon: mirror, snapshotter and CRI proxy over one engine and store
     cli         -> serve, containerd, puller, oci, engine (options), content (the store commands), registry (login, configuration), testbed (the demo)
 
 Every module of the package is in one layer; a new one must be placed here.
@@ -37,7 +37,7 @@ ALLOWED = {
     "unpack": {"oci", "content", "unpack"},
     "puller": {"puller", "oci", "registry", "engine", "content", "unpack", "events"},
     "snapshotter": {"snapshotter", "unpack", "protos"},
-    "serve": {"serve", "snapshotter", "puller", "events", "registry", "engine", "content", "unpack", "oci", "protos"},
+    "serve": {"serve", "containerd", "snapshotter", "puller", "events", "registry", "engine", "content", "unpack", "oci", "protos"},
     "containerd": {"containerd", "puller", "events", "oci", "content", "unpack", "protos"},
     "cli": {"cli", "serve", "containerd", "snapshotter", "puller", "events", "oci", "engine", "content", "unpack", "registry",
             "testbed"},

@@ -46,7 +46,14 @@ def add_parser(sub) -> None:
                         "--image-service-endpoint: every call goes to --cri-upstream, and a PullImage's "
                         "credentials serve the snapshotter's pulls of its layers, in memory, for that pull only")
     p.add_argument("--cri-upstream", type=Path, default=Path(DEFAULT_CRI_UPSTREAM), metavar="SOCKET",
-                   help=f"containerd's socket, where --cri-proxy forwards (default {DEFAULT_CRI_UPSTREAM})")
+                   help=f"containerd's socket, where --cri-proxy forwards (default {DEFAULT_CRI_UPSTREAM}); "
+                        "without --snapshotter, the proxy first imports each pulled image there, as "
+                        "`fastpull pull --containerd` does")
+    p.add_argument("--containerd", type=Path, metavar="SOCKET",
+                   help="import prefetched images into the containerd on this socket (its own overlayfs snapshots "
+                        "and image store, as `fastpull pull --containerd` does) instead of tagging them in the store")
+    p.add_argument("--namespace", default="k8s.io",
+                   help="containerd namespace for --containerd (default k8s.io, CRI's: kubelet sees the images)")
     p.add_argument("--print-config", choices=("containerd", "containerd1", "crio", "docker"), metavar="RUNTIME",
                    help="print what to write for containerd (2.x), containerd1 (1.6, 1.7), crio or docker to use "
                         "this mirror for the REGISTRY arguments (and, with --snapshotter, this snapshotter), and exit")
@@ -87,6 +94,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.tag_ttl < 0:
         raise UsageError(f"--tag-ttl must not be negative, got {args.tag_ttl:g}")
+    if args.containerd is not None and args.snapshotter is not None:
+        raise UsageError("--containerd goes without --snapshotter: with it, prefetched images are unpacked "
+                         "for fastpull's snapshotter")
     log_to_stderr(max(args.verbose, 1))
     serve(ServeOptions(
         store=(args.store or Path(default_store())).absolute(), host=host, port=port, upstream=args.upstream,
@@ -94,6 +104,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         fetch_ahead=args.fetch_ahead, hosts_dir=args.hosts_dir, registries_conf=args.registries_conf,
         snapshotter=None if args.snapshotter is None else args.snapshotter.absolute(), fetch=fetch_options(args),
         cri_proxy=None if args.cri_proxy is None else args.cri_proxy.absolute(), cri_upstream=args.cri_upstream.absolute(),
+        containerd=None if args.containerd is None else args.containerd.absolute(), namespace=args.namespace,
     ))
     return 0
 

@@ -5,12 +5,18 @@ Every ``runtime.v1.ImageService`` call goes to containerd as its bytes came, and
 ``AuthConfig`` is held in memory for its image's registry and repository, so that the snapshotter's
 layer pulls (which that very pull asks for) use it before the node's own credentials; it is dropped
 when the pull returns, and never logged nor written.
+
+On a node without fastpull's snapshotter, the proxy may first import the image into containerd's
+own stores itself (:class:`~fastpull.serve.imports.ContainerdImports`, with those credentials): the
+``PullImage`` forwarded then finds it present. A failed import is logged, and containerd pulls the
+image itself.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +24,14 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from fastpull.errors import FastpullError
+from fastpull.errors import FastpullError, quote
 from fastpull.oci.reference import parse_reference
 from fastpull.protos.cri.runtime.v1 import api_pb2 as cri
 from fastpull.registry.auth import Credentials
+from fastpull.serve.imports import ContainerdImports
 from fastpull.sockets import start_unix_server
+
+log = logging.getLogger(__name__)
 
 SERVICE = cri.DESCRIPTOR.services_by_name["ImageService"]
 MAX_MESSAGE = 16 << 20
@@ -85,12 +94,14 @@ class PullCredentials:
 
 class CriProxy:
     """``runtime.v1.ImageService`` on the unix socket ``socket_path``, forwarded to containerd's socket
-    ``upstream``."""
+    ``upstream``; with ``imports``, each pulled image is imported there first."""
 
-    def __init__(self, socket_path: Path, upstream: Path, credentials: PullCredentials):
+    def __init__(self, socket_path: Path, upstream: Path, credentials: PullCredentials,
+                 imports: ContainerdImports | None = None):
         self.socket_path = socket_path
         self.upstream = upstream
         self.credentials = credentials
+        self.imports = imports
         self._server: grpc.aio.Server | None = None
         # No proxy applies to a unix socket; the option only keeps grpc from reading the proxy variables.
         self._channel = grpc.aio.insecure_channel(
@@ -111,22 +122,24 @@ class CriProxy:
         call = self._channel.unary_unary(path)
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            pull = _pull_request(request) if name == "PullImage" else None
             try:
-                with self._hold(name, request):
+                with contextlib.nullcontext() if pull is None else self.credentials.holding(pull):
+                    if pull is not None and self.imports is not None:
+                        await self._import(pull.image.image)
                     return await call(request, timeout=context.time_remaining())
             except grpc.aio.AioRpcError as e:
                 await context.abort(e.code(), e.details() or "")
 
         return forward
 
-    def _hold(self, name: str, request: bytes) -> contextlib.AbstractContextManager[None]:
-        if name != "PullImage":
-            return contextlib.nullcontext()
+    async def _import(self, image: str) -> None:
+        """Import ``image`` into containerd; a failure leaves the pull to containerd (which says
+        what is wrong if it fails too). A caller that gives up leaves the import going."""
         try:
-            pull = cri.PullImageRequest.FromString(request)
-        except DecodeError:  # containerd will refuse it
-            return contextlib.nullcontext()
-        return self.credentials.holding(pull)
+            await self.imports.ensure(image)
+        except FastpullError as e:
+            log.warning("PullImage %s: not imported by fastpull (%s): containerd pulls it itself", quote(image), e)
 
     def _streaming(self, path: str):
         call = self._channel.unary_stream(path)
@@ -141,9 +154,10 @@ class CriProxy:
         return forward
 
     @classmethod
-    async def start(cls, socket_path: Path, upstream: Path, credentials: PullCredentials) -> CriProxy:
+    async def start(cls, socket_path: Path, upstream: Path, credentials: PullCredentials,
+                    imports: ContainerdImports | None = None) -> CriProxy:
         """Serve the proxy on the unix socket ``socket_path`` (mode 0600), forwarding to ``upstream``."""
-        proxy = cls(socket_path, upstream, credentials)
+        proxy = cls(socket_path, upstream, credentials, imports)
         try:
             proxy._server = await start_unix_server(lambda server: server.add_generic_rpc_handlers((proxy.handler(),)),
                                                     socket_path, f"CRI image-service proxy (to unix:{upstream})")
@@ -158,3 +172,11 @@ class CriProxy:
             await self._server.stop(grace)
             self.socket_path.unlink(missing_ok=True)
         await self._channel.close()
+
+
+def _pull_request(request: bytes) -> cri.PullImageRequest | None:
+    """A ``PullImage``'s request, None if it does not parse (containerd will refuse it)."""
+    try:
+        return cri.PullImageRequest.FromString(request)
+    except DecodeError:
+        return None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from fastpull.containerd.client import CRI_NAMESPACE
 from fastpull.content.defaults import LAYER_CACHE, SNAPSHOTTER_STATE
 from fastpull.engine import FetchOptions
 from fastpull.errors import FastpullError, StoreError
@@ -25,6 +26,7 @@ from fastpull.registry.hosts import RegistryHosts
 from fastpull.serve import DEFAULT_CRI_UPSTREAM, DEFAULT_LISTEN, DEFAULT_TAG_TTL
 from fastpull.serve.api import IMAGE_LAYERS, make_app, start_prefetch
 from fastpull.serve.criproxy import CriProxy, PullCredentials
+from fastpull.serve.imports import ContainerdImports
 from fastpull.serve.layers import ImageLayers
 from fastpull.serve.metrics import Metrics
 from fastpull.serve.mirror import Mirror
@@ -58,7 +60,11 @@ class ServeOptions:
     cri_proxy: Path | None = None
     """The unix socket of the CRI image-service proxy (None: no proxy)."""
     cri_upstream: Path = Path(DEFAULT_CRI_UPSTREAM)
-    """containerd's socket, where the proxy forwards."""
+    """containerd's socket, where the proxy forwards (and, without the snapshotter, imports each pulled image)."""
+    containerd: Path | None = None
+    """The socket of the containerd prefetched images are imported into (None: they are tagged in the store)."""
+    namespace: str = CRI_NAMESPACE
+    """The containerd namespace of ``containerd``."""
     fetch: FetchOptions = field(default_factory=FetchOptions)
 
 
@@ -86,8 +92,17 @@ async def _serve(options: ServeOptions) -> None:
                     credentials=pull_credentials)
     metrics = Metrics(puller.engine.received_bytes)
     layers = LayerCache(options.store / LAYER_CACHE) if options.snapshotter is not None else None
+    imports: dict[tuple[Path, str], ContainerdImports] = {}
+
+    def imports_into(socket: Path, namespace: str) -> ContainerdImports:
+        if (socket, namespace) not in imports:
+            imports[socket, namespace] = ContainerdImports(puller, options.store, socket, namespace)
+        return imports[socket, namespace]
+
     mirror = Mirror(options.store, puller, metrics, default_registry=options.upstream, tag_ttl=options.tag_ttl,
-                    fetch_ahead=options.fetch_ahead, unpack_into=layers)
+                    fetch_ahead=options.fetch_ahead, unpack_into=layers,
+                    import_into=None if options.containerd is None else imports_into(options.containerd,
+                                                                                     options.namespace))
     metrics.inflight_fetches.set_function(lambda: len(mirror.inflight))
     app = make_app(mirror)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
@@ -98,7 +113,9 @@ async def _serve(options: ServeOptions) -> None:
             snapshots = await Snapshots.start(options.snapshotter, options.store, puller, layers, metrics)
             app[IMAGE_LAYERS] = snapshots.layers
         if pull_credentials is not None:
-            cri = await CriProxy.start(options.cri_proxy, options.cri_upstream, pull_credentials)
+            # Without the snapshotter, containerd would unpack the image itself: import it first.
+            cri = await CriProxy.start(options.cri_proxy, options.cri_upstream, pull_credentials,
+                                       imports_into(options.cri_upstream, CRI_NAMESPACE) if layers is None else None)
         await runner.setup()
         site = web.TCPSite(runner, options.host, options.port, backlog=1024)
         try:
@@ -122,6 +139,8 @@ async def _serve(options: ServeOptions) -> None:
         if snapshots is not None:
             await snapshots.stop(SHUTDOWN_SECONDS)
         await runner.cleanup()
+        for each in imports.values():
+            each.close()
         mirror.close()
         puller.close()
 

@@ -39,6 +39,7 @@ from fastpull.oci.reference import parse_reference
 from fastpull.puller import Puller, RepositorySource
 from fastpull.serve import DEFAULT_TAG_TTL
 from fastpull.serve.follow import Follower
+from fastpull.serve.imports import ContainerdImports
 from fastpull.serve.ledger import Ledger
 from fastpull.serve.metrics import Metrics
 from fastpull.unpack.snapshots import Snapshotter as LayerCache
@@ -125,10 +126,13 @@ class Mirror:
     """Serves the content of the upstream registries from the store at ``root`` (an OCI layout)."""
 
     def __init__(self, root: Path, puller: Puller, metrics: Metrics, *, default_registry: str,
-                 tag_ttl: float = DEFAULT_TAG_TTL, fetch_ahead: bool = True, unpack_into: LayerCache | None = None):
-        """``unpack_into``: the layer cache prefetched images are also unpacked into (for the snapshotter)."""
+                 tag_ttl: float = DEFAULT_TAG_TTL, fetch_ahead: bool = True, unpack_into: LayerCache | None = None,
+                 import_into: ContainerdImports | None = None):
+        """``unpack_into``: the layer cache prefetched images are also unpacked into (for the snapshotter);
+        ``import_into``: the containerd prefetched images go to instead of being tagged in the store."""
         self.layout = ImageLayout(root)
         self.unpack_into = unpack_into
+        self.import_into = import_into
         self.store = self.layout.store
         self.ledger = Ledger(root / ".fastpull" / "serve" / "ledger.jsonl")
         self.puller = puller
@@ -313,9 +317,14 @@ class Mirror:
 
     async def prefetch(self, reference: str) -> None:
         """Pull ``reference`` (this node's platform) into the store, tag it there, and record
-        that its repository has its blobs; unpack it into the layer cache if there is one."""
-        snapshots = None if self.unpack_into is None else self.unpack_into.root
-        result = await self._call(functools.partial(self.puller.pull, reference, self.layout.root, snapshots=snapshots))
+        that its repository has its blobs; unpack it into the layer cache if there is one, or
+        import it into containerd instead of tagging it."""
+        if self.import_into is not None:
+            result = await self.import_into.ensure(reference)
+        else:
+            snapshots = None if self.unpack_into is None else self.unpack_into.root
+            result = await self._call(functools.partial(self.puller.pull, reference, self.layout.root,
+                                                        snapshots=snapshots))
         ref = result.reference
         for digest, size in _image_blobs(result):
             self.ledger.record(ref.registry, ref.repository, digest, size)
