@@ -6,14 +6,16 @@ every other call passes through. Also the credentials hook itself, on a registry
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clients import CRI_NAMESPACE, blob_bytes_sent, write_hosts_toml
+from clients import CRI_NAMESPACE, Containerd, blob_bytes_sent, write_hosts_toml
 from cri import CriError, CriImages, node_daemons
 
 from fastpull import AuthError
@@ -50,51 +52,65 @@ def socket_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_cri_pull_through_the_proxy_lends_its_credentials_to_the_snapshotter(tmp_path, private, socket_dir):
-    registry, tokens, image = private
-    ref = f"{registry.host}/{REPO}:v1"
+@contextlib.contextmanager
+def proxied(tmp_path: Path, registry: LocalRegistry, socket_dir: Path, *, snapshotter: bool
+            ) -> Iterator[tuple[ServeProcess, Containerd, CriImages, CriImages]]:
+    """(serve, node, through, direct): ``fastpull serve --cri-proxy`` (and ``--snapshotter`` if asked,
+    containerd's CRI snapshotter then) on a node with no credentials of its own; CRI clients through
+    the proxy and straight to containerd. After the block: no credential in the log or the store."""
     proxy, upstream = socket_dir / "cri.sock", socket_dir / "containerd.sock"
     (tmp_path / "docker").mkdir()
     no_credentials = {"DOCKER_CONFIG": str(tmp_path / "docker"), "REGISTRY_AUTH_FILE": str(tmp_path / "none.json")}
-    store = tmp_path / "store"
+    store, plugin = tmp_path / "store", socket_dir / "fastpull.sock"
     with node_daemons(tmp_path) as start_containerd:
-        serve = ServeProcess(store, registry.host, "--snapshotter", str(socket_dir / "fastpull.sock"),
+        serve = ServeProcess(store, registry.host, *(("--snapshotter", str(plugin)) if snapshotter else ()),
                              "--cri-proxy", str(proxy), "--cri-upstream", str(upstream), env=no_credentials).start()
         try:
-            node = start_containerd(cri_snapshotter="fastpull", proxy_plugins={"fastpull": socket_dir / "fastpull.sock"})
+            node = start_containerd(**({"cri_snapshotter": "fastpull", "proxy_plugins": {"fastpull": plugin}}
+                                       if snapshotter else {}))
             write_hosts_toml(node.hosts_dir, registry.host)
             upstream.symlink_to(node.address)  # known once containerd is made; the proxy connects on the first call
             assert stat.S_IMODE(proxy.stat().st_mode) == 0o600
-
             with CriImages(proxy) as through, CriImages(node.address) as direct:
-                with pytest.raises(CriError) as refused:
-                    through.pull(ref)
-                with pytest.raises(CriError) as refused_directly:
-                    direct.pull(ref)
-                assert (refused.value.code, refused.value.details) == \
-                    (refused_directly.value.code, refused_directly.value.details)
-                assert "may require authorization" in refused.value.details
-
-                registry.clear_served()
-                image_id = through.pull(ref, auth={"username": USER, "password": PASSWORD})
-                sent = blob_bytes_sent(registry)
-                for layer in image.layers:  # the snapshotter fetched them, with the pull's credentials
-                    assert sent.get(layer.digest) == layer.size
-                    assert not node.content_path(layer.digest).exists()
-                assert len(node.snapshots(snapshotter="fastpull", namespace=CRI_NAMESPACE)) == len(image.layers)
-
-                assert through.status(ref) == direct.status(ref) is not None
-                assert through.status(ref).id == image_id
-                assert through.list() == direct.list()
-                assert [f.fs_id for f in through.fs_info()] == [f.fs_id for f in direct.fs_info()]
-                through.remove(ref)
-                assert direct.status(ref) is None
+                yield serve, node, through, direct
         finally:
             serve.stop()
     secrets = [PASSWORD.encode(), base64.b64encode(f"{USER}:{PASSWORD}".encode())]
     assert not [s for s in secrets if s.decode() in serve.log]
     leaks = [p for p in store.rglob("*") if p.is_file() and any(s in p.read_bytes() for s in secrets)]
     assert leaks == []
+
+
+def refused_alike(through: CriImages, direct: CriImages, ref: str) -> str:
+    """A pull without credentials, through the proxy and straight: the same error; its details."""
+    with pytest.raises(CriError) as refused:
+        through.pull(ref)
+    with pytest.raises(CriError) as refused_directly:
+        direct.pull(ref)
+    assert (refused.value.code, refused.value.details) == (refused_directly.value.code, refused_directly.value.details)
+    return refused.value.details
+
+
+def test_cri_pull_through_the_proxy_lends_its_credentials_to_the_snapshotter(tmp_path, private, socket_dir):
+    registry, tokens, image = private
+    ref = f"{registry.host}/{REPO}:v1"
+    with proxied(tmp_path, registry, socket_dir, snapshotter=True) as (serve, node, through, direct):
+        assert "may require authorization" in refused_alike(through, direct, ref)
+
+        registry.clear_served()
+        image_id = through.pull(ref, auth={"username": USER, "password": PASSWORD})
+        sent = blob_bytes_sent(registry)
+        for layer in image.layers:  # the snapshotter fetched them, with the pull's credentials
+            assert sent.get(layer.digest) == layer.size
+            assert not node.content_path(layer.digest).exists()
+        assert len(node.snapshots(snapshotter="fastpull", namespace=CRI_NAMESPACE)) == len(image.layers)
+
+        assert through.status(ref) == direct.status(ref) is not None
+        assert through.status(ref).id == image_id
+        assert through.list() == direct.list()
+        assert [f.fs_id for f in through.fs_info()] == [f.fs_id for f in direct.fs_info()]
+        through.remove(ref)
+        assert direct.status(ref) is None
 
 
 @pytest.mark.parametrize("kind", ["identity_token", "registry_token"])
@@ -124,38 +140,16 @@ def test_without_the_snapshotter_the_proxy_imports_the_pulled_image_with_its_cre
     and containerd's own pull says what it says without fastpull."""
     registry, tokens, image = private
     ref = f"{registry.host}/{REPO}:v1"
-    proxy, upstream = socket_dir / "cri.sock", socket_dir / "containerd.sock"
-    (tmp_path / "docker").mkdir()
-    no_credentials = {"DOCKER_CONFIG": str(tmp_path / "docker"), "REGISTRY_AUTH_FILE": str(tmp_path / "none.json")}
-    store = tmp_path / "store"
-    with node_daemons(tmp_path) as start_containerd:
-        serve = ServeProcess(store, registry.host, "--cri-proxy", str(proxy), "--cri-upstream", str(upstream),
-                             env=no_credentials).start()
-        try:
-            node = start_containerd()  # Debian's defaults: overlayfs, no proxy plugin
-            write_hosts_toml(node.hosts_dir, registry.host)
-            upstream.symlink_to(node.address)
-            with CriImages(proxy) as through, CriImages(node.address) as direct:
-                with pytest.raises(CriError) as refused:
-                    through.pull(ref)
-                with pytest.raises(CriError) as refused_directly:
-                    direct.pull(ref)
-                assert (refused.value.code, refused.value.details) == \
-                    (refused_directly.value.code, refused_directly.value.details)
-                assert "not imported by fastpull" in serve.log
+    with proxied(tmp_path, registry, socket_dir, snapshotter=False) as (serve, node, through, direct):
+        refused_alike(through, direct, ref)
+        assert "not imported by fastpull" in serve.log
 
-                registry.clear_served()
-                image_id = through.pull(ref, auth={"username": USER, "password": PASSWORD})
-                assert image_id == json.loads(image.manifest)["config"]["digest"]
-                sent = blob_bytes_sent(registry)
-                for layer in image.layers:  # fetched once, by fastpull: containerd's own pull keeps layer blobs
-                    assert sent.get(layer.digest) == layer.size
-                    assert not node.content_path(layer.digest).exists()
-                assert len(node.snapshots(namespace=CRI_NAMESPACE)) == len(image.layers)
-                assert through.status(ref).id == image_id
-        finally:
-            serve.stop()
-    secrets = [PASSWORD.encode(), base64.b64encode(f"{USER}:{PASSWORD}".encode())]
-    assert not [s for s in secrets if s.decode() in serve.log]
-    leaks = [p for p in store.rglob("*") if p.is_file() and any(s in p.read_bytes() for s in secrets)]
-    assert leaks == []
+        registry.clear_served()
+        image_id = through.pull(ref, auth={"username": USER, "password": PASSWORD})
+        assert image_id == json.loads(image.manifest)["config"]["digest"]
+        sent = blob_bytes_sent(registry)
+        for layer in image.layers:  # fetched once, by fastpull: containerd's own pull keeps layer blobs
+            assert sent.get(layer.digest) == layer.size
+            assert not node.content_path(layer.digest).exists()
+        assert len(node.snapshots(namespace=CRI_NAMESPACE)) == len(image.layers)
+        assert through.status(ref).id == image_id
