@@ -23,7 +23,11 @@ pull``, each time with a FRESH containerd (its own root, state and socket: a col
   sends no labels (containerd fetches and applies each layer itself through fastpull's mounts),
   ctr 2.x pulls through the transfer service, which sends them;
 - **concurrent**: ``--clients`` (20) CRI ``PullImage`` calls of one image at once through the
-  snapshotter, cold; the image should be fetched once.
+  snapshotter, cold; the image should be fetched once;
+- **import**: ``fastpull pull REF --containerd SOCKET`` into a containerd in its default configuration
+  (no proxy plugin: its own overlayfs snapshotter, content and image stores, CRI's namespace), from an
+  empty store, straight from the registry: what a node agent does where containerd's configuration
+  cannot change. Measured from the command's start (the interpreter's start-up included) to its exit.
 
 By default containerd's ``hosts.toml`` points at the registry for the alone rows and at ``fastpull
 serve`` for the mirror and snapshotter rows (what ``fastpull serve --print-config`` prints; with
@@ -92,6 +96,7 @@ ROWS = {
     "snap-cri": "fastpull snapshotter, CRI, cold",
     "snap-prefetched": "fastpull snapshotter, CRI, prefetched",
     "snap-ctr": "fastpull snapshotter, ctr image pull, cold",
+    "import": "fastpull pull --containerd (containerd as it is), cold",
 }
 CONCURRENT = "concurrent"
 VERSIONS = ("1.6", "2")
@@ -394,7 +399,7 @@ class SnapshotterBench:
         self.registry.clear_served()
         with contextlib.ExitStack() as stack:
             daemon = stack.enter_context(self.fastpull(snap, f"{version}-{image_key}-{row}")) \
-                if row != "alone-cri" and row != "alone-ctr" else None
+                if row not in ("alone-cri", "alone-ctr", "import") else None
             if row == "snap-prefetched":
                 assert daemon is not None
                 extra["prefetch_s"] = self.prefetch(daemon, ref)
@@ -410,6 +415,9 @@ class SnapshotterBench:
                 namespace = "default"
             elif row == CONCURRENT:
                 wall = self.cri_pulls(node, ref, self.clients_n)
+                namespace = clients.CRI_NAMESPACE
+            elif row == "import":
+                wall = self.import_pull(node, ref, f"{version}-{image_key}-{row}")
                 namespace = clients.CRI_NAMESPACE
             else:
                 wall = self.cri_pulls(node, ref, 1)
@@ -467,6 +475,23 @@ class SnapshotterBench:
                 c.close()
         if len(set(ids)) != 1:
             raise RuntimeError(f"CRI answered different image IDs for {ref}: {set(ids)}")
+        return wall
+
+    def import_pull(self, node: clients.Containerd, ref: str, label: str) -> float:
+        """Wall seconds of ``fastpull pull REF --containerd`` into ``node`` from a fresh store (its
+        log kept beside the runs, as the daemons' are)."""
+        store = self._fresh("import")
+        started = time.perf_counter()
+        done = self.bed.run([sys.executable, "-m", "fastpull", "pull", ref, "--containerd", str(node.address),
+                             "--layout", str(store / "store")], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": str(self.root)})
+        wall = time.perf_counter() - started
+        logs = self.work.parent / "logs"
+        logs.mkdir(exist_ok=True)
+        (logs / f"{self._n:03d}-{label}.log").write_text(done.stdout + done.stderr)
+        _remove(store)
+        if done.returncode != 0:
+            raise RuntimeError(f"fastpull pull --containerd exited {done.returncode}: {done.stderr[-2000:]}")
         return wall
 
     def check(self, node: clients.Containerd, ref: str, image: BuiltImage, namespace: str,
@@ -600,8 +625,9 @@ def overview(summary: dict[tuple[str, str, str], Row], versions: list[str], imag
         return f"{r.wall:.2f}" if base is None or row == base_row else f"{r.wall:.2f} ({base.wall / r.wall:.1f}x)"
 
     lines = ["| containerd | image | alone, CRI | mirror, CRI | snapshotter, CRI cold | snapshotter, CRI prefetched "
-             "| alone, ctr | snapshotter, ctr | 20 CRI pulls at once: wall, upstream / image |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| alone, ctr | snapshotter, ctr | 20 CRI pulls at once: wall, upstream / image "
+             "| fastpull pull --containerd |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v in versions:
         for i in images:
             conc = summary.get((v, i, CONCURRENT))
@@ -609,7 +635,8 @@ def overview(summary: dict[tuple[str, str, str], Row], versions: list[str], imag
             upstream = f"{conc.wall:.2f} s, {conc.upstream / size.upstream:.3f}" if conc and size else "-"
             lines.append(f"| {names[v]} | {i} | {cell(v, i, 'alone-cri')} | {cell(v, i, 'mirror-cri')} | "
                          f"{cell(v, i, 'snap-cri')} | {cell(v, i, 'snap-prefetched')} | "
-                         f"{cell(v, i, 'alone-ctr', 'alone-ctr')} | {cell(v, i, 'snap-ctr', 'alone-ctr')} | {upstream} |")
+                         f"{cell(v, i, 'alone-ctr', 'alone-ctr')} | {cell(v, i, 'snap-ctr', 'alone-ctr')} | {upstream} | "
+                         f"{cell(v, i, 'import')} |")
     return "\n".join(lines)
 
 
@@ -625,6 +652,10 @@ def targets(summary: dict[tuple[str, str, str], Row], versions: list[str], sizes
             if alone and cold:
                 x = alone.wall / cold.wall
                 out.append(f"cold through the snapshotter >= 3x containerd alone (CRI), {names[v]}, {i}: "
+                           f"{x:.2f}x, {mark(x >= 3)}")
+            if alone and (imported := summary.get((v, i, "import"))):
+                x = alone.wall / imported.wall
+                out.append(f"fastpull pull --containerd >= 3x containerd alone (CRI), {names[v]}, {i}: "
                            f"{x:.2f}x, {mark(x >= 3)}")
             if pre := summary.get((v, i, "snap-prefetched")):
                 out.append(f"prefetched < 2 s, {names[v]}, {i}: {pre.wall:.2f} s, {mark(pre.wall < 2)}")
