@@ -19,6 +19,7 @@ from fastpull.engine.planner import (
     next_request,
     put_back,
     request_chunks,
+    tail_request_bytes,
 )
 from fastpull.engine.transfers import BlobFetch, Transfer
 
@@ -219,6 +220,22 @@ def test_next_span_of_a_streamed_blob_is_short_and_of_a_single_stream_whole(bitm
     assert planner.next_span(_blob(bitmap, pending=range(10), streamed=True)).chunks == range(0, 1)
     single = _blob(bitmap, mode="single", pending=[0])
     assert planner.next_span(single) == Span(None, 0, 10 * MiB, 0) and single.pending == []
+
+
+def test_requests_shrink_near_the_end_so_that_the_transfers_finish_together():
+    # Plenty to come: the tuned size. 40 MiB over 16 transfers: 2.5 MiB each. Never under a chunk.
+    assert tail_request_bytes(8 * MiB, 1000 * MiB, 16, MiB) == 8 * MiB
+    assert tail_request_bytes(8 * MiB, 40 * MiB, 16, MiB) == 40 * MiB // 16
+    assert tail_request_bytes(8 * MiB, 3 * MiB, 16, MiB) == MiB
+
+
+def test_next_span_near_the_end_of_the_fetch_is_the_outstanding_bytes_shared_out(bitmap):
+    planner = Planner(FetchOptions())  # adaptive: 8 MiB requests over 16 transfers to start with
+    assert planner.next_span(_blob(bitmap, pending=range(10)), outstanding=1 << 40).chunks == range(0, 8)
+    assert planner.next_span(_blob(bitmap, pending=range(10)), outstanding=64 * MiB).chunks == range(0, 4)
+    assert planner.next_span(_blob(bitmap, pending=range(10)), outstanding=10 * MiB).chunks == range(0, 1)
+    fixed = Planner(FetchOptions(chunk_size=2 * MiB))  # a request size the user set is kept
+    assert fixed.next_span(_blob(bitmap, pending=range(10)), outstanding=MiB).chunks == range(0, 2)
 
 
 def test_requeue_gives_back_unfinished_chunks_resuming_from_the_bytes_written(bitmap):

@@ -121,9 +121,22 @@ class Blobs:
         self._table[key] = blob
         self._queued.append(blob)
 
-    def activate(self) -> None:
-        """Open the ingests of queued blobs while fewer than ``blobs_in_flight`` are active."""
-        while self._queued and len(self.active) < self._options.blobs_in_flight:
+    @property
+    def backlog(self) -> int:
+        """Bytes not yet asked for: the pending chunks of the active blobs and the queued blobs."""
+        return (sum(len(b.pending) * b.writer.bitmap.chunk_size for b in self.active if b.writer is not None)
+                + sum(b.size for b in self._queued))
+
+    def activate(self, extra: int = 0) -> bool:
+        """Open the ingests of queued blobs while fewer than ``blobs_in_flight`` are active, and
+        ``extra`` more (up to ``max_transfers`` active): transfer slots the active blobs leave idle,
+        as many small blobs do. Whether any was opened."""
+        limit = self._options.blobs_in_flight
+        if extra > 0:
+            limit = max(limit, min(len(self.active) + extra, self._options.max_transfers))
+        opened = False
+        while self._queued and len(self.active) < limit:
+            opened = True
             blob = self._queued.popleft()
             if not blob.futures:  # its requests were withdrawn meanwhile
                 continue
@@ -141,6 +154,7 @@ class Blobs:
                 threading.Thread(target=self._wait_for_lock, args=(blob,), daemon=True).start()
             else:
                 self._start(blob, writer)
+        return opened
 
     def _wait_for_lock(self, blob: BlobFetch) -> None:
         try:
@@ -226,10 +240,20 @@ class Blobs:
 
     def chunk_done(self, blob: BlobFetch) -> None:
         """A request of ``blob`` finished: hash along the watermark, or commit a complete blob."""
-        watermark = blob.writer.bitmap.watermark()
         if blob.writer.bitmap.complete():
             self._maybe_commit(blob)
-        elif watermark > blob.hashed_watermark:
+        else:
+            self._hash_along(blob)
+
+    def hash_along(self) -> None:
+        """Hash every active blob up to its watermark (chunks land in the middle of requests too)."""
+        for blob in self.active:
+            if blob.writer is not None and not blob.committing:
+                self._hash_along(blob)
+
+    def _hash_along(self, blob: BlobFetch) -> None:
+        watermark = blob.writer.bitmap.watermark()
+        if watermark > blob.hashed_watermark:
             blob.hashed_watermark = watermark
             self._hashers.advance(blob.writer)
 

@@ -38,6 +38,9 @@ from fastpull.http.transport import Origin
 log = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 0.5
+_HASH_TICK_S = 0.02
+"""How often sha256 is moved along the watermarks of the blobs landing: a blob's digest is then
+mostly done when its last byte comes, instead of hashed whole after it."""
 
 
 class FetchEngine:
@@ -135,6 +138,7 @@ class FetchEngine:
         self._planner = Planner(self.options)
         self._running = True
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
+        self._next_hash = 0.0
         self._multi.share_connections(self._planner.tuner.streams_per_connection)
         try:
             while self._running:
@@ -155,13 +159,26 @@ class FetchEngine:
             self._on_done(t, curl_code, message)
         now = time.monotonic()
         self._planner.release_due(now)
+        if now >= self._next_hash:
+            self._next_hash = now + _HASH_TICK_S
+            self._blobs.hash_along()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + _HOUSEKEEPING_S
             self._reissue_stragglers(now)
             self._tune(now)
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start transfers on the free slots, blobs in the order asked. While slots stay free (small
+        blobs: one request each, one transfer while Range is probed) and the engine tunes itself,
+        more queued blobs are opened, beyond ``blobs_in_flight``, to keep the link full."""
         self._blobs.activate()
-        for blob in self._planner.slots(self._blobs.active, len(self._multi.transfers)):
-            self._start_transfer(blob)
+        while True:
+            for blob in self._planner.slots(self._blobs.active, len(self._multi.transfers)):
+                self._start_transfer(blob)
+            free = self._planner.tuner.target - len(self._multi.transfers)
+            if free <= 0 or not self.options.adaptive or not self._blobs.activate(extra=free):
+                return
 
     def _drain_commands(self) -> None:
         for command in self._mailbox.drain():
@@ -210,7 +227,8 @@ class FetchEngine:
         self._multi.share_connections(tuner.streams_per_connection)
 
     def _start_transfer(self, blob: BlobFetch) -> None:
-        span = self._planner.next_span(blob)
+        outstanding = self._blobs.backlog + sum(t.end - t.sink.offset for t in self._multi.transfers)
+        span = self._planner.next_span(blob, outstanding)
         sink = blob.writer.sink(span.start, span.end, span.valid_from)
         t = Transfer(blob, span.chunks, span.start, span.end, sink, time.monotonic(), blob.url, blob.auth)
         extra = [f"Range: bytes={span.start}-{span.end - 1}"] if span.chunks is not None else []

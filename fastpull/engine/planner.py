@@ -131,6 +131,14 @@ def request_chunks(request_bytes: int, chunk_size: int, nchunks: int, *, streame
     return span
 
 
+def tail_request_bytes(request_bytes: int, outstanding: int, transfers: int, chunk_size: int) -> int:
+    """The size of the next request when ``outstanding`` bytes are still to come (asked or not, of every
+    blob being fetched) over ``transfers`` transfers: ``request_bytes`` while there is plenty, less near the
+    end, so that the transfers finish together instead of one long request trailing alone on a link that
+    would carry ten (a request of 8 MiB at one connection's 30 MB/s is 0.28 s). Never under one chunk."""
+    return min(request_bytes, max(chunk_size, -(-outstanding // max(transfers, 1))))
+
+
 def next_request(pending: list[int], span: int, resume_at: dict[int, int]) -> range:
     """Take the next request off a blob's sorted ``pending`` chunks: the first, and the ones
     right after it, up to ``span`` chunks; a chunk that resumes mid-way starts a request of its own."""
@@ -208,13 +216,18 @@ class Planner:
             if budget <= 0:
                 return
 
-    def next_span(self, blob: BlobFetch) -> Span:
-        """Take the next request of ``blob`` off its pending chunks."""
+    def next_span(self, blob: BlobFetch, outstanding: int | None = None) -> Span:
+        """Take the next request of ``blob`` off its pending chunks. ``outstanding``: the bytes still
+        to come of every blob being fetched (None: plenty); while the request size adapts, requests
+        shrink near the end so that the transfers finish together (:func:`tail_request_bytes`)."""
         if blob.mode == "single":
             blob.pending.clear()
             return Span(None, 0, blob.size, 0)
         bitmap = blob.writer.bitmap
-        span = request_chunks(self.tuner.request_bytes, bitmap.chunk_size, bitmap.nchunks,
+        request_bytes = self.tuner.request_bytes
+        if outstanding is not None and self.tuner.adapt_size:
+            request_bytes = tail_request_bytes(request_bytes, outstanding, self.tuner.target, bitmap.chunk_size)
+        span = request_chunks(request_bytes, bitmap.chunk_size, bitmap.nchunks,
                               streamed=blob.streamed, adapt_size=self.tuner.adapt_size)
         chunks = next_request(blob.pending, span, blob.resume_at)
         valid_from = bitmap.chunk_span(chunks[0])[0]
