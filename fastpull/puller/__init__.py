@@ -17,6 +17,13 @@ from fastpull.puller.core import Puller, pull
 from fastpull.puller.follow import Stopped
 from fastpull.puller.result import PullResult
 from fastpull.puller.source import RepositorySource
-from fastpull.unpack.rootfs import remove_tree  # for `fastpull gc`: the cli reaches unpack through the puller
 
 __all__ = ["NON_DISTRIBUTABLE", "PullResult", "Puller", "RepositorySource", "Stopped", "pull", "remove_tree"]
+
+
+def __getattr__(name: str):
+    if name == "remove_tree":  # for `fastpull gc` (the cli reaches unpack through the puller); a pull never needs it
+        from fastpull.unpack.rootfs import remove_tree
+
+        return remove_tree
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,15 +22,12 @@ from fastpull.oci.reference import Reference, is_short_name, parse_reference
 from fastpull.puller.follow import Follow, emitter
 from fastpull.puller.image import check_platform
 from fastpull.puller.result import PullResult
-from fastpull.puller.rootfs import RootfsUnpacks
-from fastpull.puller.snapshots import SnapshotUnpacks
 from fastpull.puller.source import RepositorySource
-from fastpull.puller.unpacks import Unpacks
+from fastpull.puller.unpacks import Openers, Unpacks
 from fastpull.registry.auth import CredentialsProvider
 from fastpull.registry.client import RegistryClient, Resolved
 from fastpull.registry.hosts import RegistryHost, RegistryHosts
 from fastpull.registry.mirrors import Breaker, MirroredRegistry
-from fastpull.unpack.snapshots import Snapshotter
 
 log = logging.getLogger("fastpull.puller")  # one logger for the pull and its parts
 
@@ -39,7 +36,8 @@ MAX_LAYERS = 500
 ``OVL_MAX_STACK``), so no runtime that mounts images with it (containerd, CRI-O, Podman, Docker) could
 run one with more. Such an image is refused before any blob is fetched."""
 
-if TYPE_CHECKING:  # unpacking pulls in the tar applier and decompressors: imported when used
+if TYPE_CHECKING:  # unpacking pulls in the tar applier, decompressors and tree tools: imported when used
+    from fastpull.unpack.snapshots import Snapshotter
     from fastpull.unpack.workers import Unpacker
 
 
@@ -251,20 +249,34 @@ class Puller:
                 if not store.has(desc.digest, desc.size):
                     follow.downloaded[desc.digest] = desc.size
                     store.put_bytes(desc.digest, body)
+            # A pull that tags its image fetches every layer: ask for them with the config (whose
+            # diffIDs say how they unpack), and start the unpack workers meanwhile.
+            openers = Openers() if tag and (rootfs is not None or snapshots is not None) else None
+            if openers is not None:
+                futures = [fetch(manifest.config)] + [fetch(d, openers.on_open(i)) for i, d in enumerate(layers)]
+                self.unpacker()
             if rootfs is not None or snapshots is not None:
-                config_path = follow.settled(fetch(manifest.config)).result()
+                config_path = follow.result(futures[0] if futures else fetch(manifest.config))
                 check_platform(config_path, resolved, wanted, platform_given)
                 diff_ids = manifest.diff_ids(config_path.read_bytes())
                 if rootfs is not None:
+                    from fastpull.puller.rootfs import RootfsUnpacks
+
                     unpacks = RootfsUnpacks(store, layers, diff_ids, Path(rootfs), lease)
                 else:
+                    from fastpull.puller.snapshots import SnapshotUnpacks
+                    from fastpull.unpack.snapshots import Snapshotter
+
                     unpacks = SnapshotUnpacks(store, layers, diff_ids, snapshots if isinstance(snapshots, Snapshotter)
                                                else Snapshotter(snapshots))
             if unpacks.unpacking:
                 unpacks.unpacker = self.unpacker()
                 follow.unpacking(unpacks)
-            futures = [fetch(manifest.config)] + [fetch(d, unpacks.on_open(i)) if tag or unpacks.needs_blob(i)
-                                                  else _done() for i, d in enumerate(layers)]
+            if openers is not None:
+                openers.ready(unpacks)
+            else:
+                futures = [fetch(manifest.config)] + [fetch(d, unpacks.on_open(i)) if tag or unpacks.needs_blob(i)
+                                                      else _done() for i, d in enumerate(layers)]
             # The config is small and first: refuse the wrong platform early.
             if rootfs is None and snapshots is None and follow.settled(futures[0]).exception() is None:
                 check_platform(futures[0].result(), resolved, wanted, platform_given)

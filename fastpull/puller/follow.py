@@ -109,6 +109,13 @@ class Follow:
             self._wait([future], None)
         return future
 
+    def result(self, future: Future):
+        """``future``'s result once it has settled, or its error raised; an error that a failed blob of
+        the pull's group brought makes that blob the pull's failure."""
+        if self.settled(future).exception() is not None and self.group.failed is not None:
+            self.failed = self.group.failed[0] or self.failed
+        return future.result()
+
     def emit(self, event: Event) -> None:
         if self._emit is not None:
             self._emit(event)

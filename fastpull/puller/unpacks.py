@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -124,6 +125,37 @@ class Unpacks:
 
     def close(self) -> None:
         """The pull is over: remove what it built on the way."""
+
+
+class Openers:
+    """The engine's ``on_open`` callbacks of layers asked for before the pull knows how it unpacks them
+    (their diffIDs are in the config, still on its way): a layer that opens meanwhile is remembered and
+    handed on once :meth:`ready` names the unpacks; later ones go straight there. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._unpacks: Unpacks | None = None
+        self._early: list[int] = []
+
+    def on_open(self, i: int) -> Callable[[], None]:
+        return functools.partial(self._opened, i)
+
+    def _opened(self, i: int) -> None:
+        with self._lock:
+            if self._unpacks is None:
+                self._early.append(i)
+                return
+            unpacks = self._unpacks
+        if (opened := unpacks.on_open(i)) is not None:
+            opened()
+
+    def ready(self, unpacks: Unpacks) -> None:
+        """The layers unpack through ``unpacks`` (its unpacker set): hand on those that opened already."""
+        with self._lock:
+            self._unpacks, early = unpacks, self._early
+        for i in early:
+            if (opened := unpacks.on_open(i)) is not None:
+                opened()
 
 
 def failure(future: Future | None) -> BaseException | None:
