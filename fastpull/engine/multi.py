@@ -67,7 +67,10 @@ class Multi:
         c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(opts.stall_timeout)))
         c.setopt(pycurl.BUFFERSIZE, opts.buffer_size)
         c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS if opts.http2 else pycurl.CURL_HTTP_VERSION_1_1)
-        c.setopt(pycurl.PIPEWAIT, 1)
+        # Wait for a connection still being set up (TLS, ALPN) to carry this transfer too only while
+        # connections may carry more than one stream: else the transfer waited for nothing (it gets
+        # a connection of its own once that one says it is HTTP/2 and full), up to a handshake at start.
+        c.setopt(pycurl.PIPEWAIT, 0 if self._streams_per_connection == 1 else 1)
         if opts.transfer_rate_limit:
             c.setopt(pycurl.MAX_RECV_SPEED_LARGE, opts.transfer_rate_limit)
         c.setopt(pycurl.USERAGENT, USER_AGENT)
