@@ -406,6 +406,16 @@ def test_registry_client_falls_back_to_plain_http_once(serve: Callable[..., Scri
         RegistryClient("ghcr.io", timeout=0)
 
 
+def test_a_plain_http_loopback_registry_is_found_without_reading_the_ca_bundle(serve: Callable[..., Scripted],
+                                                                              tmp_path: Path) -> None:
+    """Whether the host speaks TLS is asked unchecked: a CA bundle that cannot even be read (its loading
+    is what a checked handshake costs first) does not stand in the way of plain HTTP."""
+    server = serve(ok(b"{}"))
+    host = f"127.0.0.1:{server.httpd.server_address[1]}"
+    transport = Transport(ca_file=str(tmp_path / "no-such-ca.pem"))
+    assert RegistryClient(host, credentials=None, transport=transport).base_url == f"http://{host}"
+
+
 @pytest.mark.parametrize(
     ("name", "repo", "media_type"), [("oci", "test/oci", m.OCI_MANIFEST), ("docker", "test/docker", m.DOCKER_MANIFEST)]
 )
