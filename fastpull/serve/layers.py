@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,18 @@ class _ImagePull:
     unpacked: int = 0
     """Its layers in the cache (unpacked by this pull or before)."""
     progress: Progress | None = None
+
+
+def _settle(future: Future[None], error: FastpullError | None = None) -> None:
+    """Tell a Prepare its layer is there (or why not); a Prepare that gave up (its call cancelled by
+    a client's deadline or a restart, which cancels its future) hears nothing, and the pull goes on."""
+    try:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass
 
 
 class ImageLayers:
@@ -98,11 +110,8 @@ class ImageLayers:
             del self._pulls[pull.reference]
             waiters, pull.waiters = pull.waiters, []
         for chain_id, future in waiters:
-            if self.cache.has(chain_id):
-                future.set_result(None)
-            else:
-                future.set_exception(error or SnapshotNotFound(
-                    chain_id, f"the image {pull.reference} has no layer with this ChainID"))
+            _settle(future, None if self.cache.has(chain_id) else error or SnapshotNotFound(
+                chain_id, f"the image {pull.reference} has no layer with this ChainID"))
 
     def _heard(self, pull: _ImagePull, event: Event) -> None:
         """Keep the pull's account, and wake the Prepares whose layers are in the cache now (called
@@ -123,14 +132,14 @@ class ImageLayers:
                 (ready if self.cache.has(waiter[0]) else waiting).append(waiter)
             pull.waiters = waiting
         for _, future in ready:
-            future.set_result(None)
+            _settle(future)
 
     def pulls(self) -> list[dict]:
         """The pulls in flight, as the status API shows them: the image, its layers in the cache of
         all, bytes fetched of those missing (and the rate), the Prepares waiting."""
         now = time.monotonic()
         with self._lock:
-            pulls = [(pull, len(pull.waiters)) for pull in self._pulls.values()]
+            pulls = [(pull, sum(not f.cancelled() for _, f in pull.waiters)) for pull in self._pulls.values()]
         shown = []
         for pull, waiting in pulls:
             progress = pull.progress or Progress(0, 0, 0, 0, 0)
