@@ -7,10 +7,11 @@ far-registry bed, and the small-image table against skopeo and the link's time.
 
 The bed (bench/bed.py) caps each connection at ``--per-flow`` (240 Mbit/s: 30 MB/s) and all of them at
 ``--link`` (2400 Mbit/s: 300 MB/s), as S3 and node NICs have it. Images: *many*, 20 layers of 0.9-18 MB
-(189 MB), and the quick bench's *small* (24 layers, 24 MB) and *typical* (8 layers, 60 MB).
+(189 MB), and the quick bench's *small* (24 layers, 24 MB) and *typical* (8 layers, 60 MB); ``--images big``
+adds one layer of 1000 MB.
 
-**Timeline.** A pull runs as ``python -c DRIVER``, which wraps a few of fastpull's functions before calling
-the command line's ``main`` (nothing else differs from ``python -m fastpull pull``): each synchronous
+**Timeline.** A pull runs as ``python -c DRIVER``, which wraps a few of fastpull's functions before running
+``python -m fastpull``'s own ``__main__`` (its imports come first, the rest is as it is): each synchronous
 request (the scheme probe, tokens, manifests), each transfer of the fetch engine with libcurl's own times
 (queued, connected, first byte, last byte; whether it opened a connection), when each blob was asked for,
 opened and committed. Beside it this process reads the namespace's ``lo`` transmit counter every 2 ms:
@@ -41,7 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ IMAGES = {
     "many": ("20 layers of 0.9-18 MB", tuple(0.9 * (1 + (i * 7) % 20) for i in range(20))),
     "small": ("the quick bench's small: 24 layers of 0.1-2 MB", tuple(0.1 * (1 + (i * 7) % 20) for i in range(24))),
     "typical": ("the quick bench's typical: 8 layers of 2-15 MB", (15, 12, 10, 8, 6, 4, 3, 2)),
+    "big": ("one big layer of 1000 MB (not by default: that nothing changed for it)", (1000,)),
 }
+DEFAULT_IMAGES = "many,small,typical"
 
 # The pull, instrumented: fastpull's own command line with a few functions wrapped to note when things happen.
 DRIVER = r"""
@@ -89,6 +92,8 @@ wrap(transport.Transport, "request", lambda self, method, url, *a, **k: now(),
                                                                       "end": now()}))
 wrap(core.Puller, "_resolve", lambda self, *a: trace.setdefault("resolve_start", now()),
      lambda _, self, *a: trace.setdefault("resolve_end", now()))
+wrap(core.Puller, "pull", after=lambda _, self, *a, **k: trace.setdefault("pulled", now()))
+wrap(core.Puller, "close", after=lambda _, self, *a, **k: trace.setdefault("closed", now()))
 wrap(loop.FetchEngine, "fetch", lambda self, store, source, digest, size, **k: trace["asked"].setdefault(digest, [now(), size]))
 wrap(blobs.Blobs, "_start", lambda self, blob, writer: trace["opened"].setdefault(blob.digest, now()))
 wrap(blobs.Blobs, "committed", lambda self, command: trace["committed"].setdefault(command.blob.digest, now()))
@@ -107,13 +112,22 @@ wrap(multi.Multi, "remove", removed)
 trace["imported"] = now()
 
 def dump():
-    trace["exit"] = now()
-    with open(out, "w") as f:
-        json.dump(trace, f)
+    if "exit" not in trace:
+        trace["exit"] = now()
+        with open(out, "w") as f:
+            json.dump(trace, f)
 
 atexit.register(dump)
-from fastpull.cli.main import main
-raise SystemExit(main(argv))
+import os, runpy
+_exit = os._exit
+
+def exit_now(status):  # python -m fastpull may leave without the interpreter's finalization
+    dump()
+    _exit(status)
+
+os._exit = exit_now
+sys.argv = ["fastpull", *argv]
+runpy.run_module("fastpull", run_name="__main__", alter_sys=True)
 """
 
 
@@ -222,6 +236,8 @@ def phases(run: dict[str, Any], link_bytes_s: float) -> dict[str, float]:
         "first_byte": first_byte - first_blob,
         "fetch": last_byte - first_blob,
         "tail": run["ended"] - last_byte,
+        "to_pulled": tr.get("pulled", last_byte) - last_byte,
+        "close": tr.get("closed", last_byte) - tr.get("pulled", last_byte),
         "link_floor": nbytes / link_bytes_s,
         "fetch_link_share": nbytes / link_bytes_s / (last_byte - first_blob),
         "idle_share": idle,
@@ -232,16 +248,18 @@ def phases(run: dict[str, Any], link_bytes_s: float) -> dict[str, float]:
 
 
 PHASE_COLUMNS = ("wall", "startup", "resolve", "first_byte", "fetch", "tail", "link_floor")
+TAIL_COLUMNS = ("to_pulled", "close")
 
 
 def phase_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     head = ("| run | wall s | start-up s | resolve s | to first byte s | fetch s | tail s | link floor s | "
-            "fetch / floor | idle 10 ms bins in fetch | requests | connections | sync requests |")
-    lines = [head, "| --- |" + " ---: |" * 12]
+            "fetch / floor | idle 10 ms bins in fetch | requests | connections | sync requests | tail: to the "
+            "pull's return s | tail: closing s |")
+    lines = [head, "| --- |" + " ---: |" * 14]
     for name, p in rows:
         lines.append(f"| {name} | " + " | ".join(f"{p[k]:.3f}" for k in PHASE_COLUMNS)
                      + f" | {p['fetch'] / p['link_floor']:.2f}x | {p['idle_share']:.0%} | {p['requests']} | "
-                       f"{p['connections']} | {p['sync_requests']} |")
+                       f"{p['connections']} | {p['sync_requests']} | {p['to_pulled']:.3f} | {p['close']:.3f} |")
     return "\n".join(lines)
 
 
@@ -355,14 +373,16 @@ class TableRow:
     protocol: str
     tool: str
     walls: list[float]
+    cpus: list[float] = field(default_factory=list)
+    """User + system CPU seconds of the process (not for serve: its daemon runs on)."""
 
 
 def table_markdown(rows: list[TableRow], images: dict[str, BuiltImage], link_bytes_s: float) -> str:
     base = any(r.tool.endswith("@base") for r in rows)
     lines = ["| registry | image | link floor s | fastpull pull s | x floor | through fastpull serve s | x floor | "
-             "skopeo s | x floor | fastpull vs skopeo |"
+             "skopeo s | x floor | fastpull vs skopeo | CPU s: fastpull / skopeo |"
              + (" before: fastpull pull s | x floor | before: through serve s | x floor |" if base else ""),
-             "| --- | --- |" + " ---: |" * (12 if base else 8)]
+             "| --- | --- |" + " ---: |" * (13 if base else 9)]
     keys = list(dict.fromkeys((r.protocol, r.image) for r in rows))
     for protocol, image in keys:
         floor = images[image].total_size / link_bytes_s
@@ -375,10 +395,12 @@ def table_markdown(rows: list[TableRow], images: dict[str, BuiltImage], link_byt
             lo, hi = spread[tool]
             return f"{cells[tool]:.3f} ({lo:.2f}-{hi:.2f}) | {cells[tool] / floor:.2f}x"
 
+        cpus = {r.tool: statistics.median(r.cpus) for r in rows if (r.protocol, r.image) == (protocol, image) and r.cpus}
         vs = f"{cells['skopeo'] / cells['fastpull']:.2f}x" if "skopeo" in cells and "fastpull" in cells else "-"
+        cpu = " / ".join(f"{cpus[t]:.2f}" if t in cpus else "-" for t in ("fastpull", "skopeo"))
         lines.append(f"| {protocol} | {image} ({images[image].total_size / MB:.0f} MB, "
                      f"{len(images[image].layers)} layers) | {floor:.3f} | {cell('fastpull')} | {cell('serve')} | "
-                     f"{cell('skopeo')} | {vs} |"
+                     f"{cell('skopeo')} | {vs} | {cpu} |"
                      + (f" {cell('fastpull@base')} | {cell('serve@base')} |" if base else ""))
     return "\n".join(lines)
 
@@ -391,7 +413,7 @@ def main() -> int:
     ap.add_argument("--per-flow", type=float, default=240, help="Mbit/s per TCP connection (default 240)")
     ap.add_argument("--link", type=float, default=2400, help="Mbit/s for all connections (default 2400)")
     ap.add_argument("--protocols", default="http,https", help="http (plain HTTP/1.1), https (TLS, HTTP/2)")
-    ap.add_argument("--images", default=",".join(IMAGES), help=f"any of {','.join(IMAGES)}")
+    ap.add_argument("--images", default=DEFAULT_IMAGES, help=f"any of {','.join(IMAGES)} (default {DEFAULT_IMAGES})")
     ap.add_argument("--timelines", type=int, default=1, help="timeline runs per image and protocol (default 1)")
     ap.add_argument("--table", action="store_true", help="also measure the table (fastpull, serve, skopeo)")
     ap.add_argument("--runs", type=int, default=5, help="rounds of the table, median (default 5)")
@@ -445,7 +467,7 @@ def main() -> int:
                         name = f"{key}, {protocol}" + (f" #{n + 1}" if args.timelines > 1 else "")
                         p = phases(run, link_bytes_s)
                         phase_rows.append((name, p))
-                        log(f"timeline {name}: " + ", ".join(f"{k} {p[k]:.3f}" for k in PHASE_COLUMNS))
+                        log(f"timeline {name}: " + ", ".join(f"{k} {p[k]:.3f}" for k in PHASE_COLUMNS + TAIL_COLUMNS))
                         if n == 0:
                             run["title"] = (f"fastpull pull, {key} ({len(images[key].layers)} layers, "
                                             f"{images[key].total_size / MB:.0f} MB), {protocol}: wall "
@@ -461,15 +483,20 @@ def main() -> int:
                         for key in images:
                             for tool in tools:
                                 root = args.baseline if tool.endswith("@base") else args.fastpull_root
+                                cpu = None
                                 if tool.startswith("fastpull"):
-                                    wall = peers.measure_fastpull(bed, refs[key], work / "runs", root=root).wall
+                                    sample = peers.measure_fastpull(bed, refs[key], work / "runs", root=root)
+                                    wall, cpu = sample.wall, sample.cpu
                                 elif tool == "skopeo":
-                                    wall = peers.measure_skopeo(bed, refs[key], work / "runs").wall
+                                    sample = peers.measure_skopeo(bed, refs[key], work / "runs")
+                                    wall, cpu = sample.wall, sample.cpu
                                 else:
                                     wall = measure_serve(bed, registry.host, f"{registry.host}/bench/warm:latest",
                                                          refs[key], work / "runs", root)
                                 cells[key, tool].walls.append(wall)
-                                log(f"  {key} {tool}: {wall:.3f} s")
+                                if cpu is not None:
+                                    cells[key, tool].cpus.append(cpu)
+                                log(f"  {key} {tool}: {wall:.3f} s" + (f", CPU {cpu:.2f} s" if cpu is not None else ""))
                     table += cells.values()
     data["load_after"] = os.getloadavg()
     data["phases"] = phase_rows
