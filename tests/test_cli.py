@@ -36,6 +36,16 @@ def test_help_lists_the_commands():
     assert {"pull", "serve", "login", "logout", "images", "rm", "gc", "export", "demo", "bench"} <= set(commands)
 
 
+def test_a_pull_builds_the_parser_of_pull_alone():
+    """The other commands' parsers (and their modules) cost a pull's start-up; its own help is whole."""
+    probe = ("import sys; from fastpull.cli.main import main\n"
+             "try:\n    main(['-v', 'pull', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('fastpull.cli.serve', 'fastpull.cli.login') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.startswith("usage: fastpull pull") and "--blobs-in-flight" in done.stdout
+    assert done.stdout.rstrip().endswith("[]")
+
+
 def test_unknown_command_is_refused():
     done = _fastpull("push")
     assert done.returncode == 2 and "invalid choice: 'push'" in done.stderr

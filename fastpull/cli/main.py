@@ -411,7 +411,8 @@ def _run_bench(bench_args: list[str]) -> int:
     return subprocess.call([sys.executable, BENCH_SCRIPT, *bench_args])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_pull: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser; ``only_pull``: with the ``pull`` command alone."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -449,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_arguments(p)
     add_fetch_arguments(p)
     p.set_defaults(func=_cmd_pull)
+    if only_pull:
+        return parser
 
     from fastpull.cli import export, gc, images, login, rm, serve, status
 
@@ -476,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    # A pull (the command that runs most, and whose start-up counts) builds its own parser alone.
+    command = next((a for a in argv if a not in ("-v", "-vv", "-vvv", "--verbose")), None)
+    args = build_parser(only_pull=command == "pull").parse_args(argv)
     with _stop_signals as stop:
         try:
             return args.func(args)
