@@ -14,9 +14,9 @@ from fastpull.cli.main import main  # noqa: E402
 status = main()
 # The command is done and has said what it had to: leave without finalizing the interpreter (the
 # teardown of a pull's few hundred modules costs 15-20 ms), unless something may still need the
-# exit's own clean-up (worker processes, an event loop, a thread still running) or an output cannot
-# be flushed (then the usual exit reports it).
-if not {"multiprocessing", "asyncio"} & sys.modules.keys():
+# exit's own clean-up (worker processes, an event loop, a thread still running; a profiler or a
+# coverage tracer that writes at exit) or an output cannot be flushed (then the usual exit reports it).
+if not {"multiprocessing", "asyncio"} & sys.modules.keys() and sys.getprofile() is None and sys.gettrace() is None:
     import threading
 
     if all(t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
