@@ -7,6 +7,7 @@ every cell ran, writes :data:`DOC` with :func:`render`. A cell is a test marked
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "faults.md"
@@ -138,20 +139,33 @@ def _daemon_section() -> str:
 
 
 def write_daemon_rows(rows: dict[str, tuple[str, str]]) -> None:
-    """Replace the daemon's section of :data:`DOC` with ``rows``: fault -> (outcome, promise)."""
+    """Replace the daemon's section of :data:`DOC` with ``rows``: fault -> (outcome, promise). Rows in
+    a run that promise the same are promised once, under the words their faults begin with."""
     lines = [
         "", DAEMON_MARK, "## The node daemon (`fastpull serve --snapshotter`, containerd's CRI pulling)", "",
         "Each row is a test in `tests/test_daemon_faults.py`: containerd 1.6's CRI `PullImage` through",
-        "the snapshotter, against the fault-injecting registry. **integrity** means: every metadata row",
+        "the snapshotter. containerd resolves the image at one fault-injecting registry, and the daemon",
+        "fetches from another serving the same images (its `hosts.toml`), so a fault reaches the daemon's",
+        "fetches alone; a fault's moment is chosen by watching the store, the registry's log and the",
+        "daemon's status, never by sleeping. **integrity** means: every metadata row",
         "of the snapshotter has its directory, no snapshot directory lacks its row after the",
         "snapshotter's cleanup, and (after the next pull) nothing is left in the layer cache's temporary",
         "directory;",
-        "**resumed**: the next pull succeeds and the registry sends only the layers that were missing.",
+        "**resumed**: the next pull succeeds and the registry sends only what the store lacked.",
         "", "| fault | outcome |", "| --- | --- |",
     ]
     lines += [f"| {fault} | {outcome} |" for fault, (outcome, _) in rows.items()]
     lines += ["", "### What each daemon row promises", ""]
-    lines += [f"- **{fault}**: {promise}" for fault, (_, promise) in rows.items()]
+    groups: list[tuple[list[str], str]] = []
+    for fault, (_, promise) in rows.items():
+        if groups and groups[-1][1] == promise:
+            groups[-1][0].append(fault)
+        else:
+            groups.append(([fault], promise))
+    for faults, promise in groups:
+        name = faults[0] if len(faults) == 1 else \
+            f"{os.path.commonprefix(faults).rpartition(' ')[0].rstrip(' :')} ({len(faults)} rows)"
+        lines.append(f"- **{name}**: {promise}")
     text = DOC.read_text() if DOC.exists() else ""
     head = text[:text.index(DAEMON_MARK) - 1] if DAEMON_MARK in text else text
     DOC.write_text(head + "\n".join(lines) + "\n")
