@@ -76,6 +76,10 @@ class _CriClient:
             raise CriError(method, e.code(), e.details() or "") from None  # type: ignore[attr-defined]
 
 
+def _pull_request(ref: str, auth: Mapping[str, str] | None) -> cri.PullImageRequest:
+    return cri.PullImageRequest(image=cri.ImageSpec(image=ref), auth=cri.AuthConfig(**auth) if auth is not None else None)
+
+
 class CriImages(_CriClient):
     """CRI's ``ImageService`` on ``socket_path`` (containerd's ``--address``)."""
 
@@ -88,9 +92,12 @@ class CriImages(_CriClient):
         (containerd: the image ID, ``sha256:`` of the config). ``auth`` holds fields of
         ``AuthConfig`` (``username``, ``password``, ``auth``, ``identity_token``, ``registry_token``,
         ``server_address``), as the kubelet fills it from a pull secret."""
-        request = cri.PullImageRequest(image=cri.ImageSpec(image=ref),
-                                       auth=cri.AuthConfig(**auth) if auth is not None else None)
-        return self._call("PullImage", self._stub.PullImage, request, timeout).image_ref
+        return self._call("PullImage", self._stub.PullImage, _pull_request(ref, auth), timeout).image_ref
+
+    def pull_started(self, ref: str, *, timeout: float = PULL_TIMEOUT) -> grpc.Future:
+        """``PullImage`` under way: its future, which the caller may ``cancel()`` (a client giving up,
+        as containerd sees a kubelet's deadline pass: its context cancelled)."""
+        return self._stub.PullImage.future(_pull_request(ref, None), timeout=timeout)
 
     def status(self, ref: str, *, timeout: float = CALL_TIMEOUT) -> cri.Image | None:
         """``ImageStatus``: the image ``ref`` names (a tag, a digest reference or an image ID), or
