@@ -163,10 +163,10 @@ def _blob(bitmap=None, mode="ranged", pending=(), **fields) -> BlobFetch:
     return blob
 
 
-def _transfer(blob: BlobFetch, chunks: range | None, *, received=0, offset=None, started=0.0) -> Transfer:
+def _transfer(blob: BlobFetch, chunks: range | None, *, received=0, offset=None, started=0.0, armed=True) -> Transfer:
     start = chunks[0] * MiB if chunks else 0
     end = chunks[-1] * MiB + MiB if chunks else blob.size
-    sink = SimpleNamespace(received=received, offset=start + received if offset is None else offset, armed=True)
+    sink = SimpleNamespace(received=received, offset=start + received if offset is None else offset, armed=armed)
     t = Transfer(blob, chunks, start, end, sink, started, "http://registry/blob")
     blob.transfers.add(t)
     return t
@@ -248,6 +248,15 @@ def test_requeue_gives_back_unfinished_chunks_resuming_from_the_bytes_written(bi
     single = _blob(bitmap, mode="single")
     planner.requeue(_transfer(single, None, received=5 * MiB))
     assert single.pending == [0]  # one stream starts again from 0
+
+
+def test_a_retry_turned_away_before_any_byte_keeps_its_resume_point(bitmap):
+    """A retry that resumed mid-chunk is refused (a 503, a reset before the response): it wrote
+    nothing, and the next one resumes from the same byte, not from the chunk's start."""
+    planner = Planner(FetchOptions())
+    blob = _blob(bitmap, pending=[])
+    planner.requeue(_transfer(blob, range(3, 6), offset=3 * MiB + 10, armed=False))
+    assert blob.pending == [3, 4, 5] and blob.resume_at == {3: 3 * MiB + 10}
 
 
 def test_a_delayed_retry_comes_back_when_due_unless_its_blob_ended(bitmap):

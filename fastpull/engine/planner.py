@@ -277,11 +277,12 @@ class Planner:
 
     @staticmethod
     def _unfinished(t: Transfer) -> list[int]:
-        """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote."""
+        """Chunks of ``t`` not finished; the first resumes from the bytes ``t`` wrote (or from where
+        ``t`` was to resume, if it was refused before writing any)."""
         if t.chunks is None:
             return [0]  # one stream restarts from 0: a server that ignores Range cannot resume
         bitmap = t.blob.writer.bitmap
         left = [c for c in t.chunks if not bitmap.test(c)]
-        if left and t.sink.armed and t.sink.offset > bitmap.chunk_span(left[0])[0]:
+        if left and t.sink.offset > bitmap.chunk_span(left[0])[0]:
             t.blob.resume_at[left[0]] = t.sink.offset
         return left
