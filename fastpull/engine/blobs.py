@@ -127,16 +127,9 @@ class Blobs:
         return (sum(len(b.pending) * b.writer.bitmap.chunk_size for b in self.active if b.writer is not None)
                 + sum(b.size for b in self._queued))
 
-    def activate(self, extra: int = 0) -> bool:
-        """Open the ingests of queued blobs while fewer than ``blobs_in_flight`` are active, and
-        ``extra`` more (up to ``max_transfers`` active): transfer slots the active blobs leave idle,
-        as many small blobs do. Whether any was opened."""
-        limit = self._options.blobs_in_flight
-        if extra > 0:
-            limit = max(limit, min(len(self.active) + extra, self._options.max_transfers))
-        opened = False
-        while self._queued and len(self.active) < limit:
-            opened = True
+    def activate(self) -> None:
+        """Open the ingests of queued blobs while fewer than ``blobs_in_flight`` are active."""
+        while self._queued and len(self.active) < self._options.blobs_in_flight:
             blob = self._queued.popleft()
             if not blob.futures:  # its requests were withdrawn meanwhile
                 continue
@@ -154,7 +147,6 @@ class Blobs:
                 threading.Thread(target=self._wait_for_lock, args=(blob,), daemon=True).start()
             else:
                 self._start(blob, writer)
-        return opened
 
     def _wait_for_lock(self, blob: BlobFetch) -> None:
         try:

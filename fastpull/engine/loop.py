@@ -166,19 +166,9 @@ class FetchEngine:
             self._next_housekeeping = now + _HOUSEKEEPING_S
             self._reissue_stragglers(now)
             self._tune(now)
-        self._fill()
-
-    def _fill(self) -> None:
-        """Start transfers on the free slots, blobs in the order asked. While slots stay free (small
-        blobs: one request each, one transfer while Range is probed) and the engine tunes itself,
-        more queued blobs are opened, beyond ``blobs_in_flight``, to keep the link full."""
         self._blobs.activate()
-        while True:
-            for blob in self._planner.slots(self._blobs.active, len(self._multi.transfers)):
-                self._start_transfer(blob)
-            free = self._planner.tuner.target - len(self._multi.transfers)
-            if free <= 0 or not self.options.adaptive or not self._blobs.activate(extra=free):
-                return
+        for blob in self._planner.slots(self._blobs.active, len(self._multi.transfers)):
+            self._start_transfer(blob)
 
     def _drain_commands(self) -> None:
         for command in self._mailbox.drain():
