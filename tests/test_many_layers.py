@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import signal
 import subprocess
 import sys
 import tarfile
@@ -142,10 +143,11 @@ def test_more_layers_than_overlayfs_stacks_are_refused_before_any_blob_is_fetche
 
 
 _INTERRUPTED_PULL = """
-import os, signal, sys, threading, time
+import faulthandler, os, signal, sys, threading, time
 from fastpull import Puller
 
-ref, layout, moment = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ref, layout, moment, hung = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+faulthandler.dump_traceback_later(hung, exit=True)  # a hang shows where every thread is
 with Puller() as puller:
     def interrupt():
         while puller.engine.stats.requests < moment:
@@ -168,9 +170,11 @@ def test_a_library_pull_interrupted_at_any_moment_unwinds(image, tmp_path, momen
     with FaultRegistry() as srv:
         ref = serve(srv, image)
         srv.stall_after(image.digests[0], 0)
-        done = subprocess.run([sys.executable, "-c", _INTERRUPTED_PULL, ref, str(tmp_path / "layout"), str(moment)],
-                              capture_output=True, text=True, timeout=BOUND_S)
-    assert done.returncode == 0 and done.stdout == "interrupted\n", done.stderr
+        done = subprocess.run([sys.executable, "-c", _INTERRUPTED_PULL, ref, str(tmp_path / "layout"), str(moment),
+                               str(BOUND_S)], capture_output=True, text=True, timeout=2 * BOUND_S)
+    assert done.returncode == 0 and done.stdout == "interrupted\n", (
+        f"status {done.returncode}, {len(srv.log)} requests served, SIGINT {signal.getsignal(signal.SIGINT)}; "
+        f"stdout {done.stdout!r}; stderr:\n{done.stderr}")
 
 
 def test_closing_the_engine_never_waits_on_a_futures_lock_its_caller_holds(image, tmp_path):
