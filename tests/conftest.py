@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -198,6 +199,19 @@ def tmpfs(path: Path, size: str) -> Iterator[Callable[[str], None]]:
         if busy.returncode != 0:
             subprocess.run(["umount", "-l", str(path)], check=True)
             raise AssertionError(f"{path} could not be unmounted: {busy.stderr.strip()}")
+
+
+# ---- signals as a terminal gives them ----------------------------------------------------------
+
+def pytest_sessionstart(session):
+    """Tests send SIGINT, SIGHUP and SIGQUIT to the processes they start, and expect what a terminal's
+    shell gives them: a suite started in the background by a script (CI, nohup) inherits them ignored,
+    and Python then raises no KeyboardInterrupt. Give this process (and so every child) the defaults."""
+    for signum in (signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---- the fault matrix's table (tests/faultmatrix.py) --------------------------------------------
