@@ -78,14 +78,11 @@ class ContainerdLayers(Snapshotter):
         key = f"fastpull-view-{secrets.token_hex(6)} {chain_id}"
         mounts = self._containerd.view(key, chain_id)
         self.views.append(key)
-        for m in mounts:  # a bind of the snapshot's directory, or an overlay whose top lower it is
-            if m.type == "bind":
-                return Path(m.source)
-            for option in m.options:
-                if option.startswith("lowerdir="):
-                    return Path(option.removeprefix("lowerdir=").split(":")[0])
-        raise ContainerdError(self._containerd.socket, f"the view of snapshot {chain_id} names no directory: "
-                                                       f"{[str(m) for m in mounts]}")
+        # A bind of the snapshot's directory, or an overlay whose top lower it is.
+        if (found := _mounted_dir(mounts, "lowerdir")) is None:
+            raise ContainerdError(self._containerd.socket, f"the view of snapshot {chain_id} names no directory: "
+                                                           f"{[str(m) for m in mounts]}")
+        return found
 
     def path(self, chain_id: str) -> Path:
         return self.held(chain_id) or super().path(chain_id)
@@ -189,20 +186,25 @@ def _commit_layer(containerd: Containerd, tree: Path, chain: str, parent: str) -
 def _upper_dir(containerd: Containerd, key: str, mounts: list) -> Path:
     """Where an active overlayfs snapshot's changes go: the bind mount's source (a base layer) or
     the overlay's ``upperdir``; it must be visible to this process at the same path."""
-    for m in mounts:
-        if m.type == "bind":
-            upper = Path(m.source)
-            break
-        if uppers := [o.removeprefix("upperdir=") for o in m.options if o.startswith("upperdir=")]:
-            upper = Path(uppers[0])
-            break
-    else:
+    if (upper := _mounted_dir(mounts, "upperdir")) is None:
         raise ContainerdError(containerd.socket, f"snapshot {key!r} mounts no directory to write: "
                                                  f"{[m.type for m in mounts]}")
     if not upper.is_dir():
         raise ContainerdError(containerd.socket, f"{upper}, the directory of snapshot {key!r}, is not visible here: "
                                                  f"run fastpull where containerd's root is at the same path")
     return upper
+
+
+def _mounted_dir(mounts: list, option: str) -> Path | None:
+    """The directory that ``mounts`` name: a bind mount's source, else the first directory of an
+    overlay's ``option`` (``upperdir``, ``lowerdir``); None if they name none."""
+    for m in mounts:
+        if m.type == "bind":
+            return Path(m.source)
+        for value in m.options:
+            if value.startswith(f"{option}="):
+                return Path(value.removeprefix(f"{option}=").split(":")[0])
+    return None
 
 
 def _move_tree(tree: Path, upper: Path) -> None:
