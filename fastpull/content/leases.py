@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fastpull.content.store import ContentStore
 from fastpull.errors import StoreError
@@ -38,7 +37,7 @@ class Lease:
     def __init__(self, store: ContentStore, digests: Iterable[str] = (), trees: Iterable[str | os.PathLike[str]] = ()):
         self.store = store
         directory = lease_dir(store)
-        self.path = directory / f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.path = directory / f"{os.getpid()}-{os.urandom(6).hex()}"
         with store.gc_excluded():  # a collection never sees the file before it is locked
             try:
                 directory.mkdir(exist_ok=True)
@@ -81,8 +80,7 @@ class Lease:
         self.release()
 
 
-@dataclass(frozen=True)
-class Leases:
+class Leases(NamedTuple):
     """The leases of a store as a collection finds them (it holds the store's gc lock)."""
 
     digests: frozenset[str]

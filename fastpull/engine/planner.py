@@ -10,8 +10,7 @@ import bisect
 import heapq
 import itertools
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from fastpull.engine.options import FetchOptions
 
@@ -169,8 +168,7 @@ def is_straggler(rate: float, remaining: int, age: float, peer_rates: Sequence[f
     return rate * ratio < statistics.median(peer_rates) and remaining > rate * min_age
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     """The bytes one request asks for: ``[start, end)``, of bitmap ``chunks`` (None: the whole blob
     in one stream); bytes before ``valid_from`` are not the chunks' (the request resumes mid-chunk
     when ``start`` is past it)."""

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pycurl  # type: ignore[import-untyped]
 
@@ -85,16 +86,14 @@ class Action(enum.Enum):
     """Give up; ``Verdict.why`` says why."""
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     action: Action
     delay: float = 0.0
     location: str | None = None
     why: str = ""
 
 
-@dataclass(frozen=True)
-class Exchange:
+class Exchange(NamedTuple):
     """One finished request as the policy sees it."""
 
     status: int
@@ -109,8 +108,7 @@ class Exchange:
     """The request went to another host than the origin's (a redirect target: a CDN, S3)."""
 
 
-@dataclass(frozen=True)
-class Counters:
+class Counters(NamedTuple):
     """What a request (or, in the engine, a blob) has used up so far."""
 
     tries: int = 1

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import pycurl  # type: ignore[import-untyped]
 
@@ -62,8 +62,7 @@ class Headers(Mapping[str, str]):
         return f"Headers({list(self._items)!r})"
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(NamedTuple):
     """How requests to one server are made beyond the defaults: its certificate checked (against
     ``ca_file``, None: the system bundle) or not, a client certificate, extra headers. A redirect
     to another host gets none of it but the CA bundle."""
@@ -75,8 +74,7 @@ class Origin:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     """A complete response; ``url`` is where the last redirect led."""
 
     status: int

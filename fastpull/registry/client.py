@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from fastpull.digests import check_digest
 from fastpull.errors import AuthError, DigestMismatch, ManifestError, RegistryError, TransferError
@@ -46,8 +45,7 @@ _SCHEMES: dict[tuple[str, bool], str] = {}
 _SCHEMES_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class Resolved:
+class Resolved(NamedTuple):
     """A reference resolved to one platform's manifest, every document verified by digest."""
 
     reference: Reference

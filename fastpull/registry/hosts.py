@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from fastpull.errors import ConfigError, RegistryBlocked
@@ -29,8 +27,7 @@ CERTS_DIRS = ("/etc/docker/certs.d", "/etc/containers/certs.d")
 DIGEST_ONLY, TAG_ONLY = "digest-only", "tag-only"
 
 
-@dataclass(frozen=True)
-class RegistryHost:
+class RegistryHost(NamedTuple):
     """One server to ask, and how: everything but the repository name."""
 
     host: str
@@ -56,8 +53,7 @@ class RegistryHost:
         return f"{(self.schemes or ('https',))[0]}://{self.host}{self.path}"
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """A place to fetch one repository's content from: a server and the name it knows it by."""
 
     host: RegistryHost
@@ -67,14 +63,12 @@ class Endpoint:
         return f"{self.host.url}/{self.repository}"
 
 
-@dataclass(frozen=True)
-class _Certs:
+class _Certs(NamedTuple):
     ca_files: tuple[str, ...] = ()
     client_cert: tuple[str, str] | None = None
 
 
-@dataclass(frozen=True)
-class _Mirror:
+class _Mirror(NamedTuple):
     """A ``[[registry.mirror]]`` (or a ``[[registry]]``'s own location, ``pull_from`` empty)."""
 
     location: str
@@ -82,8 +76,7 @@ class _Mirror:
     pull_from: str = ""
 
 
-@dataclass(frozen=True)
-class _ContainersRegistry:
+class _ContainersRegistry(NamedTuple):
     """A ``[[registry]]`` of registries.conf."""
 
     prefix: str
@@ -94,8 +87,7 @@ class _ContainersRegistry:
     source: str = ""
 
 
-@dataclass(frozen=True)
-class RegistriesConf:
+class RegistriesConf(NamedTuple):
     """containers' registries.conf with its drop-ins merged (later files replace a prefix's entry)."""
 
     registries: tuple[_ContainersRegistry, ...] = ()
@@ -111,8 +103,7 @@ class RegistriesConf:
         return best
 
 
-@dataclass(frozen=True)
-class RegistryHosts:
+class RegistryHosts(NamedTuple):
     """The loaded configuration: which endpoints serve which registry, in order.
 
     For a registry, the first form that configures it decides: a ``hosts.toml`` directory (its own
@@ -122,7 +113,7 @@ class RegistryHosts:
     """
 
     hosts_dir: Path | None = None
-    registries: RegistriesConf = field(default_factory=RegistriesConf)
+    registries: RegistriesConf = RegistriesConf()
     docker_mirrors: tuple[str, ...] = ()
     certs_dirs: tuple[Path, ...] = ()
     insecure: frozenset[str] = frozenset()
@@ -186,14 +177,14 @@ class RegistryHosts:
     def _with_defaults(self, host: RegistryHost) -> RegistryHost:
         """Add what the certificate directories and ``--insecure-registry`` say about ``host``."""
         if host.host in self.insecure:
-            host = replace(host, verify=False, schemes=("https", "http"))
+            host = host._replace(verify=False, schemes=("https", "http"))
         if host.ca_files or host.client_cert:
             return host
         for root in self.certs_dirs:
             for name in dict.fromkeys((host.host, _api_host(host.host))):
                 certs = certs_from_directory(root / name)
                 if certs.ca_files or certs.client_cert:
-                    return replace(host, ca_files=certs.ca_files, client_cert=certs.client_cert)
+                    return host._replace(ca_files=certs.ca_files, client_cert=certs.client_cert)
         return host
 
 
@@ -220,13 +211,21 @@ def hosts_from_directory(directory: Path, registry: str) -> list[RegistryHost]:
     return parse_hosts_toml(text, registry, path)
 
 
+def _load_toml(text: str, path: Path) -> dict[str, Any]:
+    """``text`` as TOML, or a ConfigError naming ``path``. tomllib is imported here, not at the top:
+    most nodes have no such file, and every pull would pay for the import at start-up."""
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+
+
 def parse_hosts_toml(text: str, registry: str, path: Path) -> list[RegistryHost]:
     """The hosts of a ``hosts.toml`` for ``registry``: each ``[host."URL"]`` in file order, then
     ``server`` (default: the registry itself), which gets the top-level settings."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    doc = _load_toml(text, path)
     tables = doc.get("host", {})
     if not isinstance(tables, dict):
         raise ConfigError(str(path), "host must be a table of [host.\"URL\"] tables")
@@ -349,11 +348,10 @@ def load_registries_conf(path: str | os.PathLike[str] | None) -> RegistriesConf:
     search: tuple[str, ...] | None = None
     for f in files:
         try:
-            doc = tomllib.loads(f.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(str(f), f"not valid TOML: {e}") from None
+            text = f.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(str(f), _why(e)) from None
+        doc = _load_toml(text, f)
         file_search, entries = _parse_registries_doc(doc, f)
         search = file_search if file_search is not None else search
         for entry in entries:

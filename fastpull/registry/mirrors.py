@@ -108,7 +108,7 @@ class MirroredRegistry:
         may be resolved); the result names ``ref`` as asked."""
         def resolve(client: RegistryClient, repository: str) -> Resolved:
             resolved = client.resolve(dataclasses.replace(ref, repository=repository), platform)
-            return dataclasses.replace(resolved, reference=ref)
+            return resolved._replace(reference=ref)
 
         return self._first(ref.repository, ref.digest is not None, resolve)
 
