@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import wait_until
@@ -264,6 +266,21 @@ def test_sigterm_stops_the_daemon_and_leaves_a_fetch_resumable(tmp_path, upstrea
     finally:
         daemon.stop(signal.SIGKILL)
     assert (tmp_path / "store" / ".fastpull" / "ingest" / digest[7:] / "bitmap").exists()
+    assert "stopping" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_a_daemon_started_with_sigint_ignored_keeps_it_ignored(tmp_path, upstream):
+    """Started as a script's background job (SIGINT ignored), it is not stopped by its terminal's Ctrl-C;
+    SIGTERM stops it."""
+    daemon = ServeProcess(tmp_path / "store", upstream.host)
+    daemon.command = ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *daemon.command]
+    with daemon:
+        status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+        ignored = int(re.search(r"^SigIgn:\s*(\w+)", status, re.M)[1], 16)
+        assert ignored >> (signal.SIGINT - 1) & 1, status
+        daemon.proc.send_signal(signal.SIGINT)
+        assert request(daemon, "/v2/team/app/manifests/v1")[0] == 200
+        assert daemon.stop(signal.SIGTERM) == 0
     assert "stopping" in daemon.log and "Traceback" not in daemon.log
 
 

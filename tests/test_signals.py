@@ -65,12 +65,12 @@ def _unpacking(out: Path, what: str) -> bool:
 
 
 def _stop_mid_unpack(command: list[str], out: Path, what: str, signum: int) -> subprocess.CompletedProcess[str]:
-    return _stop_when(command, lambda pid: _unpacking(out, what) and len(_session(pid)) > 2,  # with its workers
-                      "a layer unpacks", signum)
+    return _signal_when(command, lambda pid: _unpacking(out, what) and len(_session(pid)) > 2,  # with its workers
+                        "a layer unpacks", signum)
 
 
-def _stop_when(command: list[str], ready: Callable[[int], bool], what: str, signum: int
-               ) -> subprocess.CompletedProcess[str]:
+def _signal_when(command: list[str], ready: Callable[[int], bool], what: str, signum: int
+                 ) -> subprocess.CompletedProcess[str]:
     """Run ``command``; send it ``signum`` once ``ready(its pid)``; wait until it and its processes are gone."""
     proc = _start(command)
     try:
@@ -108,6 +108,17 @@ def test_signal_during_rootfs_unpack_stops_everything_and_the_pull_resumes(serve
     assert list(out.iterdir()) == []  # no temporary tree, no rootfs
     assert (tmp_path / "layout" / ".fastpull" / "ingest" / image.layers[0].digest.split(":")[1]).is_dir()
     _rerun_resumes(server, image, command)
+    assert sorted(p.name for p in out.iterdir()) == ["rootfs"]
+
+
+def test_a_pull_under_nohup_keeps_running_through_a_hang_up(server, image, tmp_path):
+    """A stop signal ignored when the pull started stays ignored (here nohup's SIGHUP, mid-unpack)."""
+    out = tmp_path / "out"
+    command = ["nohup", sys.executable, "-m", "fastpull", "pull", f"{server.host}/slow/app:v1",
+               "--layout", str(tmp_path / "layout"), "--rootfs", str(out / "rootfs"), "--unpack-workers", "2"]
+    # nohup execs the pull (one pid); an ignored signal is dropped as it is sent: none stays pending
+    done = _signal_when(command, lambda pid: _unpacking(out, ".rootfs.fastpull-*"), "a layer unpacks", signal.SIGHUP)
+    assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["rootfs"]
 
 
@@ -159,7 +170,7 @@ def test_sigterm_at_any_moment_of_a_pull_of_many_layers_exits_143_and_leaves_no_
 
         command = [sys.executable, "-m", "fastpull", "pull", ref, "--layout", str(tmp_path / "layout"),
                    "--rootfs", str(out / "rootfs"), "--unpack-workers", "2"]
-        stopped = _stop_when(command, ready, f"the pull reaches {moment}", signal.SIGTERM)
+        stopped = _signal_when(command, ready, f"the pull reaches {moment}", signal.SIGTERM)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert not out.exists() or list(out.iterdir()) == []  # no temporary tree, no rootfs

@@ -48,7 +48,9 @@ class UsageError(Exception):
 class _StopSignals:
     """What SIGINT, SIGTERM and SIGHUP do while a command runs: stop it, and make it exit with 128 + the
     first one's number (the pull's transfers and unpack workers stopped, its temporary trees removed, its
-    partial blobs kept for a resume).
+    partial blobs kept for a resume). A signal ignored when the command started stays ignored, as
+    Python leaves SIGINT: ``nohup fastpull pull ...`` survives its terminal's hang-up, and a pull started
+    in the background by a script is not stopped by the terminal's Ctrl-C.
 
     Once a pull has resolved its image it runs threads, and a stop is a message (:meth:`Puller.stop`):
     the pull raises from its wait and unwinds from there. An exception raised here could land anywhere,
@@ -61,7 +63,8 @@ class _StopSignals:
         self.received: list[int] = []
         self.pull: Callable[[], None] | None = None
         """Stops the pull under way, once it runs threads."""
-        self._previous = {s: signal.signal(s, self) for s in _STOP_SIGNALS}
+        self._previous = {s: signal.signal(s, self) for s in _STOP_SIGNALS
+                          if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc: object) -> None:

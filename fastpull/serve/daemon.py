@@ -127,7 +127,8 @@ async def _serve(options: ServeOptions) -> None:
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored by whoever started us: stays so
+                loop.add_signal_handler(signum, stopping.set)
         watch = asyncio.ensure_future(_watch_prefetch(app, options.prefetch, refs)) if options.prefetch else None
         await stopping.wait()
         log.info("stopping: %d blob(s) in flight stay resumable in the store", len(mirror.inflight))
