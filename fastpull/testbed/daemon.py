@@ -26,6 +26,7 @@ class ServeProcess:
         self._start_timeout = start_timeout
         self._lines: list[str] = []
         self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
         self.host = ""
         """``127.0.0.1:PORT`` once started."""
         self.proc: subprocess.Popen[str] | None = None
@@ -42,14 +43,14 @@ class ServeProcess:
     def start(self) -> ServeProcess:
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env={**os.environ, **(self._env or {})})
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader.start()
         if not self._ready.wait(self._start_timeout) or not self.host:
             self.stop()
             raise RuntimeError(f"fastpull serve did not start: {self.log[-2000:]}")
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send ``sig`` and wait; the exit status."""
+        """Send ``sig`` and wait; the exit status. Then :attr:`log` holds every line the daemon wrote."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -58,6 +59,7 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(timeout)  # to the end of stderr: the exit can come before its last lines are read
         return self.proc.returncode
 
     def _read(self) -> None:
