@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from test_snapshotter_containerd import _layers as snapshotter_layers
 
 from fastpull.containerd import Containerd, importer, pull_into
 from fastpull.content.layout import ImageLayout
+from fastpull.content.store import ContentStore
 from fastpull.errors import ContainerdError, UnpackError
 from fastpull.oci.manifest import Platform, chain_ids
 from fastpull.puller import Puller
@@ -247,3 +249,41 @@ def test_the_daemon_prefetches_into_containerd_and_a_cri_pull_fetches_nothing(no
     with node.cri_images() as cri:
         assert cri.pull(ref) == json.loads(image.manifest)["config"]["digest"]
     assert blob_bytes_sent(registry) == {}, "CRI's pull fetched blobs"
+
+
+def test_status_shows_the_daemons_import_into_containerd_while_it_runs(node, registry, images, ref, tmp_path):
+    """``fastpull status`` shows a prefetch into containerd in flight (here held at its top layer, whose
+    blob another writer has), then nothing once it is in."""
+    image = images["app"]
+    store = tmp_path / "store"
+    top = image.layers[-1]
+    held = ContentStore(store).open_writer(top.digest, top.size, 256 * 1024)  # the pull waits for that writer
+    listed = tmp_path / "prefetch.txt"
+    listed.write_text(f"{ref}\n")
+    serve = ServeProcess(store, registry.host, "--containerd", str(node.address), "--prefetch", str(listed)).start()
+    try:
+        def pulls() -> list[dict]:
+            with urllib.request.urlopen(f"{serve.url}/_fastpull/v1/status", timeout=60) as answer:
+                return json.load(answer)["pulls"]
+
+        below_top = len(image.layers) - 1
+        wait_until(lambda: [(p["image"], p["layers"], p["bytes_total"] > 0) for p in pulls()]
+                   == [(ref, below_top, True)],
+                   "the status shows the import, every layer but the held one unpacked, and its bytes", timeout=120)
+        (pull,) = pulls()
+        assert (pull["into"], pull["layers_total"], pull["waiting"]) == (f"containerd {CRI_NAMESPACE}",
+                                                                          len(image.layers), 1)
+        assert pull["bytes_total"] == image.total_size  # config and layers: none was in the store
+        assert sum(layer.size for layer in image.layers[:-1]) <= pull["bytes"] < pull["bytes_total"]
+        text = _fastpull("status", "--url", serve.url)
+        assert text.returncode == 0 and "pulls in flight: 1" in text.stdout, text.stderr
+        (row,) = [line for line in text.stdout.splitlines() if line.startswith(f"  {ref} ")]
+        assert row.split()[1] == f"{below_top}/{len(image.layers)}"
+
+        held.close()  # the daemon's pull takes the blob over and fetches it
+        wait_until(lambda: f"prefetched {ref}" in serve.log, "the prefetch ended", timeout=120)
+        assert pulls() == []
+    finally:
+        held.close()
+        serve.stop()
+    assert node.images(namespace=CRI_NAMESPACE)[ref] == image.manifest_digest

@@ -113,7 +113,8 @@ def test_status_shows_a_pull_in_flight_and_the_metrics_count_it(registry, image_
             assert shown.returncode == 0, shown.stderr
             status = json.loads(shown.stdout)
             (pull,) = status["pulls"]
-            assert (pull["image"], pull["layers"], pull["layers_total"], pull["waiting"]) == (ref, 1, 2, 1)
+            assert (pull["image"], pull["into"], pull["layers"], pull["layers_total"], pull["waiting"]) == (
+                ref, "snapshotter", 1, 2, 1)
             assert pull["reference"] == f"{registry.host}/status/app@{image.manifest_digest}"
             assert pull["bytes_total"] == image.total_size  # config and layers: none was in the store
             assert image.layers[0].size <= pull["bytes"] < pull["bytes_total"]

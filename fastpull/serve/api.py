@@ -31,6 +31,7 @@ from fastpull.errors import (
 )
 from fastpull.oci.reference import parse_reference
 from fastpull.serve.follow import Follower
+from fastpull.serve.imports import ContainerdImports
 from fastpull.serve.layers import ImageLayers
 from fastpull.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastpull.serve.mirror import InflightBlob, Mirror, NotFound, route
@@ -42,6 +43,8 @@ MIRROR = web.AppKey("mirror", Mirror)
 PREFETCHES = web.AppKey("prefetches", set)
 IMAGE_LAYERS = web.AppKey("image_layers", ImageLayers)
 """The snapshotter's image pulls, if it is served (set by the daemon)."""
+CONTAINERD_IMPORTS: web.AppKey[dict[tuple[Path, str], ContainerdImports]] = web.AppKey("containerd_imports")
+"""The imports into containerd's own stores, by socket and namespace (set by the daemon)."""
 STORE_SIZE: web.AppKey[StoreSize] = web.AppKey("store_size")
 _NAME = r"{name:.+}"  # checked by route(); may begin with a registry host and port
 _MAX_PREFETCH_BODY = 1 << 20
@@ -328,7 +331,8 @@ async def _status(request: web.Request) -> web.Response:
         "clients": mirror.metrics.active_clients - 1,  # less this request
         "upstream_bytes": mirror.metrics.upstream_bytes(),
         "errors": list(mirror.metrics.recent_errors),
-        "pulls": [] if layers is None else layers.pulls(),
+        "pulls": ([] if layers is None else layers.pulls())
+                 + [pull for imports in request.app.get(CONTAINERD_IMPORTS, {}).values() for pull in imports.pulls()],
         "store_size": await request.app[STORE_SIZE].get(),
         "tripped_hosts": [{"host": host, "retry_in": round(seconds, 1), "error": error}
                           for host, seconds, error in mirror.puller.breaker.tripped_hosts()],

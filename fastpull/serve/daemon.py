@@ -24,7 +24,7 @@ from fastpull.errors import FastpullError, StoreError
 from fastpull.puller import Puller
 from fastpull.registry.hosts import RegistryHosts
 from fastpull.serve import DEFAULT_CRI_UPSTREAM, DEFAULT_LISTEN, DEFAULT_TAG_TTL
-from fastpull.serve.api import IMAGE_LAYERS, make_app, start_prefetch
+from fastpull.serve.api import CONTAINERD_IMPORTS, IMAGE_LAYERS, make_app, start_prefetch
 from fastpull.serve.criproxy import CriProxy, PullCredentials
 from fastpull.serve.imports import ContainerdImports
 from fastpull.serve.layers import ImageLayers
@@ -105,6 +105,7 @@ async def _serve(options: ServeOptions) -> None:
                                                                                      options.namespace))
     metrics.inflight_fetches.set_function(lambda: len(mirror.inflight))
     app = make_app(mirror)
+    app[CONTAINERD_IMPORTS] = imports  # filled as imports start: the CRI proxy's are made below
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     snapshots: Snapshots | None = None
     cri: CriProxy | None = None

@@ -18,13 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastpull.errors import FastpullError, SnapshotNotFound
-from fastpull.events import Event, LayerDone, Progress, Resolved
+from fastpull.events import Event, LayerDone
 from fastpull.oci.reference import parse_reference
 from fastpull.puller import Puller
+from fastpull.serve.pulls import PullAccount
 from fastpull.snapshotter.remote import LayerRequest
 from fastpull.unpack.snapshots import Snapshotter as LayerCache
 
@@ -34,20 +34,12 @@ IMAGES_AT_ONCE = 8
 """Images pulled for the snapshotter at once (their blobs share the one engine's connections)."""
 
 
-@dataclass(eq=False)
-class _ImagePull:
-    """One image being pulled into the cache, the Prepares waiting on its layers, and how far it is."""
+class _ImagePull(PullAccount):
+    """One image being pulled into the cache, and the Prepares waiting on its layers."""
 
-    reference: str
-    image: str
-    """As the first Prepare's labels name it (``reference`` is by digest)."""
-    waiters: list[tuple[str, Future[None]]] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    layers: int = 0
-    """The image's layers, once resolved."""
-    unpacked: int = 0
-    """Its layers in the cache (unpacked by this pull or before)."""
-    progress: Progress | None = None
+    def __init__(self, reference: str, image: str):
+        super().__init__(reference, image, "snapshotter")
+        self.waiters: list[tuple[str, Future[None]]] = []
 
 
 def _settle(future: Future[None], error: FastpullError | None = None) -> None:
@@ -116,17 +108,13 @@ class ImageLayers:
     def _heard(self, pull: _ImagePull, event: Event) -> None:
         """Keep the pull's account, and wake the Prepares whose layers are in the cache now (called
         in the pull's thread)."""
-        if isinstance(event, Resolved):
-            pull.layers = len(event.layers)
-        elif isinstance(event, Progress):
-            grown = event.unpacked - (pull.progress.unpacked if pull.progress else 0)
+        if not (isinstance(event, LayerDone) and event.state == "unpacked"):
+            grown = pull.heard(event)
             if self._unpacked_bytes is not None and grown > 0:
                 self._unpacked_bytes(grown)
-            pull.progress = event
-        if not (isinstance(event, LayerDone) and event.state == "unpacked"):
             return
         with self._lock:
-            pull.unpacked += 1
+            pull.heard(event)
             ready, waiting = [], []
             for waiter in pull.waiters:
                 (ready if self.cache.has(waiter[0]) else waiting).append(waiter)
@@ -135,19 +123,12 @@ class ImageLayers:
             _settle(future)
 
     def pulls(self) -> list[dict]:
-        """The pulls in flight, as the status API shows them: the image, its layers in the cache of
-        all, bytes fetched of those missing (and the rate), the Prepares waiting."""
+        """The pulls in flight, as the status API shows them (:meth:`PullAccount.status`), ``waiting``
+        the Prepares waiting."""
         now = time.monotonic()
         with self._lock:
             pulls = [(pull, sum(not f.cancelled() for _, f in pull.waiters)) for pull in self._pulls.values()]
-        shown = []
-        for pull, waiting in pulls:
-            progress = pull.progress or Progress(0, 0, 0, 0, 0)
-            shown.append({"image": pull.image, "reference": pull.reference, "layers": pull.unpacked,
-                          "layers_total": pull.layers, "bytes": progress.done, "bytes_total": progress.total,
-                          "bytes_per_second": progress.rate, "waiting": waiting,
-                          "seconds": round(now - pull.started, 3)})
-        return shown
+        return [pull.status(now, waiting) for pull, waiting in pulls]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
