@@ -279,6 +279,7 @@ def test_status_shows_the_daemons_import_into_containerd_while_it_runs(node, reg
         assert text.returncode == 0 and "pulls in flight: 1" in text.stdout, text.stderr
         (row,) = [line for line in text.stdout.splitlines() if line.startswith(f"  {ref} ")]
         assert row.split()[1] == f"{below_top}/{len(image.layers)}"
+        assert row.split()[-3:] == ["1", "containerd", CRI_NAMESPACE]  # WAITING, INTO
 
         held.close()  # the daemon's pull takes the blob over and fetches it
         wait_until(lambda: f"prefetched {ref}" in serve.log, "the prefetch ended", timeout=120)

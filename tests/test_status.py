@@ -128,7 +128,7 @@ def test_status_shows_a_pull_in_flight_and_the_metrics_count_it(registry, image_
             text = _status("--url", daemon.url)  # not a terminal: plain lines
             assert text.returncode == 0 and "pulls in flight: 1" in text.stdout, text.stderr
             (row,) = [line for line in text.stdout.splitlines() if line.startswith(f"  {ref} ")]
-            assert row.split()[1:2] == ["1/2"] and row.split()[-1] == "1"
+            assert row.split()[1:2] == ["1/2"] and row.split()[-2:] == ["1", "snapshotter"]
             assert f"  {dead}  " in text.stdout and "blobs in flight: none" in text.stdout
 
             monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: tables

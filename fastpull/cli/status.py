@@ -92,13 +92,13 @@ def _sections(status: dict) -> list[tuple[str, tuple[str, ...], list[tuple[str, 
     import time
 
     pulls = [(p["image"], f"{p['layers']}/{p['layers_total']}", f"{_size(p['bytes'])} / {_size(p['bytes_total'])}",
-              f"{_size(p['bytes_per_second'])}/s", str(p["waiting"])) for p in status["pulls"]]
+              f"{_size(p['bytes_per_second'])}/s", str(p["waiting"]), p["into"]) for p in status["pulls"]]
     blobs = [(f"{b['registry']}/{b['repository']}@{b['digest'][:19]}", f"{_size(b['bytes'])} / {_size(b['size'])}",
               f"{_size(b['bytes_per_second'])}/s", str(b["clients"])) for b in status["inflight"]]
     hosts = [(h["host"], f"{h['retry_in']:.0f} s", h["error"]) for h in status["tripped_hosts"]]
     errors = [(time.strftime("%H:%M:%S", time.localtime(e["time"])), e["kind"], e["message"])
               for e in status["errors"][-RECENT_ERRORS:]]
-    return [("pulls in flight", ("IMAGE", "LAYERS", "BYTES", "SPEED", "WAITING"), pulls),
+    return [("pulls in flight", ("IMAGE", "LAYERS", "BYTES", "SPEED", "WAITING", "INTO"), pulls),
             ("blobs in flight", ("BLOB", "BYTES", "SPEED", "CLIENTS"), blobs),
             ("upstream hosts skipped", ("HOST", "TRIED AGAIN IN", "FAILURE"), hosts),
             ("recent errors", ("TIME", "KIND", "MESSAGE"), errors)]
