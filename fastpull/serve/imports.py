@@ -14,6 +14,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from fastpull.puller import Puller, PullResult
 from fastpull.serve.pulls import PullAccount
@@ -22,6 +23,14 @@ log = logging.getLogger(__name__)
 
 IMPORTS_AT_ONCE = 4
 """Images imported at once (their blobs share the one engine's connections)."""
+
+
+class _Import(NamedTuple):
+    """An import under way: its outcome, its account, the waits of the calls that asked for it."""
+
+    done: asyncio.Future[PullResult]
+    account: PullAccount
+    waits: list[asyncio.Future[PullResult]]
 
 
 class ContainerdImports:
@@ -33,41 +42,27 @@ class ContainerdImports:
         self.layout = layout
         self.socket = socket
         self.namespace = namespace
-        self._imports: dict[str, asyncio.Future[PullResult]] = {}
-        self._accounts: dict[str, PullAccount] = {}
-        self._waiting: dict[str, int] = {}
+        self._imports: dict[str, _Import] = {}
         self._pool = ThreadPoolExecutor(IMPORTS_AT_ONCE, thread_name_prefix="import")
 
     def ensure(self, ref: str) -> asyncio.Future[PullResult]:
         """The import of ``ref``, started unless one is under way: awaiting it raises what the import
         raised (a FastpullError). Cancelling the wait leaves the import going (others may wait on it)."""
-        future = self._imports.get(ref)
-        if future is None:
-            account = self._accounts[ref] = PullAccount(ref, ref, f"containerd {self.namespace}")
-            future = asyncio.get_running_loop().run_in_executor(self._pool,
-                                                                functools.partial(self._import, ref, account))
-            self._imports[ref] = future
-            future.add_done_callback(lambda _: self._ended(ref))
-        self._waiting[ref] = self._waiting.get(ref, 0) + 1
-        wait = asyncio.shield(future)
-        wait.add_done_callback(lambda _: self._waited(ref))
+        under_way = self._imports.get(ref)
+        if under_way is None:
+            account = PullAccount(ref, ref, f"containerd {self.namespace}")
+            done = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(self._import, ref, account))
+            under_way = self._imports[ref] = _Import(done, account, [])
+            done.add_done_callback(lambda _: self._imports.pop(ref, None))
+        wait = asyncio.shield(under_way.done)
+        under_way.waits.append(wait)
         return wait
 
     def pulls(self) -> list[dict]:
         """The imports in flight, as the status API shows them (:meth:`PullAccount.status`), ``waiting``
         the calls waiting on each."""
         now = time.monotonic()
-        return [account.status(now, self._waiting.get(ref, 0)) for ref, account in self._accounts.items()]
-
-    def _ended(self, ref: str) -> None:
-        self._imports.pop(ref, None)
-        self._accounts.pop(ref, None)
-
-    def _waited(self, ref: str) -> None:
-        if (left := self._waiting.get(ref, 0) - 1) > 0:
-            self._waiting[ref] = left
-        else:
-            self._waiting.pop(ref, None)
+        return [i.account.status(now, sum(not w.done() for w in i.waits)) for i in self._imports.values()]
 
     def _import(self, ref: str, account: PullAccount) -> PullResult:
         from fastpull.containerd import Containerd, pull_into
